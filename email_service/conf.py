@@ -1,0 +1,70 @@
+"""The email service's settings, read at call time so that `override_settings` reaches them."""
+from django.conf import settings
+
+
+def support_email():
+    return settings.SUPPORT_EMAIL
+
+
+def from_email():
+    return settings.DEFAULT_FROM_EMAIL
+
+
+def send_confirmation():
+    return settings.EMAIL_SEND_CONFIRMATION
+
+
+def max_retries():
+    return settings.EMAIL_MAX_RETRIES
+
+
+def retry_delay():
+    return settings.EMAIL_RETRY_DELAY
+
+
+def retry_backoff_max():
+    return settings.EMAIL_RETRY_BACKOFF_MAX
+
+
+def attachment_max_bytes():
+    return settings.EMAIL_ATTACHMENT_MAX_BYTES
+
+
+def retention_days():
+    return settings.EMAIL_RETENTION_DAYS
+
+
+def dispatch_interval():
+    return settings.EMAIL_DISPATCH_INTERVAL
+
+
+def smtp_timeout():
+    return settings.EMAIL_TIMEOUT
+
+
+def soft_time_limit():
+    """Seconds a send may take: a slow connect plus a slow DATA phase, each bounded by the timeout."""
+    return smtp_timeout() * 2 + 30
+
+
+def lease_seconds():
+    """Seconds a claim holds its row: past the task's hard limit, so only a dead worker loses it."""
+    return soft_time_limit() + 90
+
+
+def dispatch_stale_after():
+    """Seconds after which a dispatched PENDING row that nobody claimed is dispatched again."""
+    return max(60.0, dispatch_interval() * 4)
+
+
+def confirmation_interval():
+    """Seconds between two acknowledgements to the same address."""
+    return getattr(settings, "EMAIL_CONFIRMATION_INTERVAL", 3600)
+
+
+def ratelimit_create():
+    return settings.EMAIL_RATELIMIT_CREATE
+
+
+def ratelimit_read():
+    return settings.EMAIL_RATELIMIT_READ

@@ -1,0 +1,176 @@
+"""Build the mails, send them over SMTP, and name every outcome: sent, transient or permanent.
+
+This module knows SMTP and nothing of the database: callers record what it returns.
+"""
+import logging
+import smtplib
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from email.utils import make_msgid
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.core.files.storage import default_storage
+from django.core.mail import EmailMultiAlternatives, get_connection
+from django.template.loader import render_to_string
+
+from . import conf
+
+logger = logging.getLogger(__name__)
+
+SENT = "sent"
+TRANSIENT = "transient"
+PERMANENT = "permanent"
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What became of one SMTP attempt."""
+
+    outcome: str
+    smtp_code: int | None = None
+    error_class: str = ""
+    error_text: str = ""
+
+    @property
+    def error_message(self):
+        """The operator-facing summary kept on the row: code and text of the last failure."""
+        if self.outcome == SENT:
+            return ""
+        code = f"{self.smtp_code} " if self.smtp_code else ""
+        return f"{code}{self.error_class}: {self.error_text}".strip()
+
+
+def new_message_id():
+    """Make a Message-ID in the sender's domain; no slow hostname lookup."""
+    return make_msgid(domain=conf.from_email().rpartition("@")[2] or "localhost")
+
+
+def build_support_message(email_request):
+    """Build the mail to support carrying every form field and the attachment."""
+    context = {"request": email_request}
+    subject = email_request.subject or f"Contact form from {email_request.full_name}"
+    message = EmailMultiAlternatives(
+        subject=f"[MedCor contact] {subject}",
+        body=render_to_string("email_service/support_email.txt", context),
+        from_email=conf.from_email(),
+        to=[conf.support_email()],
+        reply_to=[email_request.email],
+        headers={
+            "X-Email-Request-ID": str(email_request.id),
+            "Message-ID": email_request.message_id or new_message_id(),
+        },
+    )
+    message.attach_alternative(render_to_string("email_service/support_email.html", context), "text/html")
+    if email_request.file_attached:
+        # Read through the storage API: the worker may run on another host than the web process.
+        with default_storage.open(email_request.file_attached.name, "rb") as handle:
+            message.attach(
+                email_request.attachment_name or "attachment",
+                handle.read(),
+                email_request.attachment_content_type or "application/octet-stream",
+            )
+    return message
+
+
+def build_confirmation_message(email_request):
+    """Build the acknowledgement to the submitter: fixed words and the reference, no form text."""
+    context = {"reference": email_request.id}
+    return EmailMultiAlternatives(
+        subject="We received your message",
+        body=render_to_string("email_service/confirmation_email.txt", context),
+        from_email=conf.from_email(),
+        to=[email_request.email],
+        headers={"X-Email-Request-ID": str(email_request.id), "Auto-Submitted": "auto-replied"},
+    )
+
+
+class _SharedConnection(threading.local):
+    """One SMTP connection per worker thread, opened on first use and kept across tasks."""
+
+    backend = None
+
+
+_shared = _SharedConnection()
+
+
+def _open_backend():
+    backend = get_connection(fail_silently=False, timeout=conf.smtp_timeout())
+    backend.open()
+    return backend
+
+
+def close_connection():
+    """Close this thread's SMTP connection, if any."""
+    backend, _shared.backend = _shared.backend, None
+    if backend is not None:
+        backend.close()
+
+
+def send(message):
+    """Send one message on the shared connection and return what happened."""
+    try:
+        reused = _shared.backend is not None and _shared.backend.connection is not None
+        if not reused:
+            close_connection()
+            _shared.backend = _open_backend()
+        try:
+            _shared.backend.send_messages([message])
+        except smtplib.SMTPServerDisconnected:
+            if not reused:
+                raise
+            # The server dropped an idle connection between tasks: nothing of this message was
+            # accepted, so one fresh connection is safe.
+            close_connection()
+            _shared.backend = _open_backend()
+            _shared.backend.send_messages([message])
+    except Exception as exc:  # every failure becomes a result the caller records
+        close_connection()
+        return classify(exc)
+    return DeliveryResult(SENT, smtp_code=250)
+
+
+def _by_code(code):
+    return TRANSIENT if code is None or code < 0 or 400 <= code < 500 else PERMANENT
+
+
+def _text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def classify(exc):
+    """Turn an exception from building or sending a mail into a DeliveryResult."""
+    name = type(exc).__name__
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return DeliveryResult(
+            PERMANENT,
+            exc.smtp_code,
+            name,
+            f"The SMTP server refused the login ({_text(exc.smtp_error)}). Check EMAIL_HOST_USER "
+            "and EMAIL_HOST_PASSWORD; for Gmail use an app password.",
+        )
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        code = max(codes) if codes else None
+        text = "; ".join(f"{addr}: {c} {_text(msg)}" for addr, (c, msg) in exc.recipients.items())
+        return DeliveryResult(_by_code(code), code, name, f"Recipient refused: {text}")
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return DeliveryResult(_by_code(exc.smtp_code), exc.smtp_code, name, _text(exc.smtp_error))
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
+        return DeliveryResult(
+            PERMANENT, None, name, f"{exc}. Check EMAIL_USE_TLS, EMAIL_USE_SSL and EMAIL_PORT."
+        )
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return DeliveryResult(TRANSIENT, None, name, "The send took longer than its time limit.")
+    if isinstance(exc, FileNotFoundError):
+        return DeliveryResult(PERMANENT, None, name, "The attachment is missing from storage.")
+    if isinstance(exc, (smtplib.SMTPServerDisconnected, socket.timeout, TimeoutError, ssl.SSLError)):
+        return DeliveryResult(TRANSIENT, None, name, str(exc) or "Connection lost")
+    if isinstance(exc, OSError):
+        return DeliveryResult(TRANSIENT, None, name, str(exc))
+    if isinstance(exc, (ValueError, UnicodeError)):
+        # A header that cannot be encoded, or another malformed message: retrying cannot help.
+        return DeliveryResult(PERMANENT, None, name, str(exc))
+    logger.exception("Unexpected error while sending mail")
+    return DeliveryResult(TRANSIENT, None, name, str(exc))

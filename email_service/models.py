@@ -1,0 +1,282 @@
+"""Contact-form submissions, their delivery state machine and their delivery attempts.
+
+The state machine has one owner: the QuerySet methods below. Each transition is one guarded
+`UPDATE ... WHERE status = <expected>`, so two processes racing on a row cannot both win, and
+nothing else in the app assigns `status`.
+
+    PENDING --claim--> PROCESSING --complete--> SENT
+       ^                  |  |
+       |---- defer -------+  +------ fail ----> FAILED --retry--> PENDING
+    PENDING --cancel--> CANCELLED
+    PROCESSING (lease expired) --reclaim--> PENDING or FAILED
+"""
+import uuid
+from datetime import timedelta
+
+from django.db import models
+from django.db.models import Count, Q
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from . import conf
+from .storage import attachment_upload_to
+
+
+class EmailStatus(models.TextChoices):
+    PENDING = "PENDING", _("Pending")
+    PROCESSING = "PROCESSING", _("Processing")
+    SENT = "SENT", _("Sent")
+    FAILED = "FAILED", _("Failed")
+    CANCELLED = "CANCELLED", _("Cancelled")
+
+
+FINAL_STATUSES = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
+
+
+class EmailRequestQuerySet(models.QuerySet):
+    # --- reads -----------------------------------------------------------------------------
+    def due(self, now=None):
+        """PENDING rows whose next attempt time has come."""
+        return self.filter(status=EmailStatus.PENDING, next_attempt_at__lte=now or timezone.now())
+
+    def undispatched(self, now=None):
+        """Due rows with no message on the broker, or whose message went unclaimed too long."""
+        now = now or timezone.now()
+        stale = now - timedelta(seconds=conf.dispatch_stale_after())
+        return self.due(now).filter(Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=stale))
+
+    def stale_claims(self, now=None):
+        """PROCESSING rows whose lease ran out: their worker died or hung."""
+        return self.filter(status=EmailStatus.PROCESSING, lease_expires_at__lt=now or timezone.now())
+
+    def with_attachment(self):
+        return self.exclude(file_attached="")
+
+    def without_attachment(self):
+        return self.filter(file_attached="")
+
+    def expired(self, now=None):
+        """Rows in a final status older than the retention period."""
+        cutoff = (now or timezone.now()) - timedelta(days=conf.retention_days())
+        return self.filter(status__in=FINAL_STATUSES, created_at__lt=cutoff)
+
+    def oldest_pending_age(self, now=None):
+        """Seconds since the oldest PENDING row was created, or None when none is waiting."""
+        oldest = self.filter(status=EmailStatus.PENDING).order_by("created_at").values_list(
+            "created_at", flat=True
+        ).first()
+        return round(((now or timezone.now()) - oldest).total_seconds(), 1) if oldest else None
+
+    def statistics(self, now=None):
+        """Count the rows by status, by attachment and over the last 24 hours, in one query."""
+        day_ago = (now or timezone.now()) - timedelta(hours=24)
+        counts = self.aggregate(
+            total_requests=Count("id"),
+            pending_requests=Count("id", filter=Q(status=EmailStatus.PENDING)),
+            processing_requests=Count("id", filter=Q(status=EmailStatus.PROCESSING)),
+            sent_requests=Count("id", filter=Q(status=EmailStatus.SENT)),
+            failed_requests=Count("id", filter=Q(status=EmailStatus.FAILED)),
+            cancelled_requests=Count("id", filter=Q(status=EmailStatus.CANCELLED)),
+            with_attachments=Count("id", filter=~Q(file_attached="")),
+            requests_last_24h=Count("id", filter=Q(created_at__gte=day_ago)),
+            sent_last_24h=Count("id", filter=Q(status=EmailStatus.SENT, sent_at__gte=day_ago)),
+            failed_last_24h=Count(
+                "id", filter=Q(status=EmailStatus.FAILED, updated_at__gte=day_ago)
+            ),
+        )
+        finished = counts["sent_requests"] + counts["failed_requests"]
+        counts["success_rate"] = (
+            round(100.0 * counts["sent_requests"] / finished, 2) if finished else 0.0
+        )
+        return counts
+
+    # --- transitions ---------------------------------------------------------------------------
+    def claim(self, pk, *, worker, now=None):
+        """Take a due PENDING row for sending; return its claim token, or None if not ours."""
+        now = now or timezone.now()
+        token = uuid.uuid4()
+        claimed = self.due(now).filter(pk=pk).update(
+            status=EmailStatus.PROCESSING,
+            claim_token=token,
+            claimed_by=worker[:255],
+            lease_expires_at=now + timedelta(seconds=conf.lease_seconds()),
+            updated_at=now,
+        )
+        return token if claimed else None
+
+    def _release(self, pk, token, **fields):
+        fields.setdefault("updated_at", timezone.now())
+        return bool(
+            self.filter(pk=pk, status=EmailStatus.PROCESSING, claim_token=token).update(
+                claim_token=None, lease_expires_at=None, **fields
+            )
+        )
+
+    def complete(self, pk, token, *, now=None):
+        """Mark a claimed row SENT."""
+        now = now or timezone.now()
+        return self._release(
+            pk, token, status=EmailStatus.SENT, sent_at=now, error_message="", updated_at=now
+        )
+
+    def defer(self, pk, token, *, error, retry_count, next_attempt_at):
+        """Put a claimed row back to PENDING to be tried again at `next_attempt_at`."""
+        return self._release(
+            pk,
+            token,
+            status=EmailStatus.PENDING,
+            error_message=error,
+            retry_count=retry_count,
+            next_attempt_at=next_attempt_at,
+            dispatched_at=None,
+        )
+
+    def fail(self, pk, token, *, error, retry_count=None):
+        """Mark a claimed row FAILED."""
+        fields = {"status": EmailStatus.FAILED, "error_message": error}
+        if retry_count is not None:
+            fields["retry_count"] = retry_count
+        return self._release(pk, token, **fields)
+
+    def cancel(self):
+        """Cancel the PENDING rows among these (also those waiting for a retry); return how many."""
+        return self.filter(status=EmailStatus.PENDING).update(
+            status=EmailStatus.CANCELLED,
+            claim_token=None,
+            updated_at=timezone.now(),
+        )
+
+    def requeue_failed(self, *, now=None):
+        """Move FAILED rows back to PENDING with a fresh retry budget; return how many."""
+        now = now or timezone.now()
+        return self.filter(status=EmailStatus.FAILED).update(
+            status=EmailStatus.PENDING,
+            retry_count=0,
+            max_retries=conf.max_retries(),
+            next_attempt_at=now,
+            dispatched_at=None,
+            manual_retries=models.F("manual_retries") + 1,
+            updated_at=now,
+        )
+
+    def reclaim(self, row, *, now=None):
+        """Take back a row whose worker lost its lease: PENDING again, or FAILED once out of retries."""
+        now = now or timezone.now()
+        error = f"Worker {row.claimed_by or 'unknown'} stopped before finishing the send."
+        if row.retry_count < row.max_retries:
+            fields = {
+                "status": EmailStatus.PENDING,
+                "retry_count": row.retry_count + 1,
+                "next_attempt_at": now,
+                "dispatched_at": None,
+            }
+        else:
+            fields = {"status": EmailStatus.FAILED}
+        return bool(
+            self.stale_claims(now)
+            .filter(pk=row.pk, claim_token=row.claim_token)
+            .update(claim_token=None, lease_expires_at=None, error_message=error, updated_at=now, **fields)
+        )
+
+    def mark_dispatched(self, pks, *, now=None):
+        return self.filter(pk__in=pks, status=EmailStatus.PENDING).update(
+            dispatched_at=now or timezone.now()
+        )
+
+    def forget_dispatch(self, pk):
+        """Note that a dispatch did not reach the broker, so the next periodic run sends it."""
+        return self.filter(pk=pk, status=EmailStatus.PENDING).update(dispatched_at=None)
+
+
+class EmailRequest(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    full_name = models.CharField(max_length=200)
+    email = models.EmailField(max_length=254)
+    phone = models.CharField(max_length=32, blank=True)
+    job_profession = models.CharField(max_length=200, blank=True)
+    subject = models.CharField(max_length=200, blank=True)
+    message = models.TextField(max_length=10000, blank=True)
+    file_attached = models.FileField(upload_to=attachment_upload_to, max_length=255, blank=True)
+    attachment_name = models.CharField(
+        max_length=255, blank=True, help_text="The file's original name, used in the mail."
+    )
+    attachment_size = models.PositiveBigIntegerField(null=True, blank=True)
+    attachment_content_type = models.CharField(max_length=100, blank=True)
+
+    status = models.CharField(
+        max_length=16, choices=EmailStatus.choices, default=EmailStatus.PENDING, editable=False
+    )
+    error_message = models.TextField(blank=True, editable=False)
+    retry_count = models.PositiveIntegerField(default=0, editable=False)
+    max_retries = models.PositiveIntegerField(default=conf.max_retries)
+    manual_retries = models.PositiveIntegerField(default=0, editable=False)
+    celery_task_id = models.CharField(max_length=255, blank=True, editable=False)
+    message_id = models.CharField(max_length=255, blank=True, editable=False)
+
+    next_attempt_at = models.DateTimeField(default=timezone.now, editable=False)
+    dispatched_at = models.DateTimeField(null=True, blank=True, editable=False)
+    claim_token = models.UUIDField(null=True, blank=True, editable=False)
+    claimed_by = models.CharField(max_length=255, blank=True, editable=False)
+    lease_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    confirmation_sent_at = models.DateTimeField(null=True, blank=True, editable=False)
+    confirmation_error = models.TextField(blank=True, editable=False)
+    client_ip = models.GenericIPAddressField(null=True, blank=True, editable=False)
+
+    created_at = models.DateTimeField(default=timezone.now, editable=False, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    sent_at = models.DateTimeField(null=True, blank=True, editable=False, db_index=True)
+
+    objects = EmailRequestQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["status", "-created_at"], name="email_status_created_idx"),
+            models.Index(fields=["status", "next_attempt_at"], name="email_status_due_idx"),
+            models.Index(fields=["status", "lease_expires_at"], name="email_status_lease_idx"),
+            models.Index(fields=["email", "-created_at"], name="email_address_created_idx"),
+        ]
+
+    def __str__(self):
+        return f"{self.id} ({self.status})"
+
+    @property
+    def has_attachment(self):
+        return bool(self.file_attached)
+
+    @property
+    def attempts_made(self):
+        return self.attempts.count()
+
+    def is_editable(self):
+        return self.status != EmailStatus.SENT
+
+
+class AttemptOutcome(models.TextChoices):
+    SENT = "sent", _("Sent")
+    TRANSIENT = "transient", _("Transient failure")
+    PERMANENT = "permanent", _("Permanent failure")
+    CRASHED = "crashed", _("Worker lost")
+
+
+class EmailAttempt(models.Model):
+    request = models.ForeignKey(EmailRequest, on_delete=models.CASCADE, related_name="attempts")
+    number = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(max_length=16, choices=AttemptOutcome.choices, blank=True)
+    smtp_code = models.PositiveIntegerField(null=True, blank=True)
+    error_class = models.CharField(max_length=100, blank=True)
+    error_text = models.TextField(blank=True)
+    worker = models.CharField(max_length=255, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["request", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["request", "number"], name="email_attempt_unique_number")
+        ]
+
+    def __str__(self):
+        return f"attempt {self.number} of {self.request_id}: {self.outcome or 'running'}"

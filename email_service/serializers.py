@@ -1,0 +1,162 @@
+"""What goes in and out of the API: one input shape, a public shape and a staff shape."""
+from django.urls import reverse
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from .models import EmailAttempt, EmailRequest, EmailStatus
+from .validators import validate_attachment, validate_header_safe, validate_phone
+
+CONTACT_FIELDS = ["full_name", "email", "phone", "job_profession", "subject", "message"]
+# Fields that end up in mail headers (Subject, Reply-To) and must hold one line.
+HEADER_FIELDS = ["full_name", "email", "phone", "job_profession", "subject"]
+# A field hidden from people by the contact form; only bots fill it in.
+HONEYPOT_FIELD = "website"
+
+
+class ContactFieldsSerializer(serializers.ModelSerializer):
+    """The contact fields with their rules: trimmed, model lengths, header-safe."""
+
+    class Meta:
+        model = EmailRequest
+        fields = CONTACT_FIELDS
+        extra_kwargs = {
+            "full_name": {"required": True, "allow_blank": False},
+            "email": {"required": True, "allow_blank": False},
+        }
+
+    def get_fields(self):
+        fields = super().get_fields()
+        for name in HEADER_FIELDS:
+            fields[name].validators.append(validate_header_safe)
+        fields["phone"].validators.append(validate_phone)
+        return fields
+
+
+class EmailRequestCreateSerializer(ContactFieldsSerializer):
+    file_attached = serializers.FileField(required=False, allow_empty_file=True, use_url=False)
+    website = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        write_only=True,
+        help_text="Leave empty. A hidden field: a submission that fills it is treated as spam.",
+    )
+
+    class Meta(ContactFieldsSerializer.Meta):
+        fields = CONTACT_FIELDS + ["file_attached", HONEYPOT_FIELD]
+
+    def validate_file_attached(self, upload):
+        self.context["attachment_content_type"] = validate_attachment(upload)
+        return upload
+
+    def is_spam(self):
+        return bool(self.validated_data.get(HONEYPOT_FIELD))
+
+
+class EmailRequestUpdateSerializer(ContactFieldsSerializer):
+    class Meta(ContactFieldsSerializer.Meta):
+        pass
+
+
+class EmailRequestCreatedSerializer(serializers.Serializer):
+    """The answer to a submission."""
+
+    message = serializers.CharField()
+    email_request_id = serializers.UUIDField()
+    status = serializers.ChoiceField(choices=EmailStatus.choices)
+    task_id = serializers.CharField()
+
+
+class EmailRequestPublicSerializer(serializers.ModelSerializer):
+    """What anyone may see of a request: no personal or health data."""
+
+    has_attachment = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = EmailRequest
+        fields = ["id", "status", "has_attachment", "created_at", "sent_at"]
+        read_only_fields = fields
+
+
+class EmailAttemptSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = EmailAttempt
+        fields = [
+            "number",
+            "started_at",
+            "finished_at",
+            "outcome",
+            "smtp_code",
+            "error_class",
+            "error_text",
+            "worker",
+            "duration_ms",
+        ]
+        read_only_fields = fields
+
+
+class EmailRequestStaffSerializer(serializers.ModelSerializer):
+    """Everything about a request, for staff with view permission."""
+
+    has_attachment = serializers.BooleanField(read_only=True)
+    attachment_url = serializers.SerializerMethodField()
+    attempts = EmailAttemptSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = EmailRequest
+        fields = [
+            "id",
+            *CONTACT_FIELDS,
+            "status",
+            "has_attachment",
+            "attachment_name",
+            "attachment_size",
+            "attachment_content_type",
+            "attachment_url",
+            "error_message",
+            "retry_count",
+            "max_retries",
+            "manual_retries",
+            "next_attempt_at",
+            "celery_task_id",
+            "message_id",
+            "claimed_by",
+            "confirmation_sent_at",
+            "confirmation_error",
+            "client_ip",
+            "created_at",
+            "updated_at",
+            "sent_at",
+            "attempts",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.URLField(allow_null=True))
+    def get_attachment_url(self, obj):
+        if not obj.has_attachment:
+            return None
+        url = reverse("email-request-attachment", args=[obj.pk])
+        request = self.context.get("request")
+        return request.build_absolute_uri(url) if request else url
+
+
+class StatisticsSerializer(serializers.Serializer):
+    total_requests = serializers.IntegerField()
+    pending_requests = serializers.IntegerField()
+    processing_requests = serializers.IntegerField()
+    sent_requests = serializers.IntegerField()
+    failed_requests = serializers.IntegerField()
+    cancelled_requests = serializers.IntegerField()
+    with_attachments = serializers.IntegerField()
+    success_rate = serializers.FloatField(help_text="Percent of finished requests that were SENT.")
+    requests_last_24h = serializers.IntegerField()
+    sent_last_24h = serializers.IntegerField()
+    failed_last_24h = serializers.IntegerField()
+
+
+class RetryFailedSerializer(serializers.Serializer):
+    message = serializers.CharField()
+    count = serializers.IntegerField()
+
+
+class DetailSerializer(serializers.Serializer):
+    detail = serializers.CharField()

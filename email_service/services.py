@@ -1,0 +1,335 @@
+"""The work that crosses a boundary: create-and-dispatch, claim-and-send, cancel, retry, purge.
+
+Views, admin actions, tasks and management commands call these functions; the status rules
+themselves live on `EmailRequestQuerySet`.
+"""
+import hashlib
+import logging
+import os
+import random
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.cache import cache
+from django.core.files.storage import default_storage
+from django.db import connection, transaction
+from django.utils import timezone
+
+from . import conf, delivery
+from .models import EmailAttempt, EmailRequest, EmailStatus
+from .storage import clean_filename
+
+logger = logging.getLogger(__name__)
+
+
+class TransitionNotAllowed(Exception):
+    """The request is not in a status that allows this action."""
+
+
+# --- creating and dispatching ----------------------------------------------------------------
+
+_executor = None
+
+
+def _dispatch_executor():
+    # Created lazily, so that each process forked by gunicorn gets its own thread.
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="email-dispatch")
+    return _executor
+
+
+def worker_name():
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def create_email_request(*, data, upload=None, content_type="", client_ip=None, dispatch_on_commit=True):
+    """Store a submission and queue its delivery once the row is committed."""
+    email_request = EmailRequest(
+        **data,
+        client_ip=client_ip,
+        message_id=delivery.new_message_id(),
+        celery_task_id=str(uuid.uuid4()),
+        # Counted as dispatched from the start: the periodic run only picks it up if the
+        # publish after commit fails or its message goes unclaimed.
+        dispatched_at=timezone.now(),
+    )
+    try:
+        with transaction.atomic():
+            if upload is not None:
+                email_request.attachment_name = clean_filename(upload.name or "")
+                email_request.attachment_size = upload.size
+                email_request.attachment_content_type = content_type
+                email_request.file_attached.save(upload.name or "attachment", upload, save=False)
+            email_request.save(force_insert=True)
+            if dispatch_on_commit:
+                transaction.on_commit(lambda: dispatch(email_request))
+    except BaseException:
+        # The row is gone with the rollback; its file must go too.
+        if email_request.file_attached:
+            default_storage.delete(email_request.file_attached.name)
+        raise
+    logger.info(
+        "Email request created",
+        extra={"email_request_id": str(email_request.pk), "status": email_request.status},
+    )
+    return email_request
+
+
+def dispatch(email_request):
+    """Publish the send task without ever making the caller wait for the broker."""
+    if getattr(settings, "EMAIL_DISPATCH_ASYNC", True):
+        _dispatch_executor().submit(_publish_or_forget, email_request.pk, email_request.celery_task_id)
+    else:
+        _publish_or_forget(email_request.pk, email_request.celery_task_id)
+
+
+def publish(email_request):
+    """Publish the send task now, raising if the broker cannot be reached."""
+    _publish(email_request.pk, email_request.celery_task_id)
+
+
+def _publish(pk, task_id):
+    from .tasks import send_email_task
+
+    send_email_task.apply_async(
+        args=[str(pk)],
+        task_id=task_id or None,
+        soft_time_limit=conf.soft_time_limit(),
+        time_limit=conf.soft_time_limit() + 30,
+        retry=False,
+    )
+
+
+def _publish_or_forget(pk, task_id):
+    try:
+        _publish(pk, task_id)
+    except Exception as exc:
+        logger.warning(
+            "Broker unavailable, the periodic dispatch will send it: %s",
+            exc,
+            extra={"email_request_id": str(pk)},
+        )
+        try:
+            EmailRequest.objects.forget_dispatch(pk)
+        finally:
+            if not connection.in_atomic_block:
+                connection.close()
+
+
+def dispatch_due(*, limit=500):
+    """Reclaim dead workers' rows, then publish every due row with no live message; return counts."""
+    reclaimed = reclaim_stale_claims()
+    rows = list(EmailRequest.objects.undispatched().values_list("pk", "celery_task_id")[:limit])
+    published = []
+    for pk, task_id in rows:
+        try:
+            _publish(pk, task_id)
+        except Exception as exc:
+            logger.warning("Dispatch stopped, broker unavailable: %s", exc)
+            break
+        published.append(pk)
+    EmailRequest.objects.mark_dispatched(published)
+    if published or reclaimed:
+        logger.info("Dispatched %d due emails, reclaimed %d", len(published), reclaimed)
+    return {"dispatched": len(published), "reclaimed": reclaimed}
+
+
+def reclaim_stale_claims(now=None):
+    """Hand rows whose worker died back to PENDING (or FAILED); return how many."""
+    now = now or timezone.now()
+    count = 0
+    for row in EmailRequest.objects.stale_claims(now):
+        if EmailRequest.objects.reclaim(row, now=now):
+            count += 1
+            row.attempts.filter(finished_at__isnull=True).update(
+                finished_at=now, outcome="crashed", error_text="Worker lost before the send finished."
+            )
+            logger.warning(
+                "Reclaimed email request from a lost worker",
+                extra={"email_request_id": str(row.pk), "worker": row.claimed_by},
+            )
+    return count
+
+
+# --- sending --------------------------------------------------------------------------------
+
+
+def retry_backoff(retry_number):
+    """Seconds to wait before retry `retry_number` (1-based): exponential, capped, jittered."""
+    delay = min(conf.retry_backoff_max(), conf.retry_delay() * 2 ** (retry_number - 1))
+    # Half fixed, half random, so a burst of failures does not come back all at once.
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+def send_email_request(pk, *, worker=None):
+    """Claim a due request, send it once, and record the outcome; return the new status or None."""
+    worker = worker or worker_name()
+    token = EmailRequest.objects.claim(pk, worker=worker)
+    if token is None:
+        logger.info("Not claimed (sent, cancelled, not due or taken)", extra={"email_request_id": str(pk)})
+        return None
+    email_request = EmailRequest.objects.get(pk=pk)
+    attempt = EmailAttempt.objects.create(
+        request=email_request,
+        number=email_request.attempts.count() + 1,
+        started_at=timezone.now(),
+        worker=worker,
+    )
+    logger.info(
+        "Sending email request, attempt %d", attempt.number, extra={"email_request_id": str(pk)}
+    )
+    try:
+        result = delivery.send(delivery.build_support_message(email_request))
+    except Exception as exc:
+        result = delivery.classify(exc)
+    _finish_attempt(attempt, result)
+    status = _record_result(email_request, token, result)
+    if status == EmailStatus.SENT:
+        send_confirmation(email_request)
+    return status
+
+
+def _finish_attempt(attempt, result):
+    attempt.finished_at = timezone.now()
+    attempt.outcome = result.outcome
+    attempt.smtp_code = result.smtp_code
+    attempt.error_class = result.error_class
+    attempt.error_text = result.error_text
+    attempt.duration_ms = int((attempt.finished_at - attempt.started_at).total_seconds() * 1000)
+    attempt.save()
+
+
+def _record_result(email_request, token, result):
+    pk = email_request.pk
+    log_extra = {"email_request_id": str(pk), "smtp_code": result.smtp_code}
+    if result.outcome == delivery.SENT:
+        new_status = EmailStatus.SENT
+        changed = EmailRequest.objects.complete(pk, token)
+    elif result.outcome == delivery.TRANSIENT and email_request.retry_count < email_request.max_retries:
+        new_status = EmailStatus.PENDING
+        retry_number = email_request.retry_count + 1
+        changed = EmailRequest.objects.defer(
+            pk,
+            token,
+            error=result.error_message,
+            retry_count=retry_number,
+            next_attempt_at=timezone.now() + timedelta(seconds=retry_backoff(retry_number)),
+        )
+    else:
+        new_status = EmailStatus.FAILED
+        changed = EmailRequest.objects.fail(pk, token, error=result.error_message)
+    if not changed:
+        logger.error("Lost the claim before recording the outcome", extra=log_extra)
+        return None
+    logger.info("Email request %s -> %s", result.outcome, new_status, extra=log_extra)
+    return new_status
+
+
+def send_confirmation(email_request):
+    """Acknowledge receipt to the submitter, at most once per address per interval; never raise."""
+    if not conf.send_confirmation():
+        return False
+    now = timezone.now()
+    interval = conf.confirmation_interval()
+    address_key = hashlib.sha256(email_request.email.strip().lower().encode()).hexdigest()
+    recently = EmailRequest.objects.filter(
+        email__iexact=email_request.email, confirmation_sent_at__gte=now - timedelta(seconds=interval)
+    ).exists()
+    # The cache key makes the check atomic across workers; the row check survives a cache flush.
+    if recently or not cache.add(f"email-confirmation:{address_key}", 1, timeout=interval):
+        return False
+    try:
+        result = delivery.send(delivery.build_confirmation_message(email_request))
+    except Exception as exc:
+        result = delivery.classify(exc)
+    if result.outcome == delivery.SENT:
+        EmailRequest.objects.filter(pk=email_request.pk).update(confirmation_sent_at=timezone.now())
+        return True
+    cache.delete(f"email-confirmation:{address_key}")
+    EmailRequest.objects.filter(pk=email_request.pk).update(confirmation_error=result.error_message)
+    logger.warning(
+        "Acknowledgement not sent: %s", result.error_message, extra={"email_request_id": str(email_request.pk)}
+    )
+    return False
+
+
+# --- operator actions -------------------------------------------------------------------------
+
+
+def cancel_email_request(email_request):
+    """Cancel a PENDING request; raise TransitionNotAllowed otherwise."""
+    if not EmailRequest.objects.filter(pk=email_request.pk).cancel():
+        email_request.refresh_from_db(fields=["status"])
+        raise TransitionNotAllowed(f"A {email_request.status} request cannot be cancelled.")
+    logger.info("Email request cancelled", extra={"email_request_id": str(email_request.pk)})
+
+
+def retry_failed(queryset=None):
+    """Requeue FAILED requests with a fresh retry budget and dispatch them; return how many."""
+    queryset = EmailRequest.objects.all() if queryset is None else queryset
+    count = queryset.requeue_failed()
+    if count:
+        logger.info("Requeued %d failed email requests", count)
+        transaction.on_commit(_dispatch_due_soon)
+    return count
+
+
+def _dispatch_due_soon():
+    from .tasks import dispatch_due_emails
+
+    def publish():
+        try:
+            dispatch_due_emails.apply_async(retry=False)
+        except Exception as exc:
+            logger.warning("Broker unavailable, the periodic dispatch will send them: %s", exc)
+
+    _dispatch_executor().submit(publish)
+
+
+# --- retention ------------------------------------------------------------------------------
+
+
+def purge_expired(*, dry_run=False):
+    """Delete final rows past the retention period and orphaned attachment files; return counts."""
+    expired = EmailRequest.objects.expired()
+    rows = expired.count()
+    files = expired.with_attachment().count()
+    if not dry_run:
+        # Deleting row by row fires post_delete, which removes each file from storage.
+        for email_request in expired.iterator():
+            email_request.delete()
+    orphans = purge_orphan_files(dry_run=dry_run)
+    return {"rows": rows, "files": files, "orphans": orphans}
+
+
+def purge_orphan_files(*, dry_run=False, root="email_attachments", min_age=timedelta(hours=1)):
+    """Delete attachment files no row refers to; return how many.
+
+    A file younger than `min_age` is kept: its row may still be in an uncommitted transaction.
+    """
+    known = set(EmailRequest.objects.with_attachment().values_list("file_attached", flat=True))
+    cutoff = timezone.now() - min_age
+    orphans = [
+        name
+        for name in _walk_storage(root)
+        if name not in known and default_storage.get_modified_time(name) < cutoff
+    ]
+    if not dry_run:
+        for name in orphans:
+            default_storage.delete(name)
+    return len(orphans)
+
+
+def _walk_storage(path):
+    try:
+        directories, files = default_storage.listdir(path)
+    except FileNotFoundError:
+        return
+    for name in files:
+        yield f"{path}/{name}"
+    for directory in directories:
+        yield from _walk_storage(f"{path}/{directory}")

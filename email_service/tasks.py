@@ -1,0 +1,47 @@
+"""Celery tasks: each fetches by id or runs one service function."""
+import logging
+import os
+
+from celery import shared_task
+from celery.signals import worker_process_shutdown
+from django.core.exceptions import ValidationError
+
+from . import delivery, services
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(
+    bind=True,
+    name="email_service.tasks.send_email_task",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def send_email_task(self, email_request_id):
+    """Send one email request if it can be claimed."""
+    try:
+        status = services.send_email_request(
+            email_request_id, worker=f"{self.request.hostname or 'worker'}:{os.getpid()}"
+        )
+    except ValidationError:
+        logger.error("Malformed email request id %r dropped", email_request_id)
+        return None
+    return status
+
+
+@shared_task(name="email_service.tasks.dispatch_due_emails", ignore_result=True)
+def dispatch_due_emails():
+    """Publish due PENDING rows whose message was lost or never sent (the outbox relay)."""
+    return services.dispatch_due()
+
+
+@shared_task(name="email_service.tasks.purge_old_emails", ignore_result=True)
+def purge_old_emails():
+    """Delete rows and files past the retention period."""
+    return services.purge_expired()
+
+
+@worker_process_shutdown.connect
+def _close_smtp_connection(**kwargs):
+    delivery.close_connection()

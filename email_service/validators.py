@@ -1,0 +1,119 @@
+"""Input rules of a contact form: header-safe text, phone numbers, and attachments by content."""
+import os
+import re
+import zipfile
+
+import magic
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.template.defaultfilters import filesizeformat
+
+from . import conf
+
+# Sniffed MIME type -> the extensions a file of that type may carry.
+DEFAULT_ALLOWED_ATTACHMENT_TYPES = {
+    "application/pdf": [".pdf"],
+    "image/png": [".png"],
+    "image/jpeg": [".jpg", ".jpeg"],
+    "image/gif": [".gif"],
+    "image/webp": [".webp"],
+    "image/heic": [".heic"],
+    "image/heif": [".heif", ".heic"],
+    "text/plain": [".txt", ".csv"],
+    "text/csv": [".csv", ".txt"],
+    "application/csv": [".csv"],
+    "text/rtf": [".rtf"],
+    "application/rtf": [".rtf"],
+    "application/msword": [".doc"],
+    "application/vnd.ms-excel": [".xls"],
+    "application/vnd.ms-office": [".doc", ".xls"],
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": [".docx"],
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": [".xlsx"],
+    "application/vnd.oasis.opendocument.text": [".odt"],
+}
+# Zip containers among them, whose unpacked size is checked against bombs.
+ZIP_TYPES = {
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    "application/vnd.oasis.opendocument.text",
+}
+# libmagic needs the first entries of an OOXML zip to tell DOCX from a plain zip.
+SNIFF_BYTES = 64 * 1024
+MAX_UNPACKED_RATIO = 100
+MAX_UNPACKED_BYTES = 200 * 1024 * 1024
+# Markup a browser would run if it ever rendered the file as a page.
+ACTIVE_MARKUP = re.compile(rb"<\s*(html|script|svg|iframe|object|embed|body|!doctype\s+html)\b", re.I)
+PHONE_PATTERN = re.compile(r"^[0-9+\-(). ]*$")
+
+
+def allowed_attachment_types():
+    return getattr(settings, "EMAIL_ALLOWED_ATTACHMENT_TYPES", DEFAULT_ALLOWED_ATTACHMENT_TYPES)
+
+
+def allowed_extensions():
+    return sorted({ext for exts in allowed_attachment_types().values() for ext in exts})
+
+
+def validate_header_safe(value):
+    """Refuse CR and LF, which would let a form field inject mail headers."""
+    if "\r" in value or "\n" in value:
+        raise ValidationError("Line breaks are not allowed in this field.", code="header_injection")
+
+
+def validate_phone(value):
+    if not PHONE_PATTERN.match(value) or (value and not any(ch.isdigit() for ch in value)):
+        raise ValidationError(
+            "Enter a phone number using digits and + - ( ) . and spaces only.", code="invalid_phone"
+        )
+
+
+def _refuse(message, code):
+    raise ValidationError(f"{message} Allowed: {', '.join(allowed_extensions())}, "
+                          f"up to {filesizeformat(conf.attachment_max_bytes())}.", code=code)
+
+
+def sniff_content_type(upload):
+    """Return the MIME type libmagic finds in the file's leading bytes."""
+    upload.seek(0)
+    head = upload.read(SNIFF_BYTES)
+    upload.seek(0)
+    return magic.from_buffer(head, mime=True), head
+
+
+def _unpacked_size(upload):
+    upload.seek(0)
+    try:
+        with zipfile.ZipFile(upload) as archive:
+            return sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    finally:
+        upload.seek(0)
+
+
+def validate_attachment(upload):
+    """Check an uploaded file's size, content type and extension; return its sniffed MIME type."""
+    size = upload.size
+    if not size:
+        _refuse("The file is empty.", "empty")
+    if size > conf.attachment_max_bytes():
+        _refuse(f"The file is {filesizeformat(size)}, which is too large.", "too_large")
+    content_type, head = sniff_content_type(upload)
+    allowed = allowed_attachment_types()
+    if content_type not in allowed:
+        _refuse(f"Files of type {content_type} are not accepted.", "type")
+    ext = os.path.splitext(upload.name or "")[1].lower()
+    if ext not in allowed[content_type]:
+        _refuse(
+            f"The file's name ends in '{ext or 'nothing'}' but its content is {content_type}.",
+            "extension",
+        )
+    if ACTIVE_MARKUP.search(head):
+        _refuse("The file contains web page markup or script.", "active_content")
+    if content_type in ZIP_TYPES:
+        unpacked = _unpacked_size(upload)
+        if unpacked is None:
+            _refuse("The document is damaged and cannot be opened.", "damaged")
+        if unpacked > MAX_UNPACKED_BYTES or unpacked > size * MAX_UNPACKED_RATIO:
+            _refuse("The document unpacks to an unreasonable size.", "zip_bomb")
+    return content_type

@@ -1,0 +1,18 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+
+from email_service.views import healthz
+
+# No route serves MEDIA_URL: attachments are private and reached only through the staff API.
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/email/", include("email_service.urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
+    path("healthz", healthz, name="healthz"),
+]
+
+handler404 = "email_service.views.not_found"
+handler500 = "email_service.views.server_error"
