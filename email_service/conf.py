@@ -43,23 +43,28 @@ def smtp_timeout():
 
 
 def soft_time_limit():
-    """Seconds a send may take: a slow connect plus a slow DATA phase, each bounded by the timeout."""
-    return smtp_timeout() * 2 + 30
+    """Seconds a send may take: by default a slow connect plus a slow DATA phase, and a margin."""
+    return settings.EMAIL_SEND_TIME_LIMIT or smtp_timeout() * 2 + 30
 
 
 def lease_seconds():
     """Seconds a claim holds its row: past the task's hard limit, so only a dead worker loses it."""
-    return soft_time_limit() + 90
+    return settings.EMAIL_CLAIM_LEASE or soft_time_limit() + 90
 
 
 def dispatch_stale_after():
     """Seconds after which a dispatched PENDING row that nobody claimed is dispatched again."""
-    return max(60.0, dispatch_interval() * 4)
+    return settings.EMAIL_DISPATCH_STALE_AFTER
+
+
+def dispatch_async():
+    """Publish after commit from a background thread, so the request never waits for the broker."""
+    return settings.EMAIL_DISPATCH_ASYNC
 
 
 def confirmation_interval():
     """Seconds between two acknowledgements to the same address."""
-    return getattr(settings, "EMAIL_CONFIRMATION_INTERVAL", 3600)
+    return settings.EMAIL_CONFIRMATION_INTERVAL
 
 
 def ratelimit_create():

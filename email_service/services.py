@@ -12,7 +12,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-from django.conf import settings
 from django.core.cache import cache
 from django.core.files.storage import default_storage
 from django.db import connection, transaction
@@ -81,7 +80,7 @@ def create_email_request(*, data, upload=None, content_type="", client_ip=None, 
 
 def dispatch(email_request):
     """Publish the send task without ever making the caller wait for the broker."""
-    if getattr(settings, "EMAIL_DISPATCH_ASYNC", True):
+    if conf.dispatch_async():
         _dispatch_executor().submit(_publish_or_forget, email_request.pk, email_request.celery_task_id)
     else:
         _publish_or_forget(email_request.pk, email_request.celery_task_id)

@@ -23,7 +23,8 @@ if not SECRET_KEY:
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
 
 # Runtime state of the embedded defaults: broker folders, cache, mailbox, beat schedule.
-VAR_DIR = Path(env("MEDCOR_VAR_DIR", default=str(BASE_DIR / "var")))
+VAR_DIR = BASE_DIR / env("MEDCOR_VAR_DIR", default="var")  # a relative path is taken from BASE_DIR
+VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -116,7 +117,7 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 # Attachments are private: MEDIA_URL is never routed, files are read through the storage API.
-MEDIA_ROOT = env("MEDIA_ROOT", default=str(BASE_DIR / "media"))
+MEDIA_ROOT = env("MEDIA_ROOT", default="") or str(BASE_DIR / "media")
 MEDIA_URL = "/media/"
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -147,6 +148,12 @@ EMAIL_RETRY_BACKOFF_MAX = env.float("EMAIL_RETRY_BACKOFF_MAX", default=3600)
 EMAIL_ATTACHMENT_MAX_BYTES = env.int("EMAIL_ATTACHMENT_MAX_BYTES", default=10 * 1024 * 1024)
 EMAIL_RETENTION_DAYS = env.int("EMAIL_RETENTION_DAYS", default=90)
 EMAIL_DISPATCH_INTERVAL = env.float("EMAIL_DISPATCH_INTERVAL", default=15)
+# Limits of one send; by default derived from EMAIL_TIMEOUT (see email_service/conf.py).
+EMAIL_SEND_TIME_LIMIT = env.float("EMAIL_SEND_TIME_LIMIT", default=None)
+EMAIL_CLAIM_LEASE = env.float("EMAIL_CLAIM_LEASE", default=None)
+EMAIL_DISPATCH_STALE_AFTER = env.float("EMAIL_DISPATCH_STALE_AFTER", default=120)
+EMAIL_CONFIRMATION_INTERVAL = env.float("EMAIL_CONFIRMATION_INTERVAL", default=3600)
+EMAIL_DISPATCH_ASYNC = env.bool("EMAIL_DISPATCH_ASYNC", default=True)
 EMAIL_RATELIMIT_CREATE = env("EMAIL_RATELIMIT_CREATE", default="5/m")
 EMAIL_RATELIMIT_READ = env("EMAIL_RATELIMIT_READ", default="60/m")
 RATELIMIT_ENABLE = env.bool("RATELIMIT_ENABLE", default=True)

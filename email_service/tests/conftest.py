@@ -1,0 +1,262 @@
+"""Fixtures: a scriptable SMTP server, a real Celery worker and beat, and service checks.
+
+Integration tests run against whatever DATABASE_URL, CELERY_BROKER_URL and REDIS_URL name
+(PostgreSQL, RabbitMQ and Redis in CI), or the embedded defaults when they are unset.
+"""
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from email import message_from_bytes
+from email.policy import default as default_policy
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+from django.conf import settings
+from django.db import connection
+
+from medcor_backend2.celery import app as celery_app
+
+ROOT = Path(settings.BASE_DIR)
+# Set by .ci/run: a test that would skip for a missing service fails instead.
+REQUIRE_SERVICES = os.environ.get("MEDCOR_REQUIRE_SERVICES", "").lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(reason):
+    """Skip for a missing service, or fail when the run requires every service."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"required service missing: {reason}")
+    pytest.skip(reason)
+
+
+def require_redis():
+    if not settings.REDIS_URL:
+        skip_or_fail("REDIS_URL is not set; this test needs a Redis server")
+
+
+def require_postgresql():
+    if connection.vendor != "postgresql":
+        skip_or_fail("DATABASE_URL does not name PostgreSQL")
+
+
+def require_rabbitmq():
+    if not settings.CELERY_BROKER_URL.startswith(("amqp://", "pyamqp://")):
+        skip_or_fail("CELERY_BROKER_URL does not name RabbitMQ")
+
+
+def wait_for(predicate, timeout=30.0, interval=0.1, message="condition"):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- a scriptable SMTP server ------------------------------------------------------------
+
+
+class ScriptedHandler:
+    """aiosmtpd handler that records messages and answers DATA as scripted.
+
+    `script` is a list of replies used one per DATA command, then `accept` forever: an SMTP
+    reply such as "421 Try later", or ("hang", seconds) to say nothing for that long.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.messages = []
+        self.script = []
+        self.data_commands = 0
+        self.rcpt_reply = None
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.rcpt_reply:
+            return self.rcpt_reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.data_commands += 1
+        action = self.script.pop(0) if self.script else "accept"
+        if isinstance(action, tuple) and action[0] == "hang":
+            await asyncio.sleep(action[1])
+            action = "accept"
+        if action != "accept":
+            return action
+        message = message_from_bytes(envelope.original_content, policy=default_policy)
+        self.messages.append({"mail_from": envelope.mail_from, "rcpt_tos": list(envelope.rcpt_tos),
+                              "message": message, "raw": envelope.original_content})
+        return "250 Message accepted"
+
+    def to(self, address):
+        """Messages received for `address`."""
+        return [m for m in self.messages if address in m["rcpt_tos"]]
+
+
+@pytest.fixture(scope="session")
+def smtp_server():
+    handler = ScriptedHandler()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(),
+                            data_size_limit=64 * 1024 * 1024)
+    controller.start()
+    yield controller
+    controller.stop()
+
+
+@pytest.fixture
+def smtp(smtp_server, settings):
+    """The session's SMTP server, emptied, and this process's mail settings pointed at it."""
+    handler = smtp_server.handler
+    handler.reset()
+    # Django's test set-up swaps in the in-memory backend; these tests want real SMTP.
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST = "127.0.0.1"
+    settings.EMAIL_PORT = smtp_server.port
+    settings.EMAIL_USE_TLS = False
+    settings.EMAIL_USE_SSL = False
+    settings.EMAIL_TIMEOUT = 2
+    yield handler
+    handler.reset()
+    from email_service import delivery
+
+    delivery.close_connection()
+
+
+# --- a real Celery worker and beat ----------------------------------------------------------
+
+
+def database_url():
+    """The URL of the test database this process uses, for worker subprocesses."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def service_env(smtp_port, **overrides):
+    """Environment for a worker or beat: the test database, the test SMTP server, short timings."""
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=database_url(),
+        EMAIL_HOST="127.0.0.1",
+        EMAIL_PORT=str(smtp_port),
+        EMAIL_USE_TLS="false",
+        EMAIL_USE_SSL="false",
+        EMAIL_TIMEOUT="2",
+        EMAIL_SEND_TIME_LIMIT="8",
+        EMAIL_CLAIM_LEASE="12",
+        EMAIL_RETRY_DELAY="0.2",
+        EMAIL_RETRY_BACKOFF_MAX="1",
+        EMAIL_MAX_RETRIES="3",
+        EMAIL_DISPATCH_INTERVAL="1",
+        EMAIL_DISPATCH_STALE_AFTER="3",
+        DATABASE_CONN_MAX_AGE="0",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+class CeleryProcess:
+    """A `celery -A medcor_backend2 <command>` subprocess logging to a file."""
+
+    def __init__(self, command, env, log_path, extra_args=()):
+        self.log_path = Path(log_path)
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "medcor_backend2", *command, *extra_args],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def output(self):
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, marker, timeout=60):
+        wait_for(lambda: marker in self.output() or self.process.poll() is not None,
+                 timeout=timeout, message=f"celery to print {marker!r}")
+        if self.process.poll() is not None:
+            pytest.fail(f"celery exited early:\n{self.output()[-3000:]}")
+
+    def kill(self, sig=signal.SIGKILL):
+        """Send `sig` to the whole process group (the main process and its pool children)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()  # the main process only: it stops its own pool
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # any pool child left behind
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+
+def start_worker(tmp_path, smtp_port, name="worker", **env):
+    worker = CeleryProcess(
+        ["worker"], service_env(smtp_port, **env), tmp_path / f"{name}.log",
+        ["--loglevel=INFO", "--concurrency=2", "--pool=prefork", f"--hostname={name}@%h",
+         "--without-gossip", "--without-mingle"],
+    )
+    worker.wait_ready("ready.")
+    return worker
+
+
+def start_beat(tmp_path, smtp_port, **env):
+    beat = CeleryProcess(
+        ["beat"], service_env(smtp_port, **env), tmp_path / "beat.log",
+        ["--loglevel=INFO", f"--schedule={tmp_path / 'beat-schedule'}"],
+    )
+    beat.wait_ready("beat: Starting")
+    return beat
+
+
+@pytest.fixture(scope="session")
+def celery_services(smtp_server, django_db_setup, django_db_blocker, tmp_path_factory):
+    """A real worker and beat on the configured broker, sending to the test SMTP server."""
+    tmp_path = tmp_path_factory.mktemp("celery")
+    with django_db_blocker.unblock():
+        celery_app.control.purge()
+    worker = start_worker(tmp_path, smtp_server.port)
+    beat = start_beat(tmp_path, smtp_server.port)
+    yield {"worker": worker, "beat": beat, "tmp_path": tmp_path}
+    beat.stop()
+    worker.stop()
+
+
+@pytest.fixture
+def celery_worker(celery_services, smtp, transactional_db):
+    """Per test: the running worker, an empty SMTP mailbox, and committed database writes."""
+    yield celery_services["worker"]
+
+
+def pytest_report_header(config):
+    db = settings.DATABASES["default"]
+    broker = settings.CELERY_BROKER_URL.split("@")[-1] if "@" in settings.CELERY_BROKER_URL else settings.CELERY_BROKER_URL
+    return [
+        f"medcor services: database={db['ENGINE'].rsplit('.', 1)[-1]} ({db.get('HOST') or db['NAME']}), "
+        f"broker={broker}, cache={settings.CACHES['default']['BACKEND'].rsplit('.', 1)[-1]}, "
+        f"require_services={REQUIRE_SERVICES}",
+    ]

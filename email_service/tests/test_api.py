@@ -1,0 +1,153 @@
+"""The HTTP API: creating requests, and clear JSON errors that leave nothing behind."""
+import json
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from rest_framework.test import APIClient
+
+from email_service import services
+from email_service.models import EmailRequest
+
+from .files import pdf_bytes
+
+URL = "/api/email/emails/"
+VALID = {"full_name": "Jane Roe", "email": "jane@example.com", "subject": "Hello", "message": "Hi"}
+
+
+@pytest.fixture
+def client():
+    return APIClient()
+
+
+@pytest.fixture(autouse=True)
+def dispatched(monkeypatch):
+    """Record dispatches instead of publishing: the integration tests cover the broker."""
+    calls = []
+    monkeypatch.setattr(services, "dispatch", calls.append)
+    return calls
+
+
+def assert_nothing_stored(media_root):
+    assert EmailRequest.objects.count() == 0
+    assert not [p for p in media_root.rglob("*") if p.is_file()]
+
+
+@pytest.fixture
+def media_root(settings, tmp_path):
+    settings.MEDIA_ROOT = str(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.django_db(transaction=True)
+def test_json_create_answers_201_and_dispatches_after_commit(client, media_root, dispatched):
+    response = client.post(URL, VALID, format="json")
+    assert response.status_code == 201
+    assert [row.pk for row in dispatched] == [EmailRequest.objects.get().pk]
+    body = response.json()
+    assert set(body) == {"message", "email_request_id", "status", "task_id"}
+    row = EmailRequest.objects.get(pk=body["email_request_id"])
+    assert (row.status, row.full_name, row.celery_task_id) == ("PENDING", "Jane Roe", body["task_id"])
+    assert row.message_id.startswith("<") and row.message_id.endswith(">")
+
+
+@pytest.mark.django_db
+def test_multipart_create_stores_the_file_privately(client, media_root):
+    upload = SimpleUploadedFile("My scan.pdf", pdf_bytes(), content_type="application/pdf")
+    response = client.post(URL, {**VALID, "file_attached": upload}, format="multipart")
+    assert response.status_code == 201, response.json()
+    row = EmailRequest.objects.get()
+    assert row.attachment_name == "My scan.pdf"
+    assert row.attachment_content_type == "application/pdf"
+    assert row.file_attached.name.startswith("email_attachments/")
+    assert (media_root / row.file_attached.name).read_bytes() == pdf_bytes()
+
+
+@pytest.mark.django_db
+def test_bad_json_is_a_400_naming_the_problem(client, media_root):
+    response = client.post(URL, data='{"full_name": "x", "email": ', content_type="application/json")
+    assert response.status_code == 400
+    assert "JSON parse error" in response.json()["detail"]
+    assert_nothing_stored(media_root)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("email", [None, "", "not-an-address", "jane@", "jane@@example.com"])
+def test_missing_or_malformed_email_is_a_400_on_email(client, media_root, email):
+    data = {**VALID}
+    if email is None:
+        del data["email"]
+    else:
+        data["email"] = email
+    response = client.post(URL, data, format="json")
+    assert response.status_code == 400
+    assert list(response.json()) == ["email"]
+    assert_nothing_stored(media_root)
+
+
+@pytest.mark.django_db
+def test_unsupported_content_type_is_a_415(client, media_root):
+    response = client.post(URL, data="<xml/>", content_type="application/xml")
+    assert response.status_code == 415
+    assert "Unsupported media type" in response.json()["detail"]
+    assert_nothing_stored(media_root)
+
+
+@pytest.mark.django_db
+def test_a_refused_file_leaves_no_row_and_no_file(client, media_root):
+    upload = SimpleUploadedFile("notes.pdf", b"MZ\x90\x00" + b"\x00" * 200, content_type="application/pdf")
+    response = client.post(URL, {**VALID, "file_attached": upload}, format="multipart")
+    assert response.status_code == 400
+    assert list(response.json()) == ["file_attached"]
+    assert_nothing_stored(media_root)
+
+
+@pytest.mark.django_db
+def test_a_rolled_back_create_leaves_no_file(client, media_root, monkeypatch):
+    def broken_save(self, *args, **kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(EmailRequest, "save", broken_save)
+    upload = SimpleUploadedFile("scan.pdf", pdf_bytes(), content_type="application/pdf")
+    client.raise_request_exception = False
+    response = client.post(URL, {**VALID, "file_attached": upload}, format="multipart")
+    assert response.status_code == 500
+    assert response.json() == {"detail": "Internal server error."}
+    assert_nothing_stored(media_root)
+
+
+@pytest.mark.django_db
+def test_unknown_api_url_is_json_404(client):
+    response = client.get("/api/email/nothing-here/")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not found."}
+
+
+@pytest.mark.django_db
+def test_honeypot_is_answered_like_success_but_stores_nothing(client, media_root):
+    response = client.post(URL, {**VALID, "website": "http://spam.example"}, format="json")
+    assert response.status_code == 201
+    assert set(response.json()) == {"message", "email_request_id", "status", "task_id"}
+    assert_nothing_stored(media_root)
+
+
+@pytest.mark.django_db
+def test_public_list_and_detail_are_redacted(client, media_root):
+    created = client.post(URL, VALID, format="json").json()
+    listing = client.get(URL).json()
+    assert listing["count"] == 1
+    assert set(listing["results"][0]) == {"id", "status", "has_attachment", "created_at", "sent_at"}
+    detail = client.get(f"{URL}{created['email_request_id']}/").json()
+    assert set(detail) == {"id", "status", "has_attachment", "created_at", "sent_at"}
+    text = json.dumps(listing) + json.dumps(detail)
+    for value in VALID.values():
+        assert value not in text
+
+
+@pytest.mark.django_db
+def test_statistics_keys(client, media_root):
+    client.post(URL, VALID, format="json")
+    stats = client.get(f"{URL}statistics/").json()
+    for key in ("total_requests", "pending_requests", "processing_requests", "sent_requests",
+                "failed_requests", "cancelled_requests", "with_attachments", "success_rate"):
+        assert key in stats
+    assert stats["total_requests"] == stats["pending_requests"] == 1

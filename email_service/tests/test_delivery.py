@@ -1,0 +1,136 @@
+"""Building the mails and classifying what an SMTP server answers."""
+import smtplib
+import socket
+
+import pytest
+from django.core.files.base import ContentFile
+
+from email_service import delivery
+from email_service.models import EmailRequest
+
+from .files import pdf_bytes
+
+
+@pytest.fixture
+def email_request(db):
+    return EmailRequest.objects.create(
+        full_name="Ana Lima", email="ana@example.com", phone="+55 11 5555-0000",
+        job_profession="Physiotherapist", subject="Lab results", message="Attached are my results.",
+        message_id=delivery.new_message_id(),
+    )
+
+
+def test_support_message_headers(email_request, settings):
+    settings.SUPPORT_EMAIL = "help@medcor.example"
+    settings.DEFAULT_FROM_EMAIL = "noreply@medcor.example"
+    message = delivery.build_support_message(email_request).message()
+    assert message["To"] == "help@medcor.example"
+    assert message["From"] == "noreply@medcor.example"
+    assert message["Reply-To"] == "ana@example.com"
+    assert "Lab results" in message["Subject"]
+    assert message["X-Email-Request-ID"] == str(email_request.pk)
+    assert message["Message-ID"] == email_request.message_id
+
+
+def test_support_message_carries_every_field_in_both_parts(email_request):
+    message = delivery.build_support_message(email_request)
+    html = message.alternatives[0].content
+    for field in ("full_name", "email", "phone", "job_profession", "subject", "message"):
+        assert getattr(email_request, field) in message.body
+        assert getattr(email_request, field) in html
+
+
+def test_html_part_escapes_form_text(db):
+    row = EmailRequest.objects.create(full_name="<script>x</script>", email="a@example.com",
+                                      message="<b>bold</b>")
+    html = delivery.build_support_message(row).alternatives[0].content
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "<b>bold</b>" not in html
+
+
+def test_attachment_keeps_its_original_name_and_bytes(email_request, settings, tmp_path):
+    settings.MEDIA_ROOT = str(tmp_path)
+    pdf = pdf_bytes()
+    email_request.file_attached.save("x.pdf", ContentFile(pdf), save=False)
+    email_request.attachment_name = "Résultats labo.pdf"
+    email_request.attachment_content_type = "application/pdf"
+    [(name, content, mimetype)] = delivery.build_support_message(email_request).attachments
+    assert (name, content, mimetype) == ("Résultats labo.pdf", pdf, "application/pdf")
+
+
+def test_confirmation_quotes_nothing_from_the_form(email_request):
+    message = delivery.build_confirmation_message(email_request)
+    assert message.to == ["ana@example.com"]
+    assert str(email_request.pk) in message.body
+    text = message.message().as_string()
+    for field in ("full_name", "phone", "job_profession", "subject", "message"):
+        assert getattr(email_request, field) not in text
+
+
+@pytest.mark.parametrize(
+    ("exc", "outcome", "code"),
+    [
+        (smtplib.SMTPDataError(421, b"Try again later"), delivery.TRANSIENT, 421),
+        (smtplib.SMTPDataError(451, b"Local error"), delivery.TRANSIENT, 451),
+        (smtplib.SMTPDataError(550, b"Mailbox unavailable"), delivery.PERMANENT, 550),
+        (smtplib.SMTPSenderRefused(553, b"Sender refused", "a@b"), delivery.PERMANENT, 553),
+        (smtplib.SMTPRecipientsRefused({"x@y": (550, b"No such user")}), delivery.PERMANENT, 550),
+        (smtplib.SMTPRecipientsRefused({"x@y": (450, b"Greylisted")}), delivery.TRANSIENT, 450),
+        (smtplib.SMTPConnectError(421, b"Busy"), delivery.TRANSIENT, 421),
+        (smtplib.SMTPServerDisconnected("gone"), delivery.TRANSIENT, None),
+        (ConnectionRefusedError(111, "Connection refused"), delivery.TRANSIENT, None),
+        (socket.timeout("timed out"), delivery.TRANSIENT, None),
+        (ValueError("Header values may not contain linefeed"), delivery.PERMANENT, None),
+    ],
+)
+def test_classify(exc, outcome, code):
+    result = delivery.classify(exc)
+    assert (result.outcome, result.smtp_code) == (outcome, code)
+    assert result.error_message
+
+
+def test_authentication_failure_tells_the_operator_what_to_fix():
+    result = delivery.classify(smtplib.SMTPAuthenticationError(535, b"5.7.8 Username and Password not accepted"))
+    assert result.outcome == delivery.PERMANENT
+    assert "535" in result.error_message
+    assert "EMAIL_HOST_PASSWORD" in result.error_message
+
+
+def test_send_over_real_smtp(email_request, smtp):
+    result = delivery.send(delivery.build_support_message(email_request))
+    assert result.outcome == delivery.SENT
+    assert len(smtp.messages) == 1
+
+
+def test_send_reuses_one_connection(email_request, smtp, smtp_server):
+    for _ in range(3):
+        assert delivery.send(delivery.build_support_message(email_request)).outcome == delivery.SENT
+    assert len(smtp.messages) == 3
+    assert delivery._shared.backend is not None and delivery._shared.backend.connection is not None
+
+
+@pytest.mark.parametrize(("reply", "outcome"), [("421 4.7.0 Try again later", delivery.TRANSIENT),
+                                                ("550 5.1.1 No such mailbox", delivery.PERMANENT)])
+def test_send_classifies_server_replies(email_request, smtp, reply, outcome):
+    smtp.script = [reply]
+    result = delivery.send(delivery.build_support_message(email_request))
+    assert result.outcome == outcome
+    assert result.smtp_code == int(reply[:3])
+    assert reply[4:] in result.error_message
+
+
+def test_send_times_out_as_transient(email_request, smtp, settings):
+    settings.EMAIL_TIMEOUT = 0.5
+    smtp.script = [("hang", 1.5)]
+    result = delivery.send(delivery.build_support_message(email_request))
+    assert result.outcome == delivery.TRANSIENT
+
+
+def test_send_to_a_closed_port_is_transient(email_request, smtp, settings):
+    from .conftest import free_port
+
+    settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_USE_TLS = "127.0.0.1", free_port(), False
+    delivery.close_connection()
+    result = delivery.send(delivery.build_support_message(email_request))
+    assert result.outcome == delivery.TRANSIENT
+    assert result.error_class == "ConnectionRefusedError"
