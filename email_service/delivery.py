@@ -7,6 +7,7 @@ import smtplib
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from email.utils import make_msgid
 
@@ -86,19 +87,18 @@ def build_confirmation_message(email_request):
     )
 
 
+# A connection idle longer than this is checked with NOOP before use: servers drop idle clients.
+IDLE_CHECK_SECONDS = 5.0
+
+
 class _SharedConnection(threading.local):
     """One SMTP connection per worker thread, opened on first use and kept across tasks."""
 
     backend = None
+    last_used = 0.0
 
 
 _shared = _SharedConnection()
-
-
-def _open_backend():
-    backend = get_connection(fail_silently=False, timeout=conf.smtp_timeout())
-    backend.open()
-    return backend
 
 
 def close_connection():
@@ -108,26 +108,39 @@ def close_connection():
         backend.close()
 
 
-def send(message):
-    """Send one message on the shared connection and return what happened."""
+def _is_alive(backend):
     try:
-        reused = _shared.backend is not None and _shared.backend.connection is not None
-        if not reused:
-            close_connection()
-            _shared.backend = _open_backend()
-        try:
-            _shared.backend.send_messages([message])
-        except smtplib.SMTPServerDisconnected:
-            if not reused:
-                raise
-            # The server dropped an idle connection between tasks: nothing of this message was
-            # accepted, so one fresh connection is safe.
-            close_connection()
-            _shared.backend = _open_backend()
-            _shared.backend.send_messages([message])
+        return backend.connection.noop()[0] == 250
+    except (smtplib.SMTPException, OSError):
+        return False
+
+
+def _connection():
+    """Return this thread's open SMTP backend, reconnecting if the old one went away."""
+    backend = _shared.backend
+    if backend is not None and backend.connection is not None:
+        if time.monotonic() - _shared.last_used < IDLE_CHECK_SECONDS or _is_alive(backend):
+            return backend
+    close_connection()
+    backend = get_connection(fail_silently=False, timeout=conf.smtp_timeout())
+    backend.open()
+    _shared.backend = backend
+    return backend
+
+
+def send(message):
+    """Send one message on the shared connection and return what happened.
+
+    A failed send is never repeated here: once DATA has gone out, the server may have kept the
+    message, so only the caller's retry policy decides about another attempt.
+    """
+    try:
+        _connection().send_messages([message])
     except Exception as exc:  # every failure becomes a result the caller records
         close_connection()
         return classify(exc)
+    finally:
+        _shared.last_used = time.monotonic()
     return DeliveryResult(SENT, smtp_code=250)
 
 

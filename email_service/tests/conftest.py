@@ -73,7 +73,8 @@ class ScriptedHandler:
     """aiosmtpd handler that records messages and answers DATA as scripted.
 
     `script` is a list of replies used one per DATA command, then `accept` forever: an SMTP
-    reply such as "421 Try later", or ("hang", seconds) to say nothing for that long.
+    reply such as "421 Try later", or ("hang", seconds[, reply]) to say nothing for that long
+    and then give `reply` (accept by default, as a server that was only slow would).
     """
 
     def __init__(self):
@@ -83,7 +84,13 @@ class ScriptedHandler:
         self.messages = []
         self.script = []
         self.data_commands = 0
+        self.connections = 0
         self.rcpt_reply = None
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        self.connections += 1
+        session.host_name = hostname
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.rcpt_reply:
@@ -96,7 +103,7 @@ class ScriptedHandler:
         action = self.script.pop(0) if self.script else "accept"
         if isinstance(action, tuple) and action[0] == "hang":
             await asyncio.sleep(action[1])
-            action = "accept"
+            action = action[2] if len(action) > 2 else "accept"
         if action != "accept":
             return action
         message = message_from_bytes(envelope.original_content, policy=default_policy)
@@ -162,8 +169,8 @@ def service_env(smtp_port, **overrides):
         EMAIL_TIMEOUT="2",
         EMAIL_SEND_TIME_LIMIT="8",
         EMAIL_CLAIM_LEASE="12",
-        EMAIL_RETRY_DELAY="0.2",
-        EMAIL_RETRY_BACKOFF_MAX="1",
+        EMAIL_RETRY_DELAY="2",
+        EMAIL_RETRY_BACKOFF_MAX="4",
         EMAIL_MAX_RETRIES="3",
         EMAIL_DISPATCH_INTERVAL="1",
         EMAIL_DISPATCH_STALE_AFTER="3",

@@ -107,6 +107,28 @@ def test_send_reuses_one_connection(email_request, smtp, smtp_server):
         assert delivery.send(delivery.build_support_message(email_request)).outcome == delivery.SENT
     assert len(smtp.messages) == 3
     assert delivery._shared.backend is not None and delivery._shared.backend.connection is not None
+    assert smtp.connections == 1
+
+
+def test_an_idle_connection_the_server_dropped_is_replaced_before_sending(
+    email_request, smtp, monkeypatch
+):
+    monkeypatch.setattr(delivery, "IDLE_CHECK_SECONDS", 0)
+    assert delivery.send(delivery.build_support_message(email_request)).outcome == delivery.SENT
+    assert delivery.send(delivery.build_support_message(email_request)).outcome == delivery.SENT
+    assert smtp.connections == 1  # NOOP found it alive
+    delivery._shared.backend.connection.sock.shutdown(socket.SHUT_RDWR)  # as if the server hung up
+    assert delivery.send(delivery.build_support_message(email_request)).outcome == delivery.SENT
+    assert (smtp.connections, len(smtp.messages)) == (2, 3)
+
+
+def test_a_failed_send_is_not_repeated_on_a_new_connection(email_request, smtp, settings):
+    settings.EMAIL_TIMEOUT = 0.5
+    assert delivery.send(delivery.build_support_message(email_request)).outcome == delivery.SENT
+    smtp.script = [("hang", 1.5)]
+    result = delivery.send(delivery.build_support_message(email_request))
+    assert result.outcome == delivery.TRANSIENT
+    assert smtp.data_commands == 2  # the timed-out DATA was not sent again
 
 
 @pytest.mark.parametrize(("reply", "outcome"), [("421 4.7.0 Try again later", delivery.TRANSIENT),

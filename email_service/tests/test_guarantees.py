@@ -1,0 +1,176 @@
+"""Delivery guarantees under faults: a real worker and beat on the configured broker (RabbitMQ in
+CI), PostgreSQL, and an SMTP server each test scripts."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import requests
+
+from email_service import services
+from email_service.models import EmailAttempt, EmailRequest, EmailStatus
+from email_service.tasks import send_email_task
+from medcor_backend2.celery import app as celery_app
+
+from .conftest import ROOT, free_port, service_env, wait_for
+
+pytestmark = pytest.mark.integration
+
+FINAL = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
+
+
+def submit(**fields):
+    """Create a request the way the API does, dispatching after commit."""
+    data = {"full_name": "Test Patient", "email": f"p-{uuid.uuid4().hex[:10]}@example.org",
+            "subject": "Guarantee test", "message": "Hello", **fields}
+    return services.create_email_request(data=data)
+
+
+def final_row(pk, timeout=40):
+    return wait_for(lambda: EmailRequest.objects.filter(pk=pk, status__in=FINAL).first(),
+                    timeout=timeout, message=f"request {pk} to reach a final status")
+
+
+def support_copies(smtp, pk):
+    return [m for m in smtp.messages if m["message"]["X-Email-Request-ID"] == str(pk)
+            and m["message"]["Subject"].startswith("[MedCor contact]")]
+
+
+def test_421_twice_then_accepted_is_sent_once_after_three_attempts(celery_worker, smtp, settings):
+    settings.EMAIL_SEND_CONFIRMATION = False
+    smtp.script = ["421 4.3.2 Service not available, try later", "421 4.3.2 Still busy"]
+    row = final_row(submit().pk)
+    assert row.status == EmailStatus.SENT
+    assert row.retry_count == 2
+    assert len(support_copies(smtp, row.pk)) == 1
+    attempts = list(row.attempts.order_by("number"))
+    assert [(a.number, a.outcome, a.smtp_code) for a in attempts] == [
+        (1, "transient", 421), (2, "transient", 421), (3, "sent", 250)]
+    assert all(a.worker and a.finished_at and a.duration_ms is not None for a in attempts)
+    # Backoff: each retry waited at least half the configured delay.
+    assert (attempts[1].started_at - attempts[0].finished_at).total_seconds() >= 0.9
+
+
+def test_550_fails_at_once_without_retry(celery_worker, smtp):
+    smtp.script = ["550 5.1.1 Mailbox unavailable"]
+    row = final_row(submit().pk)
+    assert row.status == EmailStatus.FAILED
+    assert row.error_message.startswith("550")
+    assert "Mailbox unavailable" in row.error_message
+    time.sleep(3)  # longer than the first backoff and two beat ticks: nothing comes back
+    row.refresh_from_db()
+    assert (row.status, row.retry_count, row.attempts.count()) == (EmailStatus.FAILED, 0, 1)
+    assert smtp.data_commands == 1
+
+
+def test_a_server_that_never_answers_is_retried_then_failed_and_the_worker_survives(
+    celery_worker, smtp, settings
+):
+    settings.EMAIL_SEND_CONFIRMATION = False
+    # Each DATA hangs past EMAIL_TIMEOUT (2 s in the worker), then would refuse.
+    smtp.script = [("hang", 3, "451 too slow")] * 4
+    row = final_row(submit().pk, timeout=60)
+    assert row.status == EmailStatus.FAILED, list(row.attempts.values_list("outcome", "error_class", "error_text", "duration_ms"))
+    assert row.retry_count == 3
+    assert [a.outcome for a in row.attempts.order_by("number")] == ["transient"] * 4
+    assert support_copies(smtp, row.pk) == []
+    assert celery_app.control.ping(timeout=5), "the worker stopped answering"
+    healthy = final_row(submit().pk)
+    assert healthy.status == EmailStatus.SENT
+
+
+def test_the_same_task_delivered_twice_at_once_sends_one_mail(celery_worker, smtp, settings):
+    settings.EMAIL_SEND_CONFIRMATION = False
+    smtp.script = [("hang", 1.5)]  # the first copy is still sending when the second arrives
+    row = submit()
+    for _ in range(2):
+        send_email_task.apply_async(args=[str(row.pk)], task_id=row.celery_task_id)
+    row = final_row(row.pk)
+    time.sleep(2)
+    assert row.status == EmailStatus.SENT
+    assert len(support_copies(smtp, row.pk)) == 1
+    assert row.attempts.count() == 1
+
+
+def test_cancel_while_waiting_for_a_retry_is_never_sent(celery_worker, smtp, settings):
+    settings.EMAIL_SEND_CONFIRMATION = False
+    smtp.script = ["421 4.3.2 Try later"]
+    pk = submit().pk
+    wait_for(lambda: EmailRequest.objects.filter(pk=pk, status=EmailStatus.PENDING, retry_count=1).exists(),
+             timeout=20, interval=0.02, message="the first deferral")
+    services.cancel_email_request(EmailRequest.objects.get(pk=pk))
+    time.sleep(6)  # past the longest first backoff and several beat ticks
+    row = EmailRequest.objects.get(pk=pk)
+    assert row.status == EmailStatus.CANCELLED
+    assert row.attempts.count() == 1
+    assert support_copies(smtp, pk) == []
+
+
+def test_a_worker_killed_mid_send_is_delivered_after_its_lease(celery_worker, smtp, settings):
+    settings.EMAIL_SEND_CONFIRMATION = False
+    smtp.script = [("hang", 4)]
+    pk = submit().pk
+    row = wait_for(lambda: EmailRequest.objects.filter(pk=pk, status=EmailStatus.PROCESSING).first(),
+                   timeout=20, interval=0.05, message="the claim")
+    wait_for(lambda: smtp.data_commands >= 1, timeout=10, interval=0.05, message="DATA on the wire")
+    pool_pid = int(row.claimed_by.rsplit(":", 1)[1])
+    os.kill(pool_pid, signal.SIGKILL)
+
+    row = final_row(pk, timeout=60)
+    assert row.status == EmailStatus.SENT
+    copies = len(support_copies(smtp, pk))
+    # The killed send reached the server's DATA phase, so the server may keep that copy too.
+    print(f"\nkilled mid-send: {copies} copy(ies) received, {copies - 1} duplicate(s)")
+    assert 1 <= copies <= 2
+    outcomes = [a.outcome for a in row.attempts.order_by("number")]
+    assert outcomes[0] == "crashed" and outcomes[-1] == "sent"
+    assert celery_app.control.ping(timeout=5)
+
+
+@pytest.mark.parametrize("broker", ["closed port", "silent port"])
+def test_post_answers_fast_with_the_broker_unreachable_and_beat_delivers_later(
+    celery_worker, smtp, smtp_server, tmp_path, broker
+):
+    """The web side talks to a dead broker; worker and beat to the real one, as after an outage."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections and never says a word
+    dead_port = free_port() if broker == "closed port" else silent.getsockname()[1]
+    web_port = free_port()
+    env = service_env(smtp_server.port,
+                      CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{dead_port}//",
+                      DJANGO_ALLOWED_HOSTS="127.0.0.1")
+    log = open(tmp_path / "web.log", "wb")
+    web = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "medcor_backend2.wsgi:application", "--bind",
+         f"127.0.0.1:{web_port}", "--workers", "1", "--threads", "4"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def up():
+            try:
+                return requests.get(f"http://127.0.0.1:{web_port}/api/email/emails/statistics/", timeout=1).ok
+            except requests.ConnectionError:
+                return False
+        wait_for(up, timeout=30, message="gunicorn")
+        started = time.monotonic()
+        response = requests.post(f"http://127.0.0.1:{web_port}/api/email/emails/", timeout=10,
+                                 json={"full_name": "Outage Test", "email": "outage@example.org"})
+        elapsed = time.monotonic() - started
+        assert response.status_code == 201, response.text
+        assert response.json()["status"] == "PENDING"
+        assert elapsed < 0.5, f"POST took {elapsed:.2f}s with the broker down"
+        pk = response.json()["email_request_id"]
+        row = final_row(pk, timeout=40)
+        assert row.status == EmailStatus.SENT
+        assert EmailAttempt.objects.filter(request_id=pk).count() == 1
+    finally:
+        web.terminate()
+        web.wait(timeout=10)
+        log.close()
+        silent.close()
+    assert "Broker unavailable" in (tmp_path / "web.log").read_text()
