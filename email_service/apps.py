@@ -7,4 +7,9 @@ class EmailServiceConfig(AppConfig):
     verbose_name = "Email service"
 
     def ready(self):
+        from django.db.backends.signals import connection_created
+
         from . import signals  # noqa: F401
+        from .aggregates import register_sqlite_functions
+
+        connection_created.connect(register_sqlite_functions)

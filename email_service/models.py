@@ -19,6 +19,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from . import conf
+from .aggregates import SecondsBetweenPercentile
 from .storage import attachment_upload_to
 
 
@@ -68,7 +69,8 @@ class EmailRequestQuerySet(models.QuerySet):
         return round(((now or timezone.now()) - oldest).total_seconds(), 1) if oldest else None
 
     def statistics(self, now=None):
-        """Count the rows by status, by attachment and over the last 24 hours, in one query."""
+        """Count the rows by status, by attachment and over the last 24 hours, and the median and
+        95th percentile seconds from creation to SENT, in one query."""
         day_ago = (now or timezone.now()) - timedelta(hours=24)
         counts = self.aggregate(
             total_requests=Count("id"),
@@ -83,7 +85,16 @@ class EmailRequestQuerySet(models.QuerySet):
             failed_last_24h=Count(
                 "id", filter=Q(status=EmailStatus.FAILED, updated_at__gte=day_ago)
             ),
+            median_delivery_seconds=SecondsBetweenPercentile(
+                "sent_at", "created_at", 0.5, filter=Q(status=EmailStatus.SENT)
+            ),
+            p95_delivery_seconds=SecondsBetweenPercentile(
+                "sent_at", "created_at", 0.95, filter=Q(status=EmailStatus.SENT)
+            ),
         )
+        for key in ("median_delivery_seconds", "p95_delivery_seconds"):
+            if counts[key] is not None:
+                counts[key] = round(counts[key], 3)
         finished = counts["sent_requests"] + counts["failed_requests"]
         counts["success_rate"] = (
             round(100.0 * counts["sent_requests"] / finished, 2) if finished else 0.0

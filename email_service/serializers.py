@@ -151,6 +151,12 @@ class StatisticsSerializer(serializers.Serializer):
     requests_last_24h = serializers.IntegerField()
     sent_last_24h = serializers.IntegerField()
     failed_last_24h = serializers.IntegerField()
+    median_delivery_seconds = serializers.FloatField(
+        allow_null=True, help_text="Median seconds from submission to SENT; null before the first."
+    )
+    p95_delivery_seconds = serializers.FloatField(
+        allow_null=True, help_text="95th percentile seconds from submission to SENT."
+    )
 
 
 class RetryFailedSerializer(serializers.Serializer):

@@ -14,5 +14,7 @@ urlpatterns = [
     path("healthz", healthz, name="healthz"),
 ]
 
+handler400 = "email_service.views.bad_request"
+handler403 = "email_service.views.permission_denied"
 handler404 = "email_service.views.not_found"
 handler500 = "email_service.views.server_error"
