@@ -28,5 +28,10 @@ run: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# 300 submissions while the broker goes away for 30 s and a worker is killed (needs PostgreSQL
+# and RabbitMQ on 127.0.0.1); prints accepted, delivered, lost, duplicated, longest delay.
+chaos: install
+	$(BIN)/python bench/chaos.py
+
 clean:
 	rm -rf var/ db.sqlite3 .pytest_cache
