@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from email_service import contact
 from email_service.views import healthz
 
 # No route serves MEDIA_URL: attachments are private and reached only through the staff API.
@@ -12,6 +13,8 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
     path("healthz", healthz, name="healthz"),
+    path("contact/", contact.contact_page, name="contact"),
+    path("contact/sent/<uuid:pk>/", contact.contact_sent, name="contact-sent"),
 ]
 
 handler400 = "email_service.views.bad_request"
