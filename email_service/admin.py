@@ -1,5 +1,21 @@
+"""The admin support staff work in: the outbox with its attempt log, operator actions, statistics.
+
+Every write goes through the same functions as the API (`services`, the QuerySet transitions);
+the admin never assigns a status or saves a whole row over a worker's changes.
+"""
+import csv
+import math
+from collections import Counter
+from datetime import datetime, time, timedelta
+
 from django.contrib import admin, messages
-from django.urls import reverse
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, Q
+from django.db.models.functions import TruncDate
+from django.http import HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
 from . import services
@@ -13,6 +29,19 @@ STATUS_COLOURS = {
     EmailStatus.CANCELLED: "#6b7280",
 }
 CONTACT_FIELDS = ("full_name", "email", "phone", "job_profession", "subject", "message")
+CSV_COLUMNS = (
+    "id", "created_at", "status", "full_name", "email", "phone", "job_profession", "subject", "message",
+    "attachment_name", "attachment_size", "attempts", "retry_count", "manual_retries", "sent_at",
+    "error_message",
+)
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+REPORT_DAYS = 30
+# A due PENDING row is normally claimed within a dispatch interval; this long means nothing consumes.
+STUCK_AFTER_SECONDS = 10 * 60
+
+# The admin index links to the statistics page (see templates/admin/email_service/index.html).
+admin.site.index_template = "admin/email_service/index.html"
 
 
 class EmailAttemptInline(admin.TabularInline):
@@ -25,50 +54,346 @@ class EmailAttemptInline(admin.TabularInline):
     def has_add_permission(self, request, obj=None):
         return False
 
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class AttachmentFilter(admin.SimpleListFilter):
+    title = "attachment"
+    parameter_name = "attachment"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "With attachment"), ("no", "Without attachment")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.with_attachment()
+        if self.value() == "no":
+            return queryset.without_attachment()
+        return queryset
+
 
 @admin.register(EmailRequest)
 class EmailRequestAdmin(admin.ModelAdmin):
-    list_display = ("created_at", "colored_status", "full_name", "email", "subject", "has_attachment_flag", "retry_count", "sent_at")
-    list_filter = ("status", "created_at", ("file_attached", admin.EmptyFieldListFilter))
+    list_display = (
+        "created", "colored_status", "submitter", "subject", "attachment_link", "attempts_count", "sent",
+    )
+    list_display_links = ("created",)
+    list_filter = ("status", "created_at", "sent_at", AttachmentFilter)
     search_fields = ("full_name", "email", "subject", "message")
     date_hierarchy = "created_at"
+    list_per_page = 50
     inlines = [EmailAttemptInline]
-    actions = ["retry_selected", "cancel_selected"]
+    actions = ["retry_selected", "cancel_selected", "export_csv"]
+    fieldsets = (
+        ("Contact", {"fields": CONTACT_FIELDS}),
+        ("Attachment", {"fields": ("attachment_link", "attachment_size", "attachment_content_type")}),
+        ("Delivery", {"fields": (
+            "id", "colored_status", "error_message", "retry_count", "max_retries", "manual_retries",
+            "next_attempt_at", "sent_at", "message_id", "celery_task_id", "claimed_by",
+        )}),
+        ("Acknowledgement to the submitter", {"fields": ("confirmation_sent_at", "confirmation_error")}),
+        ("Record", {"fields": ("client_ip", "created_at", "updated_at")}),
+    )
     readonly_fields = (
-        "id", "status", "attachment_link", "attachment_size", "attachment_content_type", "error_message",
+        "id", "colored_status", "attachment_link", "attachment_size", "attachment_content_type", "error_message",
         "retry_count", "manual_retries", "next_attempt_at", "celery_task_id", "message_id", "claimed_by",
         "confirmation_sent_at", "confirmation_error", "client_ip", "created_at", "updated_at", "sent_at",
     )
-    exclude = ("file_attached", "attachment_name")
 
-    @admin.display(description="Status", ordering="status")
-    def colored_status(self, obj):
-        return format_html('<b style="color:{}">{}</b>', STATUS_COLOURS.get(obj.status, "#000"), obj.status)
-
-    @admin.display(description="File", boolean=True)
-    def has_attachment_flag(self, obj):
-        return obj.has_attachment
-
-    @admin.display(description="Attachment")
-    def attachment_link(self, obj):
-        if not obj.has_attachment:
-            return "-"
-        url = reverse("email-request-attachment", args=[obj.pk])
-        return format_html('<a href="{}">{}</a>', url, obj.attachment_name)
+    def get_queryset(self, request):
+        # One query for the whole page: the attempts are counted in SQL, not per row.
+        return super().get_queryset(request).annotate(attempts_count=Count("attempts"))
 
     def get_readonly_fields(self, request, obj=None):
         if obj is not None and not obj.is_editable():
             return self.readonly_fields + CONTACT_FIELDS + ("max_retries",)
         return self.readonly_fields
 
+    def has_add_permission(self, request):
+        # Requests come from the form or `manage.py test_email`, which also queue them.
+        return False
+
+    # --- columns -----------------------------------------------------------------------------
+    @admin.display(description="Created", ordering="created_at")
+    def created(self, obj):
+        return _short_time(obj.created_at)
+
+    @admin.display(description="Sent", ordering="sent_at")
+    def sent(self, obj):
+        return _short_time(obj.sent_at)
+
+    @admin.display(description="Status", ordering="status")
+    def colored_status(self, obj):
+        # The last error shows on hover, so a FAILED row explains itself without opening it.
+        return format_html(
+            '<span title="{}" style="background:{};color:#fff;border-radius:4px;padding:2px 8px;font-weight:600;'
+            'font-size:11px;letter-spacing:.03em;white-space:nowrap">{}</span>',
+            obj.error_message,
+            STATUS_COLOURS.get(obj.status, "#000"),
+            obj.status,
+        )
+
+    @admin.display(description="Submitter", ordering="full_name")
+    def submitter(self, obj):
+        return format_html('{}<br><span style="color:var(--body-quiet-color)">{}</span>', obj.full_name, obj.email)
+
+    @admin.display(description="Attachment", ordering="attachment_name")
+    def attachment_link(self, obj):
+        if not obj.has_attachment:
+            return "-"
+        # The API's private download: it checks the view permission, the admin session authenticates it.
+        url = reverse("email-request-attachment", args=[obj.pk])
+        return format_html('<a href="{}">{}</a>', url, obj.attachment_name or "attachment")
+
+    @admin.display(description="Attempts", ordering="attempts_count")
+    def attempts_count(self, obj):
+        return obj.attempts_count
+
+    # --- saving --------------------------------------------------------------------------------
+    def save_model(self, request, obj, form, change):
+        # `obj.save()` would write back every column as loaded, status included, undoing whatever a
+        # worker did meanwhile. Write only the edited fields, and only while the row is not SENT.
+        fields = {name: getattr(obj, name) for name in form.changed_data}
+        obj.edit_refused = False
+        if fields:
+            updated = (
+                EmailRequest.objects.filter(pk=obj.pk)
+                .exclude(status=EmailStatus.SENT)
+                .update(**fields, updated_at=timezone.now())
+            )
+            obj.edit_refused = not updated
+
+    def response_change(self, request, obj):
+        if getattr(obj, "edit_refused", False):
+            self.message_user(request, "Not saved: the request was sent in the meantime.", messages.ERROR)
+            return HttpResponseRedirect(request.path)
+        return super().response_change(request, obj)
+
+    def construct_change_message(self, request, form, formsets, add=False):
+        if getattr(form.instance, "edit_refused", False):
+            return "Edit refused: the request had been sent."
+        return super().construct_change_message(request, form, formsets, add)
+
+    # --- actions -------------------------------------------------------------------------------
     @admin.action(description="Retry selected failed requests", permissions=["change"])
     def retry_selected(self, request, queryset):
-        selected = queryset.count()
-        count = services.retry_failed(queryset)
-        self.message_user(request, f"{count} request(s) requeued; {selected - count} skipped (not FAILED).", messages.SUCCESS)
+        statuses = Counter(queryset.values_list("status", flat=True))
+        changed = services.retry_failed(queryset)
+        skipped = {status: count for status, count in statuses.items() if status != EmailStatus.FAILED}
+        self._report(request, f"{changed} request(s) requeued", skipped, statuses[EmailStatus.FAILED] - changed,
+                     "only FAILED requests can be retried")
 
     @admin.action(description="Cancel selected pending requests", permissions=["change"])
     def cancel_selected(self, request, queryset):
-        selected = queryset.count()
-        count = queryset.cancel()
-        self.message_user(request, f"{count} request(s) cancelled; {selected - count} skipped (not PENDING).", messages.SUCCESS)
+        changed, skipped = 0, Counter()
+        for email_request in queryset.only("pk", "status"):
+            try:
+                services.cancel_email_request(email_request)
+                changed += 1
+            except services.TransitionNotAllowed:
+                # `cancel_email_request` reloaded the status, so the reason is current.
+                skipped[email_request.status] += 1
+        self._report(
+            request, f"{changed} request(s) cancelled", skipped, 0, "only PENDING requests can be cancelled"
+        )
+
+    @admin.action(description="Export selected as CSV", permissions=["view"])
+    def export_csv(self, request, queryset):
+        response = HttpResponse(content_type="text/csv; charset=utf-8")
+        filename = f"email-requests-{timezone.now():%Y%m%d-%H%M%S}.csv"
+        response["Content-Disposition"] = f'attachment; filename="{filename}"'
+        response["Cache-Control"] = "private, no-store"
+        writer = csv.writer(response)
+        writer.writerow(CSV_COLUMNS)
+        for row in queryset.order_by("created_at").iterator():
+            writer.writerow(_csv_cell(_csv_value(row, column)) for column in CSV_COLUMNS)
+        return response
+
+    def _report(self, request, done, skipped, lost_races, rule):
+        parts = [f"{count} {status}" for status, count in sorted(skipped.items())]
+        if lost_races:
+            parts.append(f"{lost_races} changed status meanwhile")
+        total = sum(skipped.values()) + lost_races
+        if total:
+            message = f"{done}; {total} skipped ({', '.join(parts)}): {rule}."
+        else:
+            message = f"{done}; none skipped."
+        self.message_user(request, message, messages.WARNING if total else messages.SUCCESS)
+
+    # --- the statistics page -------------------------------------------------------------------
+    def get_urls(self):
+        statistics = path(
+            "statistics/",
+            self.admin_site.admin_view(self.statistics_view),
+            name="email_service_emailrequest_statistics",
+        )
+        return [statistics, *super().get_urls()]
+
+    def statistics_view(self, request):
+        """Show whether mail is flowing: counts, the last 30 days, delivery times, the oldest PENDING."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        report = delivery_report()
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Email delivery statistics",
+            **report,
+            "verdict": _verdict(report),
+            "median_delivery": _duration(report["median_delivery_seconds"]),
+            "p95_delivery": _duration(report["p95_delivery_seconds"]),
+            "oldest_pending": _duration(report["oldest_pending_seconds"]),
+        }
+        return TemplateResponse(request, "admin/email_service/emailrequest/statistics.html", context)
+
+
+def _short_time(value):
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M") if value else "-"
+
+
+def _csv_value(row, column):
+    if column == "attempts":
+        return row.attempts_count
+    value = getattr(row, column)
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+def _csv_cell(value):
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return "" if value is None else value
+
+
+# --- the report behind the statistics page ----------------------------------------------------
+
+
+def delivery_report(now=None, days=REPORT_DAYS):
+    """Gather the statistics page's numbers: all-time counts, the last `days` days, delivery times."""
+    now = now or timezone.now()
+    first_day = timezone.localdate(now) - timedelta(days=days - 1)
+    start = timezone.make_aware(datetime.combine(first_day, time.min))
+    window = EmailRequest.objects.filter(created_at__gte=start)
+    per_day = {
+        row["day"]: row
+        for row in window.annotate(day=TruncDate("created_at"))
+        .values("day")
+        .annotate(
+            submitted=Count("id"),
+            sent=Count("id", filter=Q(status=EmailStatus.SENT)),
+            failed=Count("id", filter=Q(status=EmailStatus.FAILED)),
+        )
+        .order_by("day")
+    }
+    series = [
+        {"day": day, **{key: per_day.get(day, {}).get(key, 0) for key in ("submitted", "sent", "failed")}}
+        for day in (first_day + timedelta(days=offset) for offset in range(days))
+    ]
+    sent = sum(day["sent"] for day in series)
+    failed = sum(day["failed"] for day in series)
+    # Percentiles in Python over the window's SENT rows: the same answer on SQLite and PostgreSQL.
+    durations = sorted(
+        (sent_at - created_at).total_seconds()
+        for created_at, sent_at in window.filter(status=EmailStatus.SENT, sent_at__isnull=False)
+        .order_by()
+        .values_list("created_at", "sent_at")
+    )
+    oldest_due = EmailRequest.objects.due(now).order_by("next_attempt_at").values_list(
+        "next_attempt_at", flat=True
+    ).first()
+    counts = EmailRequest.objects.statistics(now)
+    return {
+        "counts": counts,
+        "by_status": _status_rows(counts),
+        "days": days,
+        "series": series,
+        "chart": _chart(series),
+        "window_submitted": sum(day["submitted"] for day in series),
+        "window_sent": sent,
+        "window_failed": failed,
+        "success_rate": round(100.0 * sent / (sent + failed), 1) if sent + failed else None,
+        "median_delivery_seconds": _percentile(durations, 0.5),
+        "p95_delivery_seconds": _percentile(durations, 0.95),
+        "oldest_pending_seconds": EmailRequest.objects.oldest_pending_age(now),
+        "overdue_seconds": (now - oldest_due).total_seconds() if oldest_due else None,
+    }
+
+
+def _verdict(report):
+    counts, overdue = report["counts"], report["overdue_seconds"]
+    if overdue is not None and overdue > STUCK_AFTER_SECONDS:
+        return {
+            "state": "stuck",
+            "title": "Mail is not moving.",
+            "text": f"A request has been due for {_duration(overdue)} without being sent: check the worker "
+            "and the broker (/healthz, celery inspect ping).",
+        }
+    if counts["failed_last_24h"] and counts["failed_last_24h"] >= counts["sent_last_24h"]:
+        return {
+            "state": "failing",
+            "title": "Mail is failing.",
+            "text": "As many requests failed as were sent in the last 24 hours: check the SMTP settings and "
+            "the attempt log of a failed request.",
+        }
+    return {
+        "state": "ok",
+        "title": "Mail is flowing.",
+        "text": "No request is waiting past its time.",
+    }
+
+
+def _duration(seconds):
+    """Say `seconds` the way a person reads a duration: 4.2 s, 3 min 5 s, 2 h 10 min, 3 d 4 h."""
+    if seconds is None:
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def _percentile(values, fraction):
+    """The nearest-rank percentile of sorted `values`, or None for none."""
+    if not values:
+        return None
+    return values[max(0, math.ceil(fraction * len(values)) - 1)]
+
+
+def _status_rows(counts):
+    return [
+        {"status": status, "count": counts[f"{status.lower()}_requests"], "colour": STATUS_COLOURS[status]}
+        for status in EmailStatus
+    ]
+
+
+def _chart(series, width=24, gap=6, height=160):
+    """Lay out one bar per day (submissions, with the failed part in red) for an inline SVG."""
+    top = max([day["submitted"] for day in series] + [2])
+    top += top % 2  # even, so that the middle grid line has a whole number
+    bars = []
+    for index, day in enumerate(series):
+        submitted_height = round(height * day["submitted"] / top, 1)
+        failed_height = round(height * day["failed"] / top, 1)
+        bars.append({
+            **day,
+            "x": index * (width + gap),
+            "y": round(height - submitted_height, 1),
+            "height": submitted_height,
+            "failed_y": round(height - failed_height, 1),
+            "failed_height": failed_height,
+            "label": day["day"].day if index % 5 == 0 or index == len(series) - 1 else "",
+        })
+    return {
+        "bars": bars,
+        "bar_width": width,
+        "plot_width": len(series) * (width + gap) - gap,
+        "height": height,
+        "top": top,
+        "middle": top // 2,
+    }

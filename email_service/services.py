@@ -72,7 +72,9 @@ def create_email_request(*, data, upload=None, content_type="", client_ip=None, 
             default_storage.delete(email_request.file_attached.name)
         raise
     logger.info(
-        "Email request created",
+        "Email request %s created: %s",
+        email_request.pk,
+        email_request.status,
         extra={"email_request_id": str(email_request.pk), "status": email_request.status},
     )
     return email_request
@@ -108,7 +110,8 @@ def _publish_or_forget(pk, task_id):
         _publish(pk, task_id)
     except Exception as exc:
         logger.warning(
-            "Broker unavailable, the periodic dispatch will send it: %s",
+            "Email request %s not published: Broker unavailable, the periodic dispatch will send it: %s",
+            pk,
             exc,
             extra={"email_request_id": str(pk)},
         )
@@ -148,7 +151,10 @@ def reclaim_stale_claims(now=None):
                 finished_at=now, outcome="crashed", error_text="Worker lost before the send finished."
             )
             logger.warning(
-                "Reclaimed email request from a lost worker",
+                "Email request %s reclaimed from lost worker %s: PROCESSING -> %s",
+                row.pk,
+                row.claimed_by,
+                "PENDING" if row.retry_count < row.max_retries else "FAILED",
                 extra={"email_request_id": str(row.pk), "worker": row.claimed_by},
             )
     return count
@@ -169,7 +175,10 @@ def send_email_request(pk, *, worker=None):
     worker = worker or worker_name()
     token = EmailRequest.objects.claim(pk, worker=worker)
     if token is None:
-        logger.info("Not claimed (sent, cancelled, not due or taken)", extra={"email_request_id": str(pk)})
+        logger.info(
+            "Email request %s not claimed (sent, cancelled, not due or taken)", pk,
+            extra={"email_request_id": str(pk)},
+        )
         return None
     email_request = EmailRequest.objects.get(pk=pk)
     attempt = EmailAttempt.objects.create(
@@ -179,7 +188,11 @@ def send_email_request(pk, *, worker=None):
         worker=worker,
     )
     logger.info(
-        "Sending email request, attempt %d", attempt.number, extra={"email_request_id": str(pk)}
+        "Email request %s claimed: PENDING -> PROCESSING, attempt %d by %s",
+        pk,
+        attempt.number,
+        worker,
+        extra={"email_request_id": str(pk), "attempt": attempt.number, "status": EmailStatus.PROCESSING},
     )
     try:
         result = delivery.send(delivery.build_support_message(email_request))
@@ -222,9 +235,16 @@ def _record_result(email_request, token, result):
         new_status = EmailStatus.FAILED
         changed = EmailRequest.objects.fail(pk, token, error=result.error_message)
     if not changed:
-        logger.error("Lost the claim before recording the outcome", extra=log_extra)
+        logger.error("Email request %s lost its claim before recording the outcome", pk, extra=log_extra)
         return None
-    logger.info("Email request %s -> %s", result.outcome, new_status, extra=log_extra)
+    logger.info(
+        "Email request %s attempt %s: PROCESSING -> %s (smtp code %s)",
+        pk,
+        result.outcome,
+        new_status,
+        result.smtp_code or "-",
+        extra={**log_extra, "outcome": result.outcome, "status": new_status},
+    )
     return new_status
 
 
@@ -251,7 +271,10 @@ def send_confirmation(email_request):
     cache.delete(f"email-confirmation:{address_key}")
     EmailRequest.objects.filter(pk=email_request.pk).update(confirmation_error=result.error_message)
     logger.warning(
-        "Acknowledgement not sent: %s", result.error_message, extra={"email_request_id": str(email_request.pk)}
+        "Email request %s acknowledgement not sent: %s",
+        email_request.pk,
+        result.error_message,
+        extra={"email_request_id": str(email_request.pk)},
     )
     return False
 
@@ -264,7 +287,11 @@ def cancel_email_request(email_request):
     if not EmailRequest.objects.filter(pk=email_request.pk).cancel():
         email_request.refresh_from_db(fields=["status"])
         raise TransitionNotAllowed(f"A {email_request.status} request cannot be cancelled.")
-    logger.info("Email request cancelled", extra={"email_request_id": str(email_request.pk)})
+    logger.info(
+        "Email request %s cancelled: PENDING -> CANCELLED",
+        email_request.pk,
+        extra={"email_request_id": str(email_request.pk), "status": "CANCELLED"},
+    )
 
 
 def retry_failed(queryset=None):

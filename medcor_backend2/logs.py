@@ -1,9 +1,10 @@
 """Log formatting for collectors: one JSON object per line."""
 import json
 import logging
+from datetime import datetime, timezone
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is kept.
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -11,9 +12,11 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record):
         entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            # UTC with milliseconds, so lines from web, worker and beat containers sort together.
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
+            "process": record.processName,
             "message": record.getMessage(),
         }
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})

@@ -1,5 +1,6 @@
 import time
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from email_service import services
@@ -40,16 +41,21 @@ class Command(BaseCommand):
             self._wait(email_request.pk, wait)
 
     def _wait(self, pk, seconds):
-        deadline = time.monotonic() + seconds
-        last = None
+        started = time.monotonic()
+        last, last_report = None, started
         while True:
             row = EmailRequest.objects.get(pk=pk)
+            elapsed = time.monotonic() - started
             seen = (row.status, row.retry_count, row.error_message)
             if seen != last:
                 error = f" (last error: {row.error_message})" if row.error_message else ""
-                self.stdout.write(f"Status: {row.status}, retries: {row.retry_count}{error}")
-                last = seen
-            if row.status in FINAL_STATUSES or time.monotonic() > deadline:
+                self.stdout.write(f"[{elapsed:4.1f}s] Status: {row.status}, retries: {row.retry_count}{error}")
+                last, last_report = seen, time.monotonic()
+            elif time.monotonic() - last_report >= 5:
+                # Something every few seconds, so that a long wait does not look like a hang.
+                self.stdout.write(f"[{elapsed:4.1f}s] Still {row.status}...")
+                last_report = time.monotonic()
+            if row.status in FINAL_STATUSES or elapsed > seconds:
                 break
             time.sleep(0.5)
         self.stdout.write(f"Final status: {row.status}")
@@ -57,4 +63,9 @@ class Command(BaseCommand):
             reason = row.error_message or "no error recorded yet"
             if row.status not in FINAL_STATUSES:
                 reason = f"still {row.status} after {seconds:g}s; last error: {reason}"
+                if not row.attempts.exists():
+                    reason += (
+                        f". No worker has tried it: is `celery -A medcor_backend2 worker` running and "
+                        f"consuming the queue '{settings.CELERY_TASK_DEFAULT_QUEUE}'?"
+                    )
             raise CommandError(f"The email was not sent: {reason}")
