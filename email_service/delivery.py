@@ -2,6 +2,7 @@
 
 This module knows SMTP and nothing of the database: callers record what it returns.
 """
+import base64
 import logging
 import smtplib
 import socket
@@ -9,6 +10,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from email.mime.base import MIMEBase
 from email.utils import make_msgid
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -65,14 +67,41 @@ def build_support_message(email_request):
     )
     message.attach_alternative(render_to_string("email_service/support_email.html", context), "text/html")
     if email_request.file_attached:
-        # Read through the storage API: the worker may run on another host than the web process.
-        with default_storage.open(email_request.file_attached.name, "rb") as handle:
-            message.attach(
-                email_request.attachment_name or "attachment",
-                handle.read(),
-                email_request.attachment_content_type or "application/octet-stream",
-            )
+        message.attach(_attachment_part(email_request))
     return message
+
+
+# Raw bytes encoded per step: a multiple of 57, the bytes of one 76-character base64 line.
+BASE64_CHUNK = 57 * 1024
+
+
+def _attachment_part(email_request):
+    """Build the attachment's MIME part, base64-encoded from storage a chunk at a time.
+
+    Base64 for every type, text included, so that the bytes arrive exactly as they were sent (a
+    text part would have its line endings rewritten); encoding while reading keeps the encoded
+    copy in memory but never the raw file beside it.
+    """
+    content_type = email_request.attachment_content_type or "application/octet-stream"
+    maintype, _, subtype = content_type.partition("/")
+    part = MIMEBase(maintype, subtype or "octet-stream")
+    encoded, carry = [], b""
+    # Read through the storage API: the worker may run on another host than the web process.
+    with default_storage.open(email_request.file_attached.name, "rb") as handle:
+        for chunk in iter(lambda: handle.read(BASE64_CHUNK), b""):
+            chunk = carry + chunk
+            # A storage may return short reads: encode whole lines only, so no padding lands mid-file.
+            cut = len(chunk) - len(chunk) % 57
+            encoded.append(base64.encodebytes(chunk[:cut]).decode("ascii"))
+            carry = chunk[cut:]
+    encoded.append(base64.encodebytes(carry).decode("ascii"))
+    part.set_payload("".join(encoded))
+    part["Content-Transfer-Encoding"] = "base64"
+    name = email_request.attachment_name or "attachment"
+    # RFC 2231 for a name beyond ASCII, as Django does for the attachments it builds.
+    filename = name if name.isascii() else ("utf-8", "", name)
+    part.add_header("Content-Disposition", "attachment", filename=filename)
+    return part
 
 
 def build_confirmation_message(email_request):

@@ -9,6 +9,7 @@ from django.core.exceptions import ValidationError
 from django.template.defaultfilters import filesizeformat
 
 from . import conf
+from .storage import clean_filename
 
 # Sniffed MIME type -> the extensions a file of that type may carry.
 DEFAULT_ALLOWED_ATTACHMENT_TYPES = {
@@ -39,18 +40,23 @@ ZIP_TYPES = {
 }
 # libmagic needs the first entries of an OOXML zip to tell DOCX from a plain zip.
 SNIFF_BYTES = 64 * 1024
+# What libmagic reports for an OLE2 file (DOC, XLS) whose directory lies past the leading bytes.
+OLE_CONTAINER_TYPES = {"application/x-ole-storage", "application/CDFV2"}
 MAX_UNPACKED_RATIO = 100
 MAX_UNPACKED_BYTES = 200 * 1024 * 1024
+MAX_ZIP_ENTRIES = 10_000
 # Markup a browser would run if it ever rendered the file as a page.
 ACTIVE_MARKUP = re.compile(rb"<\s*(html|script|svg|iframe|object|embed|body|!doctype\s+html)\b", re.I)
 PHONE_PATTERN = re.compile(r"^[0-9+\-(). ]*$")
 
 
 def allowed_attachment_types():
+    """Return the allow-list: sniffed MIME type -> the extensions a file of that type may carry."""
     return getattr(settings, "EMAIL_ALLOWED_ATTACHMENT_TYPES", DEFAULT_ALLOWED_ATTACHMENT_TYPES)
 
 
 def allowed_extensions():
+    """Return every extension the allow-list accepts, sorted."""
     return sorted({ext for exts in allowed_attachment_types().values() for ext in exts})
 
 
@@ -73,19 +79,37 @@ def _refuse(message, code):
 
 
 def sniff_content_type(upload):
-    """Return the MIME type libmagic finds in the file's leading bytes."""
+    """Return the MIME type libmagic finds in the file, and the file's leading bytes."""
     upload.seek(0)
     head = upload.read(SNIFF_BYTES)
     upload.seek(0)
-    return magic.from_buffer(head, mime=True), head
+    content_type = magic.from_buffer(head, mime=True)
+    if content_type in OLE_CONTAINER_TYPES and upload.size > len(head):
+        content_type = _sniff_whole(upload)
+    return content_type, head
+
+
+def _sniff_whole(upload):
+    # Large uploads are already on disk: libmagic reads the file itself, not through our memory.
+    if hasattr(upload, "temporary_file_path"):
+        return magic.from_file(upload.temporary_file_path(), mime=True)
+    upload.seek(0)
+    try:
+        return magic.from_buffer(upload.read(), mime=True)
+    finally:
+        upload.seek(0)
 
 
 def _unpacked_size(upload):
+    """Return the total size the zip's entries declare, or None if it is not a sane zip."""
     upload.seek(0)
     try:
         with zipfile.ZipFile(upload) as archive:
-            return sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError):
+            entries = archive.infolist()
+            if len(entries) > MAX_ZIP_ENTRIES:
+                return None
+            return sum(info.file_size for info in entries)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return None
     finally:
         upload.seek(0)
@@ -101,8 +125,9 @@ def validate_attachment(upload):
     content_type, head = sniff_content_type(upload)
     allowed = allowed_attachment_types()
     if content_type not in allowed:
-        _refuse(f"Files of type {content_type} are not accepted.", "type")
-    ext = os.path.splitext(upload.name or "")[1].lower()
+        _refuse(f"The file's content is {content_type}, which is not accepted.", "type")
+    # The extension of the name that will be stored and mailed, not of the raw one.
+    ext = os.path.splitext(clean_filename(upload.name or ""))[1].lower()
     if ext not in allowed[content_type]:
         _refuse(
             f"The file's name ends in '{ext or 'nothing'}' but its content is {content_type}.",

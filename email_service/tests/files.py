@@ -1,12 +1,12 @@
 """Real files of each accepted type, made by the tests, and hostile ones."""
 import io
+import struct
 import zipfile
 import zlib
-import struct
 
 
-def pdf_bytes(text="MedCor referral letter"):
-    """A small but complete PDF with one page of text."""
+def pdf_bytes(text="MedCor referral letter", padding=0):
+    """A complete PDF with one page of text, and an unused stream of `padding` bytes to make it big."""
     stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
@@ -16,6 +16,9 @@ def pdf_bytes(text="MedCor referral letter"):
         b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
     ]
+    if padding:
+        filler = (b"0123456789abcdef" * (padding // 16 + 1))[:padding]
+        objects.append(b"<< /Length %d >>\nstream\n" % padding + filler + b"\nendstream")
     out = io.BytesIO()
     out.write(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
     offsets = []
@@ -37,3 +40,191 @@ def png_bytes(width=4, height=4):
     raw = b"".join(b"\x00" + b"\x80\x20\x20" * width for _ in range(height))
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def pdf_of_size(size):
+    """A valid PDF of exactly `size` bytes."""
+    padding = max(size - len(pdf_bytes()) - 40, 1)
+    for _ in range(3):  # the digits of the lengths and offsets shift the total a little
+        padding += size - len(pdf_bytes(padding=padding))
+    data = pdf_bytes(padding=padding)
+    assert len(data) == size
+    return data
+
+
+def _pillow_image(fmt, **options):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 48), (240, 240, 250))
+    ImageDraw.Draw(image).rectangle((8, 8, 40, 30), fill=(180, 20, 40))
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def jpeg_bytes():
+    """A JPEG photo, as a phone camera or scanner would send."""
+    return _pillow_image("JPEG", quality=90)
+
+
+def gif_bytes():
+    return _pillow_image("GIF")
+
+
+def webp_bytes():
+    return _pillow_image("WEBP")
+
+
+def docx_bytes(text="Referral: ECG requested for chest pain on exertion."):
+    """A Word document written by python-docx."""
+    import docx
+
+    document = docx.Document()
+    document.add_heading("Referral letter", level=1)
+    document.add_paragraph(text)
+    out = io.BytesIO()
+    document.save(out)
+    return out.getvalue()
+
+
+def xlsx_bytes(rows=20):
+    """An Excel workbook of lab results written by openpyxl."""
+    import openpyxl
+
+    workbook = openpyxl.Workbook()
+    sheet = workbook.active
+    sheet.append(["date", "test", "value", "unit"])
+    for row in range(rows):
+        sheet.append([f"2024-01-{row % 28 + 1:02d}", "Haemoglobin", 12.5 + row % 7 / 10, "g/dL"])
+    out = io.BytesIO()
+    workbook.save(out)
+    return out.getvalue()
+
+
+def odt_bytes(text="Referral letter written in LibreOffice."):
+    """An OpenDocument text written by odfpy."""
+    from odf.opendocument import OpenDocumentText
+    from odf.text import P
+
+    document = OpenDocumentText()
+    document.text.addElement(P(text=text))
+    out = io.BytesIO()
+    document.write(out)
+    return out.getvalue()
+
+
+def xls_bytes(rows=20):
+    """An Excel 97-2003 workbook written by xlwt; a few thousand rows put it past 64 KiB."""
+    import xlwt
+
+    workbook = xlwt.Workbook()
+    sheet = workbook.add_sheet("Results")
+    for row in range(rows):
+        sheet.write(row, 0, f"2024-01-{row % 28 + 1:02d}")
+        sheet.write(row, 1, "Haemoglobin")
+        sheet.write(row, 2, 12.5 + row % 7 / 10)
+    out = io.BytesIO()
+    workbook.save(out)
+    return out.getvalue()
+
+
+def doc_bytes(text="Referral letter saved by Word 97-2003."):
+    """A Word 97-2003 file: an OLE2 compound file whose WordDocument stream starts with a FIB.
+
+    Only the container and the stream's header are real; no library writes .doc files.
+    """
+    # File Information Block: wIdent 0xA5EC, nFib 0x00C1 (Word 97), then the text.
+    stream = struct.pack("<HH", 0xA5EC, 0x00C1) + b"\x00" * 508 + text.encode("cp1252")
+    return compound_file_bytes("WordDocument", stream)
+
+
+def compound_file_bytes(stream_name, payload):
+    """An OLE2 compound file (version 3, 512-byte sectors) holding one stream."""
+    sector = 512
+    end_of_chain, fat_sector, free, no_stream = 0xFFFFFFFE, 0xFFFFFFFD, 0xFFFFFFFF, 0xFFFFFFFF
+    # At least 4096 bytes, so that the stream lives in the main FAT, not the mini stream.
+    body = payload.ljust(max(4096, -(-len(payload) // sector) * sector), b"\x00")
+    count = len(body) // sector
+    assert count + 2 <= 128, "one FAT sector is enough for the files the tests make"
+    fat = [index + 1 for index in range(count - 1)] + [end_of_chain, fat_sector, end_of_chain]
+    fat += [free] * (128 - len(fat))
+
+    def entry(name, kind, child, start, size):
+        encoded = (name + "\x00").encode("utf-16-le") if name else b""
+        return struct.pack(
+            "<64sHBBIII16sIQQIII", encoded, len(encoded), kind, 1, no_stream, no_stream, child,
+            b"\x00" * 16, 0, 0, 0, start, size, 0,
+        )
+
+    directory = (entry("Root Entry", 5, 1, end_of_chain, 0) + entry(stream_name, 2, no_stream, 0, len(payload))
+                 + entry("", 0, no_stream, 0, 0) * 2)
+    header = struct.pack(
+        "<8s16sHHHHH6sIIIIIIIII", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", b"\x00" * 16, 0x3E, 3, 0xFFFE,
+        9, 6, b"\x00" * 6, 0, 1, count + 1, 0, 4096, end_of_chain, 0, end_of_chain, 0,
+    ) + struct.pack("<109I", count, *[free] * 108)
+    return header + body + struct.pack("<128I", *fat) + directory
+
+
+def rtf_bytes(text="Referral letter"):
+    return b"{\\rtf1\\ansi\\deff0 {\\fonttbl {\\f0 Times New Roman;}}\\f0\\fs24 " + text.encode() + b"\\par }"
+
+
+def csv_bytes(rows=10):
+    lines = ["date,test,value,unit"]
+    lines += [f"2024-01-{row + 1:02d},Haemoglobin,{12.5 + row / 10},g/dL" for row in range(rows)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def text_bytes():
+    return "Résultats du laboratoire: normaux.\nMerci de transmettre au Dr Müller.\n".encode()
+
+
+# --- hostile files ----------------------------------------------------------------------------
+
+
+def exe_bytes():
+    """A Windows PE executable header: what a renamed installer starts with."""
+    dos = b"MZ" + b"\x90\x00" + b"\x00" * 56
+    dos = dos[:60] + struct.pack("<I", 64)
+    pe = b"PE\x00\x00" + struct.pack("<HHIIIHH", 0x8664, 1, 0, 0, 0, 240, 0x22)
+    return dos + pe + b"\x00" * 400
+
+
+def html_bytes():
+    return b"<!DOCTYPE html>\n<html><body><p>Invoice</p><script>fetch('/api/')</script></body></html>\n"
+
+
+def svg_with_script_bytes():
+    return (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
+            b'<script>alert(document.domain)</script><rect width="10" height="10"/></svg>\n')
+
+
+def pdf_html_polyglot_bytes():
+    """A file that is a PDF to a PDF reader and a page with a script to a sniffing browser."""
+    pdf = pdf_bytes()
+    return pdf[:9] + b"<html><body><script>alert(document.cookie)</script></body></html>\n" + pdf[9:]
+
+
+def zip_bytes():
+    """A plain zip archive, no office document inside."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("readme.txt", "Not a document.")
+        archive.writestr("setup.exe", exe_bytes())
+    return out.getvalue()
+
+
+def zip_bomb_docx_bytes(unpacked=64 * 1024 * 1024):
+    """A zip that libmagic takes for a DOCX, whose document.xml unpacks to `unpacked` bytes of zeros."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        real = zipfile.ZipFile(io.BytesIO(docx_bytes()))
+        for info in real.infolist():
+            if info.filename != "word/document.xml":
+                archive.writestr(info.filename, real.read(info.filename))
+            else:
+                with archive.open("word/document.xml", "w", force_zip64=True) as member:
+                    chunk = b"\x00" * (1024 * 1024)
+                    for _ in range(unpacked // len(chunk)):
+                        member.write(chunk)
+    return out.getvalue()
