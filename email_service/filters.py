@@ -1,5 +1,6 @@
 """List filters: public ones on status and dates, personal ones for staff only."""
 import django_filters
+from django import forms
 from django.db.models import Q
 from rest_framework.exceptions import PermissionDenied
 
@@ -7,9 +8,31 @@ from .models import EmailRequest, EmailStatus
 from .permissions import can_view_personal_data
 
 
+class StrictBooleanField(forms.NullBooleanField):
+    """true/false (or 1/0); anything else is an error rather than silently no filter."""
+
+    widget = forms.TextInput
+
+    VALUES = {"true": True, "1": True, "false": False, "0": False}
+
+    def to_python(self, value):
+        if value in (None, ""):
+            return None
+        if str(value).lower() not in self.VALUES:
+            raise forms.ValidationError("Enter true or false.", code="invalid")
+        return self.VALUES[str(value).lower()]
+
+    def validate(self, value):
+        pass
+
+
+class StrictBooleanFilter(django_filters.BooleanFilter):
+    field_class = StrictBooleanField
+
+
 class EmailRequestFilter(django_filters.FilterSet):
     status = django_filters.ChoiceFilter(choices=EmailStatus.choices)
-    has_attachment = django_filters.BooleanFilter(method="filter_has_attachment")
+    has_attachment = StrictBooleanFilter(method="filter_has_attachment")
     created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lte")
     email = django_filters.CharFilter(
@@ -25,6 +48,17 @@ class EmailRequestFilter(django_filters.FilterSet):
     class Meta:
         model = EmailRequest
         fields = ["status", "has_attachment", "created_after", "created_before"]
+
+    # Filters whose empty value is an error rather than "no filter", as the schema says.
+    NON_EMPTY = ("status", "has_attachment", "created_after", "created_before")
+
+    def is_valid(self):
+        valid = super().is_valid()
+        for name in self.NON_EMPTY:
+            if name in self.data and not self.data.get(name):
+                self.form.add_error(name, "This value may not be empty.")
+                valid = False
+        return valid
 
     def _require_staff(self):
         if not can_view_personal_data(getattr(self, "request", None)):

@@ -15,6 +15,7 @@ from datetime import timedelta
 
 from django.db import models
 from django.db.models import Count, Q
+from django.db.models.functions import TruncDate
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -100,6 +101,25 @@ class EmailRequestQuerySet(models.QuerySet):
             round(100.0 * counts["sent_requests"] / finished, 2) if finished else 0.0
         )
         return counts
+
+    def daily_counts(self, first_day, days):
+        """Submitted, SENT and FAILED rows per day of creation from `first_day`, zeros included."""
+        rows = {
+            row["day"]: row
+            for row in self.filter(created_at__date__gte=first_day)
+            .annotate(day=TruncDate("created_at"))
+            .values("day")
+            .annotate(
+                submitted=Count("id"),
+                sent=Count("id", filter=Q(status=EmailStatus.SENT)),
+                failed=Count("id", filter=Q(status=EmailStatus.FAILED)),
+            )
+            .order_by("day")
+        }
+        return [
+            {"day": day, **{key: rows.get(day, {}).get(key, 0) for key in ("submitted", "sent", "failed")}}
+            for day in (first_day + timedelta(days=offset) for offset in range(days))
+        ]
 
     # --- transitions ---------------------------------------------------------------------------
     def claim(self, pk, *, worker, now=None):

@@ -16,6 +16,11 @@ ACTION_PERMISSIONS = {
 }
 
 
+def required_permission(action):
+    """The model permission an action needs, or None for an action open to anyone."""
+    return ACTION_PERMISSIONS.get(action)
+
+
 def can_view_personal_data(request):
     """Whether the caller may see names, addresses, messages and files."""
     return bool(request and request.user and request.user.has_perm(VIEW))
@@ -25,5 +30,5 @@ class EmailRequestPermission(BasePermission):
     """Open actions for anyone, staff actions by Django model permission."""
 
     def has_permission(self, request, view):
-        required = ACTION_PERMISSIONS.get(view.action)
+        required = required_permission(view.action)
         return required is None or bool(request.user and request.user.has_perm(required))

@@ -1,20 +1,49 @@
 """What goes in and out of the API: one input shape, a public shape and a staff shape."""
+from django.core.validators import EmailValidator
+from django.db import models
 from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .models import EmailAttempt, EmailRequest, EmailStatus
-from .validators import validate_attachment, validate_header_safe, validate_phone
+from .validators import (
+    validate_attachment,
+    validate_header_safe,
+    validate_header_safe_required,
+    validate_no_nul,
+    validate_phone,
+    validate_email_shape,
+)
 
 CONTACT_FIELDS = ["full_name", "email", "phone", "job_profession", "subject", "message"]
-# Fields that end up in mail headers (Subject, Reply-To) and must hold one line.
-HEADER_FIELDS = ["full_name", "email", "phone", "job_profession", "subject"]
+# One-line text fields: they end up in mail headers (Subject) or beside them, so no line breaks.
+TEXT_LINE_FIELDS = ["full_name", "job_profession", "subject"]
 # A field hidden from people by the contact form; only bots fill it in.
 HONEYPOT_FIELD = "website"
 
 
+class StrictCharField(serializers.CharField):
+    """A CharField that refuses numbers and booleans instead of turning them into text."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictEmailField(serializers.EmailField, StrictCharField):
+    pass
+
+
 class ContactFieldsSerializer(serializers.ModelSerializer):
     """The contact fields with their rules: trimmed, model lengths, header-safe."""
+
+    serializer_field_mapping = {
+        **serializers.ModelSerializer.serializer_field_mapping,
+        models.CharField: StrictCharField,
+        models.TextField: StrictCharField,
+        models.EmailField: StrictEmailField,
+    }
 
     class Meta:
         model = EmailRequest
@@ -26,15 +55,24 @@ class ContactFieldsSerializer(serializers.ModelSerializer):
 
     def get_fields(self):
         fields = super().get_fields()
-        for name in HEADER_FIELDS:
-            fields[name].validators.append(validate_header_safe)
+        # One pattern per field, so that the OpenAPI schema states each rule exactly; the
+        # email and phone patterns leave no room for line breaks or control characters either.
+        for name in TEXT_LINE_FIELDS:
+            required = fields[name].required
+            fields[name].validators.append(validate_header_safe_required if required else validate_header_safe)
+        # Django's EmailValidator would repeat the same error; the pattern says all of it, and
+        # unlike the validator it can be stated in the schema.
+        fields["email"].validators = [
+            v for v in fields["email"].validators if not isinstance(v, EmailValidator)
+        ] + [validate_email_shape]
         fields["phone"].validators.append(validate_phone)
+        fields["message"].validators.append(validate_no_nul)
         return fields
 
 
 class EmailRequestCreateSerializer(ContactFieldsSerializer):
     file_attached = serializers.FileField(required=False, allow_empty_file=True, use_url=False)
-    website = serializers.CharField(
+    website = StrictCharField(
         required=False,
         allow_blank=True,
         write_only=True,
@@ -50,6 +88,13 @@ class EmailRequestCreateSerializer(ContactFieldsSerializer):
 
     def is_spam(self):
         return bool(self.validated_data.get(HONEYPOT_FIELD))
+
+
+class EmailRequestJSONSerializer(EmailRequestCreateSerializer):
+    """The submission as JSON: the same fields without the file, which only multipart can carry."""
+
+    class Meta(EmailRequestCreateSerializer.Meta):
+        fields = CONTACT_FIELDS + [HONEYPOT_FIELD]
 
 
 class EmailRequestUpdateSerializer(ContactFieldsSerializer):

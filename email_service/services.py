@@ -297,9 +297,20 @@ def cancel_email_request(email_request):
 def retry_failed(queryset=None):
     """Requeue FAILED requests with a fresh retry budget and dispatch them; return how many."""
     queryset = EmailRequest.objects.all() if queryset is None else queryset
-    count = queryset.requeue_failed()
+    with transaction.atomic():
+        # Lock the rows first so that the log names exactly the rows this call requeued.
+        pks = list(
+            EmailRequest.objects.filter(pk__in=queryset.values("pk"), status=EmailStatus.FAILED)
+            .select_for_update()
+            .values_list("pk", flat=True)
+        )
+        count = EmailRequest.objects.filter(pk__in=pks).requeue_failed()
+    for pk in pks:
+        logger.info(
+            "Email request %s requeued: FAILED -> PENDING", pk,
+            extra={"email_request_id": str(pk), "status": EmailStatus.PENDING},
+        )
     if count:
-        logger.info("Requeued %d failed email requests", count)
         transaction.on_commit(_dispatch_due_soon)
     return count
 

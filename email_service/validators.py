@@ -6,6 +6,7 @@ import zipfile
 import magic
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import RegexValidator
 from django.template.defaultfilters import filesizeformat
 
 from . import conf
@@ -47,7 +48,6 @@ MAX_UNPACKED_BYTES = 200 * 1024 * 1024
 MAX_ZIP_ENTRIES = 10_000
 # Markup a browser would run if it ever rendered the file as a page.
 ACTIVE_MARKUP = re.compile(rb"<\s*(html|script|svg|iframe|object|embed|body|!doctype\s+html)\b", re.I)
-PHONE_PATTERN = re.compile(r"^[0-9+\-(). ]*$")
 
 
 def allowed_attachment_types():
@@ -60,17 +60,31 @@ def allowed_extensions():
     return sorted({ext for exts in allowed_attachment_types().values() for ext in exts})
 
 
-def validate_header_safe(value):
-    """Refuse CR and LF, which would let a form field inject mail headers."""
-    if "\r" in value or "\n" in value:
-        raise ValidationError("Line breaks are not allowed in this field.", code="header_injection")
-
-
-def validate_phone(value):
-    if not PHONE_PATTERN.match(value) or (value and not any(ch.isdigit() for ch in value)):
-        raise ValidationError(
-            "Enter a phone number using digits and + - ( ) . and spaces only.", code="invalid_phone"
-        )
+# Regex validators, so that the OpenAPI schema carries the same rules as patterns.
+# Header fields: no control characters at all (CR/LF would inject headers, NUL breaks storage).
+validate_header_safe = RegexValidator(
+    r"^[^\x00-\x1f\x7f]*$", "Line breaks and control characters are not allowed in this field.",
+    code="header_injection",
+)
+# The same, with at least one visible character (a value of spaces is trimmed to nothing).
+validate_header_safe_required = RegexValidator(
+    r"^[^\x00-\x1f\x7f]*[^\x00-\x20\x7f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00-\x1f\x7f]*$",
+    "Enter a value without line breaks or control characters.", code="header_injection",
+)
+validate_no_nul = RegexValidator(r"^[^\x00]*$", "Null characters are not allowed.", code="null_characters")
+# What Django's EmailValidator requires beyond the generic format: a dot-atom local part and a
+# top-level domain of at least two letters, and (as RFC 5321 says) at most 64 characters before
+# the @. Stated as a pattern so the API schema says it too.
+validate_email_shape = RegexValidator(
+    r"^(?=[^@]{1,64}@)[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@"
+    r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$",
+    "Enter a valid email address.", code="invalid",
+)
+# Digits and + - ( ) . and spaces, with at least one digit; or nothing.
+validate_phone = RegexValidator(
+    r"^([+\-(). ]*[0-9][0-9+\-(). ]*)?$",
+    "Enter a phone number using digits and + - ( ) . and spaces only.", code="invalid_phone",
+)
 
 
 def _refuse(message, code):

@@ -10,13 +10,18 @@ from django.views import defaults
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiExample,
+    OpenApiParameter,
+    OpenApiRequest,
     OpenApiResponse,
     extend_schema,
+    PolymorphicProxySerializer,
     extend_schema_view,
 )
 from rest_framework import status, viewsets
 from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.permissions import AllowAny
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
@@ -26,12 +31,13 @@ from .exceptions import Conflict
 from .filters import EmailRequestFilter
 from .idempotency import Replay, idempotent
 from .models import EmailRequest, EmailStatus
-from .permissions import EmailRequestPermission, can_view_personal_data
+from .permissions import EmailRequestPermission, can_view_personal_data, required_permission
 from .ratelimits import client_ip, rate_limited
 from .serializers import (
     DetailSerializer,
     EmailRequestCreatedSerializer,
     EmailRequestCreateSerializer,
+    EmailRequestJSONSerializer,
     EmailRequestPublicSerializer,
     EmailRequestStaffSerializer,
     EmailRequestUpdateSerializer,
@@ -48,6 +54,18 @@ class EmailRequestPagination(PageNumberPagination):
     page_size = 20
     page_size_query_param = "page_size"
     max_page_size = 100
+
+    def get_schema_operation_parameters(self, view):
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            parameter["schema"]["minimum"] = 1
+        return parameters
+
+    def get_page_size(self, request):
+        value = request.query_params.get(self.page_size_query_param)
+        if value is not None and not (value.isdigit() and int(value) > 0):
+            raise ValidationError({self.page_size_query_param: ["A positive whole number is required."]})
+        return super().get_page_size(request)
 
 
 def _read_rate():
@@ -72,14 +90,33 @@ def _errors(*codes):
     return {code: _ERRORS[code] for code in codes}
 
 
+# Anonymous callers get the public shape, staff with view permission the full one.
+def _email_request_view(many=False):
+    return PolymorphicProxySerializer(
+        component_name="EmailRequestView",
+        serializers=[EmailRequestPublicSerializer, EmailRequestStaffSerializer],
+        resource_type_field_name=None,
+        many=many,
+    )
+
+# The attachment types the schema announces: what libmagic must find in the file's content.
+ATTACHMENT_MEDIA_TYPES = ["application/pdf", "image/png", "image/jpeg", "image/gif", "image/webp", "text/plain",
+                          "text/csv"]
+NO_NUL = "^[^\\x00]*$"
+
+
 @extend_schema_view(
     list=extend_schema(
         summary="List requests (redacted unless staff)",
-        responses={200: EmailRequestPublicSerializer(many=True), **_errors(400, 403, 429)},
+        parameters=[
+            OpenApiParameter("email", str, pattern=NO_NUL, description="Staff only: the submitter's address."),
+            OpenApiParameter("search", str, pattern=NO_NUL, description="Staff only: text in name, email, subject or message."),
+        ],
+        responses={200: _email_request_view(many=True), **_errors(400, 403, 404, 429)},
     ),
     retrieve=extend_schema(
         summary="One request (redacted unless staff)",
-        responses={200: EmailRequestPublicSerializer, **_errors(404, 429)},
+        responses={200: _email_request_view(), **_errors(404, 429)},
     ),
     update=extend_schema(
         summary="Edit the contact fields of a request not yet SENT",
@@ -104,6 +141,11 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
     filterset_class = EmailRequestFilter
     pagination_class = EmailRequestPagination
 
+    def get_permissions(self):
+        if required_permission(self.action) is None:
+            return [AllowAny()]
+        return super().get_permissions()
+
     def get_queryset(self):
         queryset = super().get_queryset()
         if self.action in ("list", "retrieve") and can_view_personal_data(self.request):
@@ -112,7 +154,10 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
 
     def get_serializer_class(self):
         if self.action == "create":
-            return EmailRequestCreateSerializer
+            # Only multipart can carry a file; any other body is read without one.
+            if self.request.content_type.startswith("multipart/"):
+                return EmailRequestCreateSerializer
+            return EmailRequestJSONSerializer
         if self.action in ("update", "partial_update"):
             return EmailRequestUpdateSerializer
         if can_view_personal_data(self.request):
@@ -122,8 +167,11 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
     @extend_schema(
         summary="Submit the contact form",
         request={
-            "application/json": EmailRequestCreateSerializer,
-            "multipart/form-data": EmailRequestCreateSerializer,
+            "application/json": EmailRequestJSONSerializer,
+            "multipart/form-data": OpenApiRequest(
+                EmailRequestCreateSerializer,
+                encoding={"file_attached": {"contentType": ", ".join(ATTACHMENT_MEDIA_TYPES)}},
+            ),
         },
         responses={
             201: EmailRequestCreatedSerializer,
@@ -242,7 +290,7 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
     @extend_schema(
         summary="Download the attachment",
         responses={
-            (200, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY),
+            (200, "*/*"): OpenApiResponse(OpenApiTypes.BINARY, description="The file, as stored."),
             **_errors(401, 403, 404),
         },
     )

@@ -1,6 +1,8 @@
 """Building the mails and classifying what an SMTP server answers."""
 import smtplib
 import socket
+from email import message_from_bytes
+from email.policy import default as default_policy
 
 import pytest
 from django.core.files.base import ContentFile
@@ -54,8 +56,11 @@ def test_attachment_keeps_its_original_name_and_bytes(email_request, settings, t
     email_request.file_attached.save("x.pdf", ContentFile(pdf), save=False)
     email_request.attachment_name = "Résultats labo.pdf"
     email_request.attachment_content_type = "application/pdf"
-    [(name, content, mimetype)] = delivery.build_support_message(email_request).attachments
-    assert (name, content, mimetype) == ("Résultats labo.pdf", pdf, "application/pdf")
+    raw = delivery.build_support_message(email_request).message().as_bytes()
+    [attachment] = message_from_bytes(raw, policy=default_policy).iter_attachments()
+    assert attachment.get_filename() == "Résultats labo.pdf"
+    assert attachment.get_content_type() == "application/pdf"
+    assert attachment.get_payload(decode=True) == pdf
 
 
 def test_confirmation_quotes_nothing_from_the_form(email_request):
