@@ -1,0 +1,228 @@
+"""Abuse controls: rate limits shared by every process, Idempotency-Key, JSON errors everywhere."""
+import hashlib
+import subprocess
+import sys
+import uuid
+
+import pytest
+import requests
+from django.core.files.uploadedfile import SimpleUploadedFile
+from rest_framework.test import APIClient
+
+from email_service import services
+from email_service.models import EmailRequest
+
+from .conftest import ROOT, free_port, require_redis, service_env, wait_for
+from .files import pdf_bytes
+
+URL = "/api/email/emails/"
+FORM = {"full_name": "Rate Test", "email": "rate@example.com", "message": "Hello"}
+
+
+@pytest.fixture
+def quiet(monkeypatch, settings, tmp_path):
+    monkeypatch.setattr(services, "dispatch", lambda email_request: None)
+    settings.MEDIA_ROOT = str(tmp_path)
+
+
+# --- rate limits across processes ---------------------------------------------------------
+
+
+@pytest.fixture
+def two_web_processes(transactional_db, smtp_server, tmp_path, request):
+    """Two gunicorn servers (separate processes) on the test database, sharing one cache."""
+    cache = request.param
+    if cache == "redis":
+        require_redis()
+    env = service_env(
+        smtp_server.port,
+        RATELIMIT_ENABLE="true",
+        EMAIL_RATELIMIT_CREATE="5/m",
+        EMAIL_RATELIMIT_READ="8/m",
+        # One trusted proxy: the client address comes from X-Forwarded-For, so each test run
+        # can be a fresh client and the limits of earlier runs do not leak in.
+        RATELIMIT_TRUSTED_PROXIES="1",
+        CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}//",  # no broker: not needed here
+        DJANGO_ALLOWED_HOSTS="127.0.0.1",
+    )
+    if cache == "sqlite":
+        env["REDIS_URL"] = ""
+    servers, logs = [], []
+    for index in range(2):
+        port = free_port()
+        log = open(tmp_path / f"web{index}.log", "wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "medcor_backend2.wsgi:application", "--bind",
+             f"127.0.0.1:{port}", "--workers", "2"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        servers.append((process, f"http://127.0.0.1:{port}"))
+        logs.append(log)
+
+    def all_up():
+        try:
+            # Not /healthz: it waits for the (absent) broker; the schema is not rate-limited.
+            return all(requests.get(f"{url}/api/schema/", timeout=5).ok for _, url in servers)
+        except requests.RequestException:
+            return False
+
+    wait_for(all_up, timeout=60, message="two gunicorn servers")
+    yield [url for _, url in servers]
+    for process, _ in servers:
+        process.terminate()
+        process.wait(timeout=10)
+    for log in logs:
+        log.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("two_web_processes", ["redis", "sqlite"], indirect=True)
+def test_create_limit_holds_across_processes(two_web_processes):
+    client_ip = f"198.51.100.{uuid.uuid4().int % 250 + 1}"
+    answers = []
+    for attempt in range(12):
+        url = two_web_processes[attempt % 2]  # alternate between the two processes
+        answers.append(requests.post(
+            f"{url}{URL}", json={**FORM, "message": f"attempt {attempt}"}, timeout=10,
+            headers={"X-Forwarded-For": client_ip},
+        ))
+    codes = [answer.status_code for answer in answers]
+    assert codes.count(201) == 5, codes
+    assert codes.count(429) == 7, codes
+    limited = next(answer for answer in answers if answer.status_code == 429)
+    assert limited.headers["Content-Type"] == "application/json"
+    assert "throttled" in limited.json()["detail"].lower()
+    assert 0 < int(limited.headers["Retry-After"]) <= 60
+    # The limit is per client: another address still gets through.
+    other_ip = f"198.51.100.{(int(client_ip.rsplit('.', 1)[1]) % 250) + 1}"
+    other = requests.post(f"{two_web_processes[0]}{URL}", json=FORM, timeout=10, headers={"X-Forwarded-For": other_ip})
+    assert other.status_code == 201
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("two_web_processes", ["sqlite"], indirect=True)
+def test_read_limit_covers_list_detail_and_statistics(two_web_processes):
+    client_ip = f"203.0.113.{uuid.uuid4().int % 250 + 1}"
+    headers = {"X-Forwarded-For": client_ip}
+    paths = [URL, f"{URL}statistics/", f"{URL}00000000-0000-0000-0000-000000000000/"]
+    codes = [requests.get(f"{two_web_processes[i % 2]}{paths[i % 3]}", headers=headers, timeout=10).status_code
+             for i in range(10)]
+    assert codes[:8].count(429) == 0, codes
+    assert codes[8:] == [429, 429], codes
+
+
+@pytest.mark.django_db
+def test_rate_limit_switch_and_client_ip_behind_a_proxy(settings, quiet):
+    from email_service.ratelimits import client_ip
+
+    class Request:
+        META = {"REMOTE_ADDR": "10.0.0.5", "HTTP_X_FORWARDED_FOR": "6.6.6.6, 203.0.113.9"}
+
+    settings.RATELIMIT_TRUSTED_PROXIES = 0
+    assert client_ip(Request) == "10.0.0.5"
+    settings.RATELIMIT_TRUSTED_PROXIES = 1
+    # The address our proxy saw, not the one the client wrote in front of it.
+    assert client_ip(Request) == "203.0.113.9"
+    settings.RATELIMIT_TRUSTED_PROXIES = 3
+    assert client_ip(Request) == "10.0.0.5"  # fewer entries than proxies: nothing to trust
+
+
+# --- Idempotency-Key --------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_same_key_same_body_answers_the_first_answer_once(quiet):
+    client, key = APIClient(), str(uuid.uuid4())
+    first = client.post(URL, FORM, format="json", HTTP_IDEMPOTENCY_KEY=key)
+    second = client.post(URL, FORM, format="json", HTTP_IDEMPOTENCY_KEY=key)
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert second.json() == first.json()
+    assert EmailRequest.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_same_key_different_body_is_422(quiet):
+    client, key = APIClient(), str(uuid.uuid4())
+    assert client.post(URL, FORM, format="json", HTTP_IDEMPOTENCY_KEY=key).status_code == 201
+    response = client.post(URL, {**FORM, "message": "changed"}, format="json", HTTP_IDEMPOTENCY_KEY=key)
+    assert response.status_code == 422
+    assert "Idempotency-Key" in response.json()["detail"]
+    assert EmailRequest.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_same_key_with_the_same_file_is_a_repeat(quiet):
+    client, key = APIClient(), str(uuid.uuid4())
+
+    def post(content):
+        upload = SimpleUploadedFile("scan.pdf", content, content_type="application/pdf")
+        return client.post(URL, {**FORM, "file_attached": upload}, format="multipart", HTTP_IDEMPOTENCY_KEY=key)
+
+    assert post(pdf_bytes()).status_code == 201
+    assert post(pdf_bytes()).status_code == 200
+    assert post(pdf_bytes("another letter")).status_code == 422
+    assert EmailRequest.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_a_refused_request_frees_its_key(quiet):
+    client, key = APIClient(), str(uuid.uuid4())
+    assert client.post(URL, {**FORM, "email": "bad"}, format="json", HTTP_IDEMPOTENCY_KEY=key).status_code == 400
+    assert client.post(URL, FORM, format="json", HTTP_IDEMPOTENCY_KEY=key).status_code == 201
+
+
+@pytest.mark.django_db
+def test_a_key_still_in_progress_is_409(quiet):
+    from django.core.cache import cache
+
+    from email_service import idempotency
+
+    client, key = APIClient(), str(uuid.uuid4())
+    first = client.post(URL, FORM, format="json", HTTP_IDEMPOTENCY_KEY=key)
+    # Put the key back in the state it has while its first request is being processed.
+    cache_key = "idempotency:" + hashlib.sha256(key.encode()).hexdigest()
+    stored = cache.get(cache_key)
+    cache.set(cache_key, {"fingerprint": stored["fingerprint"], "body": None}, timeout=idempotency.PENDING_TTL)
+    response = client.post(URL, FORM, format="json", HTTP_IDEMPOTENCY_KEY=key)
+    assert (first.status_code, response.status_code) == (201, 409)
+
+
+@pytest.mark.django_db
+def test_without_a_key_two_posts_make_two_rows(quiet):
+    client = APIClient()
+    assert client.post(URL, FORM, format="json").status_code == 201
+    assert client.post(URL, FORM, format="json").status_code == 201
+    assert EmailRequest.objects.count() == 2
+
+
+# --- errors are JSON under /api/ --------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("delete", URL, 405),
+        ("put", URL, 405),
+        ("get", "/api/email/emails/not-a-uuid/", 404),
+        ("get", "/api/nothing/", 404),
+        ("post", f"{URL}statistics/", 405),
+    ],
+)
+def test_errors_under_api_are_json(method, path, status, quiet):
+    response = getattr(APIClient(), method)(path)
+    assert response.status_code == status
+    assert response["Content-Type"].startswith("application/json")
+    assert "detail" in response.json()
+
+
+@pytest.mark.django_db
+def test_a_429_is_json_with_retry_after(settings, quiet):
+    settings.RATELIMIT_ENABLE = True
+    settings.EMAIL_RATELIMIT_CREATE = "2/h"
+    client = APIClient(REMOTE_ADDR=f"192.0.2.{uuid.uuid4().int % 250 + 1}")
+    codes = [client.post(URL, FORM, format="json").status_code for _ in range(3)]
+    assert codes == [201, 201, 429]
+    response = client.post(URL, FORM, format="json")
+    assert response["Content-Type"] == "application/json"
+    assert int(response["Retry-After"]) > 0
+    assert EmailRequest.objects.count() == 2
