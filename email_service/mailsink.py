@@ -25,12 +25,13 @@ class MailboxHandler:
         # Renamed only once complete, so a reader never sees half a mail.
         os.replace(temporary, self.directory / name)
         headers = message_from_bytes(envelope.original_content or b"", policy=default_policy)
+        # No addresses: an acknowledgement's recipient is the person who wrote in.
         logger.info(
-            "Mail from %s to %s, %d bytes, request %s, saved as %s",
-            envelope.mail_from,
-            ",".join(envelope.rcpt_tos),
+            "Mail for %d recipient(s), %d bytes, request %s, subject %s, saved as %s",
+            len(envelope.rcpt_tos),
             len(envelope.original_content or b""),
             headers.get("X-Email-Request-ID", "-"),
+            "support" if str(headers.get("Subject", "")).startswith("[MedCor contact]") else "acknowledgement",
             name,
         )
         return "250 Message accepted for delivery"
