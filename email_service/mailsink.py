@@ -27,7 +27,7 @@ class MailboxHandler:
         headers = message_from_bytes(envelope.original_content or b"", policy=default_policy)
         # No addresses: an acknowledgement's recipient is the person who wrote in.
         logger.info(
-            "Mail for %d recipient(s), %d bytes, request %s, subject %s, saved as %s",
+            "Mail for %d recipient(s), %d bytes, request %s, %s mail, saved as %s",
             len(envelope.rcpt_tos),
             len(envelope.original_content or b""),
             headers.get("X-Email-Request-ID", "-"),
