@@ -59,3 +59,26 @@ def test_api_conforms_to_its_schema(case, caller, staff_token):
         # codes and response schemas are checked for multipart too.
         excluded = [negative_data_rejection, positive_data_acceptance]
     case.call_and_validate(headers=headers, excluded_checks=excluded)
+
+
+@pytest.mark.django_db
+def test_schema_documents_examples_auth_and_tags(client):
+    document = client.get("/api/schema/?format=json").json()
+    create = document["paths"]["/api/email/emails/"]["post"]
+    assert create["tags"] == ["emails"]
+    assert set(create["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    example = create["requestBody"]["content"]["application/json"]["examples"]["ContactForm"]["value"]
+    assert example["email"] == "john.doe@example.com"
+    assert {} in create["security"]  # anyone may submit
+    cancel = document["paths"]["/api/email/emails/{id}/cancel/"]["post"]
+    assert {} not in cancel["security"] and {"tokenAuth": []} in cancel["security"]
+    assert {"401", "403", "404", "409"} <= set(cancel["responses"])
+    assert set(document["components"]["securitySchemes"]) == {"tokenAuth", "cookieAuth"}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/api/docs/", "/api/redoc/"])
+def test_documentation_pages_answer(client, path):
+    response = client.get(path)
+    assert response.status_code == 200
+    assert b"/api/schema/" in response.content
