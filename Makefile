@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: install run test migrate bench bench-quick chaos clean
+.PHONY: install run test migrate bench bench-quick bench-tools chaos clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,18 @@ test: install
 # and RabbitMQ on 127.0.0.1); prints accepted, delivered, lost, duplicated, longest delay.
 chaos: install
 	$(BIN)/python bench/chaos.py
+
+# The service against baselines measured in the same run (needs PostgreSQL, RabbitMQ and Redis on
+# 127.0.0.1, and wrk); writes bench/results.json and prints a Markdown table. See bench/README.md.
+bench: install bench-tools
+	$(BIN)/python bench/run.py
+
+# A smoke run in under two minutes: fails only if the stack does not come up or a measurement errors.
+bench-quick: install bench-tools
+	$(BIN)/python bench/run.py --quick --json var/bench-quick.json
+
+bench-tools:
+	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
 
 clean:
 	rm -rf var/ db.sqlite3 .pytest_cache
