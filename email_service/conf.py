@@ -73,3 +73,8 @@ def ratelimit_create():
 
 def ratelimit_read():
     return settings.EMAIL_RATELIMIT_READ
+
+
+def statistics_cache_seconds():
+    """Seconds the public statistics may be stale: one full-table aggregate per period at most."""
+    return settings.EMAIL_STATISTICS_CACHE_SECONDS

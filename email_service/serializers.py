@@ -202,6 +202,9 @@ class StatisticsSerializer(serializers.Serializer):
     p95_delivery_seconds = serializers.FloatField(
         allow_null=True, help_text="95th percentile seconds from submission to SENT."
     )
+    as_of = serializers.DateTimeField(
+        help_text="When these figures were taken; they are shared for EMAIL_STATISTICS_CACHE_SECONDS."
+    )
 
 
 class RetryFailedSerializer(serializers.Serializer):

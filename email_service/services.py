@@ -279,6 +279,26 @@ def send_confirmation(email_request):
     return False
 
 
+# --- reads shared by many callers ----------------------------------------------------------
+
+STATISTICS_CACHE_KEY = "email-service:statistics"
+
+
+def cached_statistics():
+    """Return the statistics, computed at most once per EMAIL_STATISTICS_CACHE_SECONDS for everyone.
+
+    The aggregate reads the whole table (over a second at a million rows), and the endpoint is
+    public: callers within the period share one result, marked with the time it was taken.
+    """
+    seconds = conf.statistics_cache_seconds()
+    body = cache.get(STATISTICS_CACHE_KEY) if seconds else None
+    if body is None:
+        body = {**EmailRequest.objects.statistics(), "as_of": timezone.now().isoformat()}
+        if seconds:
+            cache.set(STATISTICS_CACHE_KEY, body, timeout=seconds)
+    return body
+
+
 # --- operator actions -------------------------------------------------------------------------
 
 

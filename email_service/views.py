@@ -260,7 +260,7 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
     @action(detail=False, methods=["get"])
     @rate_limited("email-read", _read_rate)
     def statistics(self, request):
-        return Response(EmailRequest.objects.statistics())
+        return Response(services.cached_statistics())
 
     @extend_schema(
         summary="Requeue every FAILED request",

@@ -151,3 +151,20 @@ def test_statistics_keys(client, media_root):
                 "failed_requests", "cancelled_requests", "with_attachments", "success_rate"):
         assert key in stats
     assert stats["total_requests"] == stats["pending_requests"] == 1
+
+
+@pytest.mark.django_db
+def test_statistics_are_shared_for_the_cache_period(client, media_root, settings):
+    from django.core.cache import cache
+
+    settings.EMAIL_STATISTICS_CACHE_SECONDS = 60
+    cache.delete(services.STATISTICS_CACHE_KEY)
+    try:
+        first = client.get(f"{URL}statistics/").json()
+        client.post(URL, VALID, format="json")
+        second = client.get(f"{URL}statistics/").json()
+        assert second == first  # one aggregate per period, whoever asks
+        cache.delete(services.STATISTICS_CACHE_KEY)
+        assert client.get(f"{URL}statistics/").json()["total_requests"] == first["total_requests"] + 1
+    finally:
+        cache.delete(services.STATISTICS_CACHE_KEY)
