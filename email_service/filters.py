@@ -1,6 +1,9 @@
 """List filters: public ones on status and dates, personal ones for staff only."""
+from datetime import timezone as dt_timezone
+
 import django_filters
 from django import forms
+from django_filters.fields import IsoDateTimeField
 from django.db.models import Q
 from rest_framework.exceptions import PermissionDenied
 
@@ -30,11 +33,32 @@ class StrictBooleanFilter(django_filters.BooleanFilter):
     field_class = StrictBooleanField
 
 
+class UTCDateTimeField(IsoDateTimeField):
+    """An ISO 8601 date and time, turned into UTC before it reaches the database.
+
+    PostgreSQL refuses offsets beyond about 16 hours that ISO 8601 (and Python) allow, which
+    would otherwise surface as a server error.
+    """
+
+    def to_python(self, value):
+        value = super().to_python(value)
+        if value is None:
+            return None
+        try:
+            return value.astimezone(dt_timezone.utc)
+        except OverflowError:
+            raise forms.ValidationError("Enter a date and time within the years 1 to 9999.", code="invalid")
+
+
+class UTCDateTimeFilter(django_filters.IsoDateTimeFilter):
+    field_class = UTCDateTimeField
+
+
 class EmailRequestFilter(django_filters.FilterSet):
     status = django_filters.ChoiceFilter(choices=EmailStatus.choices)
     has_attachment = StrictBooleanFilter(method="filter_has_attachment")
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lte")
+    created_after = UTCDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = UTCDateTimeFilter(field_name="created_at", lookup_expr="lte")
     email = django_filters.CharFilter(
         method="filter_email", help_text="Staff only: the submitter's address, case-insensitive."
     )

@@ -95,3 +95,22 @@ def test_page_size_has_a_maximum(submitted):
     from email_service.views import EmailRequestPagination
 
     assert EmailRequestPagination.max_page_size == 100
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [
+        ("5140-04-03T00:29:43.003738-19:40", 200),  # a legal ISO offset PostgreSQL would refuse raw
+        ("2026-01-01T00:00:00+14:00", 200),
+        ("9999-12-31T23:59:59-23:00", 400),  # past year 9999 once in UTC
+        ("not a date", 400),
+    ],
+)
+def test_date_filters_never_fail_on_odd_offsets(value, status):
+    from urllib.parse import quote
+
+    response = APIClient().get(f"{URL}?created_after={quote(value)}")
+    assert response.status_code == status, response.content
+    if status == 400:
+        assert list(response.json()) == ["created_after"]
