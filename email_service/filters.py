@@ -74,7 +74,7 @@ class EmailRequestFilter(django_filters.FilterSet):
         fields = ["status", "has_attachment", "created_after", "created_before"]
 
     # Filters whose empty value is an error rather than "no filter", as the schema says.
-    NON_EMPTY = ("status", "has_attachment", "created_after", "created_before")
+    NON_EMPTY = ("status", "has_attachment", "created_after", "created_before", "ordering")
 
     def is_valid(self):
         valid = super().is_valid()

@@ -73,6 +73,7 @@ class ContactFieldsSerializer(serializers.ModelSerializer):
 class EmailRequestCreateSerializer(ContactFieldsSerializer):
     file_attached = serializers.FileField(required=False, allow_empty_file=True, use_url=False)
     website = StrictCharField(
+        validators=[validate_no_nul],
         required=False,
         allow_blank=True,
         write_only=True,

@@ -111,6 +111,10 @@ NO_NUL = "^[^\\x00]*$"
         parameters=[
             OpenApiParameter("email", str, pattern=NO_NUL, description="Staff only: the submitter's address."),
             OpenApiParameter("search", str, pattern=NO_NUL, description="Staff only: text in name, email, subject or message."),
+            OpenApiParameter(
+                "ordering", str, pattern=r"^-?(created_at|sent_at)(,-?(created_at|sent_at))*$",
+                description="Comma-separated fields, `-` for descending: created_at, sent_at.",
+            ),
         ],
         responses={200: _email_request_view(many=True), **_errors(400, 403, 404, 429)},
     ),
