@@ -47,9 +47,14 @@ def soft_time_limit():
     return settings.EMAIL_SEND_TIME_LIMIT or smtp_timeout() * 2 + 30
 
 
+def hard_time_limit():
+    """Seconds after which a send's worker process is killed: the soft limit plus a grace."""
+    return soft_time_limit() + min(30, soft_time_limit())
+
+
 def lease_seconds():
     """Seconds a claim holds its row: past the task's hard limit, so only a dead worker loses it."""
-    return settings.EMAIL_CLAIM_LEASE or soft_time_limit() + 90
+    return settings.EMAIL_CLAIM_LEASE or hard_time_limit() + 60
 
 
 def dispatch_stale_after():

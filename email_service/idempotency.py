@@ -1,6 +1,7 @@
 """Idempotency-Key on create: a repeated submission answers with the first answer."""
 import hashlib
 import json
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 from django.core.cache import cache
@@ -9,7 +10,7 @@ from rest_framework.exceptions import APIException
 
 KEY_TTL = 24 * 60 * 60
 # How long a key stays reserved while its first request is still being processed.
-PENDING_TTL = 60
+PENDING_TTL = 300
 
 
 class IdempotencyKeyReused(APIException):
@@ -31,8 +32,12 @@ class IdempotencyKeyInProgress(APIException):
 def fingerprint(request):
     """Hash the submitted fields and file contents, independent of their order or encoding."""
     digest = hashlib.sha256()
-    fields = {key: request.data.getlist(key) if hasattr(request.data, "getlist") else request.data[key]
-              for key in request.data if key not in request.FILES}
+    data = request.data
+    if isinstance(data, Mapping):
+        fields = {key: data.getlist(key) if hasattr(data, "getlist") else data[key]
+                  for key in data if key not in request.FILES}
+    else:
+        fields = data  # not a form at all: the serializer will refuse it
     digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
     for name in sorted(request.FILES):
         upload = request.FILES[name]

@@ -33,6 +33,8 @@ class EmailStatus(models.TextChoices):
 
 
 FINAL_STATUSES = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
+# Seconds of clock difference between web and worker hosts that a claim tolerates.
+CLAIM_CLOCK_TOLERANCE = 5
 
 
 class EmailRequestQuerySet(models.QuerySet):
@@ -122,15 +124,19 @@ class EmailRequestQuerySet(models.QuerySet):
         ]
 
     # --- transitions ---------------------------------------------------------------------------
-    def claim(self, pk, *, worker, now=None):
-        """Take a due PENDING row for sending; return its claim token, or None if not ours."""
+    def claim(self, pk, *, worker, now=None, lease=None):
+        """Take a due PENDING row for sending; return its claim token, or None if not ours.
+
+        A row created a moment ago on a host whose clock runs slightly ahead still counts as due:
+        CLAIM_CLOCK_TOLERANCE covers that skew, far below any retry backoff.
+        """
         now = now or timezone.now()
         token = uuid.uuid4()
-        claimed = self.due(now).filter(pk=pk).update(
+        claimed = self.due(now + timedelta(seconds=CLAIM_CLOCK_TOLERANCE)).filter(pk=pk).update(
             status=EmailStatus.PROCESSING,
             claim_token=token,
             claimed_by=worker[:255],
-            lease_expires_at=now + timedelta(seconds=conf.lease_seconds()),
+            lease_expires_at=now + timedelta(seconds=lease or conf.lease_seconds()),
             updated_at=now,
         )
         return token if claimed else None

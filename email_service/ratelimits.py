@@ -1,5 +1,6 @@
 """Per-client rate limits on the public endpoints, kept in the shared cache by django-ratelimit."""
 import functools
+import ipaddress
 
 from django.conf import settings
 from django_ratelimit.core import get_usage
@@ -17,9 +18,17 @@ def client_ip(request):
     if trusted:
         forwarded = [part.strip() for part in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")]
         forwarded = [part for part in forwarded if part]
-        if len(forwarded) >= trusted:
+        if len(forwarded) >= trusted and _is_ip(forwarded[-trusted]):
             return forwarded[-trusted]
     return request.META.get("REMOTE_ADDR", "")
+
+
+def _is_ip(value):
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _client_key(group, request):

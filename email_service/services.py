@@ -8,13 +8,15 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from django.core.cache import cache
 from django.core.files.storage import default_storage
-from django.db import connection, transaction
+from celery.exceptions import SoftTimeLimitExceeded
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from . import conf, delivery
@@ -65,7 +67,9 @@ def create_email_request(*, data, upload=None, content_type="", client_ip=None, 
                 email_request.file_attached.save(upload.name or "attachment", upload, save=False)
             email_request.save(force_insert=True)
             if dispatch_on_commit:
-                transaction.on_commit(lambda: dispatch(email_request))
+                # robust: this runs after COMMIT, so a failure here must not look like a rollback
+                # (the except below would delete the committed row's file); the relay retries.
+                transaction.on_commit(lambda: dispatch(email_request), robust=True)
     except BaseException:
         # The row is gone with the rollback; its file must go too.
         if email_request.file_attached:
@@ -100,7 +104,7 @@ def _publish(pk, task_id):
         args=[str(pk)],
         task_id=task_id or None,
         soft_time_limit=conf.soft_time_limit(),
-        time_limit=conf.soft_time_limit() + 30,
+        time_limit=conf.hard_time_limit(),
         retry=False,
     )
 
@@ -125,11 +129,13 @@ def _publish_or_forget(pk, task_id):
 def dispatch_due(*, limit=500):
     """Reclaim dead workers' rows, then publish every due row with no live message; return counts."""
     reclaimed = reclaim_stale_claims()
-    rows = list(EmailRequest.objects.undispatched().values_list("pk", "celery_task_id")[:limit])
+    # Oldest due first; each republish gets a task id of its own, so that revoking one message
+    # (celery revoke) never silences every later attempt at the same row.
+    rows = list(EmailRequest.objects.undispatched().order_by("next_attempt_at").values_list("pk", flat=True)[:limit])
     published = []
-    for pk, task_id in rows:
+    for pk in rows:
         try:
-            _publish(pk, task_id)
+            _publish(pk, str(uuid.uuid4()))
         except Exception as exc:
             logger.warning("Dispatch stopped, broker unavailable: %s", exc)
             break
@@ -170,10 +176,10 @@ def retry_backoff(retry_number):
     return delay / 2 + random.uniform(0, delay / 2)
 
 
-def send_email_request(pk, *, worker=None):
+def send_email_request(pk, *, worker=None, lease=None):
     """Claim a due request, send it once, and record the outcome; return the new status or None."""
-    worker = worker or worker_name()
-    token = EmailRequest.objects.claim(pk, worker=worker)
+    worker = (worker or worker_name())[:255]
+    token = EmailRequest.objects.claim(pk, worker=worker, lease=lease)
     if token is None:
         logger.info(
             "Email request %s not claimed (sent, cancelled, not due or taken)", pk,
@@ -198,17 +204,34 @@ def send_email_request(pk, *, worker=None):
         result = delivery.send(delivery.build_support_message(email_request))
     except Exception as exc:
         result = delivery.classify(exc)
-    _finish_attempt(attempt, result)
-    status = _record_result(email_request, token, result)
+    # The outcome is written first and insistently: once SMTP has accepted the mail, a row left
+    # PROCESSING would be reclaimed and sent again when its lease runs out.
+    status = _insist(lambda: _record_result(email_request, token, result))
+    try:
+        _insist(lambda: _finish_attempt(attempt, result))
+    except Exception:
+        logger.exception("Email request %s: attempt %d not recorded", pk, attempt.number)
     if status == EmailStatus.SENT:
         send_confirmation(email_request)
     return status
 
 
+def _insist(write, tries=4):
+    """Run a database write, again after a passing database error or the soft time limit."""
+    for attempt in range(tries):
+        try:
+            return write()
+        except (OperationalError, SoftTimeLimitExceeded):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+
+
 def _finish_attempt(attempt, result):
     attempt.finished_at = timezone.now()
     attempt.outcome = result.outcome
-    attempt.smtp_code = result.smtp_code
+    # smtplib reports -1 for a reply it could not read; that is no SMTP code.
+    attempt.smtp_code = result.smtp_code if result.smtp_code and result.smtp_code > 0 else None
     attempt.error_class = result.error_class
     attempt.error_text = result.error_text
     attempt.duration_ms = int((attempt.finished_at - attempt.started_at).total_seconds() * 1000)
@@ -358,7 +381,9 @@ def purge_expired(*, dry_run=False):
     if not dry_run:
         # Deleting row by row fires post_delete, which removes each file from storage.
         for email_request in expired.iterator():
-            email_request.delete()
+            # Checked again row by row: staff may have requeued it since the count.
+            for row in EmailRequest.objects.expired().filter(pk=email_request.pk):
+                row.delete()
     orphans = purge_orphan_files(dry_run=dry_run)
     return {"rows": rows, "files": files, "orphans": orphans}
 

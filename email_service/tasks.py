@@ -6,7 +6,7 @@ from celery import shared_task
 from celery.signals import worker_process_shutdown
 from django.core.exceptions import ValidationError
 
-from . import delivery, services
+from . import conf, delivery, services
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +21,13 @@ logger = logging.getLogger(__name__)
 def send_email_task(self, email_request_id):
     """Send one email request if it can be claimed."""
     try:
+        # The time limits came with the message, from the publisher's settings; the claim must
+        # outlive the hard one whatever this worker's own settings say.
+        hard_limit = (self.request.timelimit or (None, None))[0] or 0
         status = services.send_email_request(
-            email_request_id, worker=f"{self.request.hostname or 'worker'}:{os.getpid()}"
+            email_request_id,
+            worker=f"{self.request.hostname or 'worker'}:{os.getpid()}",
+            lease=max(conf.lease_seconds(), hard_limit + 10),
         )
     except ValidationError:
         logger.error("Malformed email request id %r dropped", email_request_id)

@@ -23,11 +23,11 @@ from rest_framework.permissions import AllowAny
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import PageNumberPagination
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
 from . import conf, services
-from .exceptions import Conflict
+from .exceptions import Conflict, SizeLimitedJSONParser
 from .filters import EmailRequestFilter
 from .idempotency import Replay, idempotent
 from .models import EmailRequest, EmailStatus
@@ -141,7 +141,7 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
     queryset = EmailRequest.objects.all()
     authentication_classes = [TokenAuthentication, SessionAuthentication]
     permission_classes = [EmailRequestPermission]
-    parser_classes = [JSONParser, MultiPartParser, FormParser]
+    parser_classes = [SizeLimitedJSONParser, MultiPartParser, FormParser]
     filterset_class = EmailRequestFilter
     pagination_class = EmailRequestPagination
 

@@ -254,8 +254,10 @@ def celery_services(smtp_server, django_db_setup, django_db_blocker, tmp_path_fa
 
 
 @pytest.fixture
-def celery_worker(celery_services, smtp, transactional_db):
+def celery_worker(celery_services, smtp, transactional_db, settings):
     """Per test: the running worker, an empty SMTP mailbox, and committed database writes."""
+    # Messages published here carry this process's time limits: the same as the worker's.
+    settings.EMAIL_SEND_TIME_LIMIT = float(service_env(0)["EMAIL_SEND_TIME_LIMIT"])
     yield celery_services["worker"]
 
 

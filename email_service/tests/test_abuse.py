@@ -226,3 +226,52 @@ def test_a_429_is_json_with_retry_after(settings, quiet):
     assert response["Content-Type"] == "application/json"
     assert int(response["Retry-After"]) > 0
     assert EmailRequest.objects.count() == 2
+
+
+# --- odd bodies are 400s, never 500s ---------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body", ['["a"]', "[5]", '"abc"', "5"])
+def test_non_object_json_with_an_idempotency_key_is_a_400(body, quiet):
+    response = APIClient().post(URL, data=body, content_type="application/json", HTTP_IDEMPOTENCY_KEY="k-1")
+    assert response.status_code == 400
+    assert response.json()
+    assert EmailRequest.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_deeply_nested_json_is_a_400(quiet):
+    body = '{"full_name": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    response = APIClient().post(URL, data=body, content_type="application/json")
+    assert response.status_code == 400
+
+
+@pytest.mark.django_db
+def test_json_past_the_upload_limit_is_a_400(quiet, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 10_000
+    body = '{"full_name": "x", "email": "a@example.com", "message": "' + "a" * 20_000 + '"}'
+    response = APIClient().post(URL, data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert "DATA_UPLOAD_MAX_MEMORY_SIZE" in response.json()["detail"] or "larger than" in response.json()["detail"]
+
+
+@pytest.mark.django_db
+def test_too_many_form_fields_is_a_400(quiet, settings):
+    settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = 50
+    data = {**FORM, **{f"extra{i}": "x" for i in range(100)}}
+    response = APIClient().post(URL, data, format="multipart")
+    assert response.status_code == 400
+    assert EmailRequest.objects.count() == 0
+
+
+def test_a_forwarded_value_that_is_no_address_is_ignored(settings):
+    from email_service.ratelimits import client_ip
+
+    class Request:
+        META = {"REMOTE_ADDR": "10.0.0.5", "HTTP_X_FORWARDED_FOR": "unknown"}
+
+    settings.RATELIMIT_TRUSTED_PROXIES = 1
+    assert client_ip(Request) == "10.0.0.5"
+    Request.META["HTTP_X_FORWARDED_FOR"] = "203.0.113.9:51234"
+    assert client_ip(Request) == "10.0.0.5"

@@ -168,3 +168,16 @@ def test_statistics_are_shared_for_the_cache_period(client, media_root, settings
         assert client.get(f"{URL}statistics/").json()["total_requests"] == first["total_requests"] + 1
     finally:
         cache.delete(services.STATISTICS_CACHE_KEY)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_dispatch_after_commit_keeps_the_row_and_its_file(client, media_root, monkeypatch):
+    def broken_dispatch(email_request):
+        raise RuntimeError("broker and database both hiccuped")
+
+    monkeypatch.setattr(services, "dispatch", broken_dispatch)
+    upload = SimpleUploadedFile("scan.pdf", pdf_bytes(), content_type="application/pdf")
+    response = client.post(URL, {**VALID, "file_attached": upload}, format="multipart")
+    assert response.status_code == 201
+    row = EmailRequest.objects.get()
+    assert (media_root / row.file_attached.name).read_bytes() == pdf_bytes()

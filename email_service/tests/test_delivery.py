@@ -161,3 +161,13 @@ def test_send_to_a_closed_port_is_transient(email_request, smtp, settings):
     result = delivery.send(delivery.build_support_message(email_request))
     assert result.outcome == delivery.TRANSIENT
     assert result.error_class == "ConnectionRefusedError"
+
+
+def test_an_unreadable_reply_is_recorded_without_a_code(email_request):
+    from email_service import services
+    from email_service.models import EmailAttempt
+
+    attempt = EmailAttempt.objects.create(request=email_request, number=1, started_at=email_request.created_at)
+    services._finish_attempt(attempt, delivery.classify(smtplib.SMTPResponseException(-1, b"garbled")))
+    attempt.refresh_from_db()
+    assert attempt.smtp_code is None and attempt.outcome == delivery.TRANSIENT

@@ -119,7 +119,7 @@ def test_a_worker_killed_mid_send_is_delivered_after_its_lease(celery_worker, sm
     pool_pid = int(row.claimed_by.rsplit(":", 1)[1])
     os.kill(pool_pid, signal.SIGKILL)
 
-    row = final_row(pk, timeout=60)
+    row = final_row(pk, timeout=90)
     assert row.status == EmailStatus.SENT
     copies = len(support_copies(smtp, pk))
     # The killed send reached the server's DATA phase, so the server may keep that copy too.
