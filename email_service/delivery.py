@@ -4,6 +4,7 @@ This module knows SMTP and nothing of the database: callers record what it retur
 """
 import base64
 import logging
+import re
 import smtplib
 import socket
 import ssl
@@ -15,7 +16,9 @@ from email.utils import make_msgid
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.core.files.storage import default_storage
+from django.conf import settings
 from django.core.mail import EmailMultiAlternatives, get_connection
+from django.core.mail.message import sanitize_address
 from django.template.loader import render_to_string
 
 from . import conf
@@ -54,7 +57,7 @@ def build_support_message(email_request):
     """Build the mail to support carrying every form field and the attachment."""
     context = {"request": email_request}
     subject = email_request.subject or f"Contact form from {email_request.full_name}"
-    message = EmailMultiAlternatives(
+    message = SupportMessage(
         subject=f"[MedCor contact] {subject}",
         body=render_to_string("email_service/support_email.txt", context),
         from_email=conf.from_email(),
@@ -68,40 +71,78 @@ def build_support_message(email_request):
     message.attach_alternative(render_to_string("email_service/support_email.html", context), "text/html")
     if email_request.file_attached:
         message.attach(_attachment_part(email_request))
+        message.stored_attachment = email_request.file_attached.name
     return message
 
 
+class SupportMessage(EmailMultiAlternatives):
+    """The mail to support; its attachment's content is read from storage only while sending."""
+
+    stored_attachment = None
+
+
+# Stands in the built message for the attachment's base64 lines, which `send` streams from
+# storage onto the SMTP connection, so a worker never holds the whole encoded file.
+ATTACHMENT_PLACEHOLDER = "@@medcor-attachment-content@@"
 # Raw bytes encoded per step: a multiple of 57, the bytes of one 76-character base64 line.
 BASE64_CHUNK = 57 * 1024
+CRLF = b"\r\n"
 
 
 def _attachment_part(email_request):
-    """Build the attachment's MIME part, base64-encoded from storage a chunk at a time.
+    """Build the attachment's MIME part: headers, and a placeholder where its lines will go.
 
     Base64 for every type, text included, so that the bytes arrive exactly as they were sent (a
-    text part would have its line endings rewritten); encoding while reading keeps the encoded
-    copy in memory but never the raw file beside it.
+    text part would have its line endings rewritten).
     """
     content_type = email_request.attachment_content_type or "application/octet-stream"
     maintype, _, subtype = content_type.partition("/")
     part = MIMEBase(maintype, subtype or "octet-stream")
-    encoded, carry = [], b""
-    # Read through the storage API: the worker may run on another host than the web process.
-    with default_storage.open(email_request.file_attached.name, "rb") as handle:
-        for chunk in iter(lambda: handle.read(BASE64_CHUNK), b""):
-            chunk = carry + chunk
-            # A storage may return short reads: encode whole lines only, so no padding lands mid-file.
-            cut = len(chunk) - len(chunk) % 57
-            encoded.append(base64.encodebytes(chunk[:cut]).decode("ascii"))
-            carry = chunk[cut:]
-    encoded.append(base64.encodebytes(carry).decode("ascii"))
-    part.set_payload("".join(encoded))
+    part.set_payload(ATTACHMENT_PLACEHOLDER)
     part["Content-Transfer-Encoding"] = "base64"
     name = email_request.attachment_name or "attachment"
     # RFC 2231 for a name beyond ASCII, as Django does for the attachments it builds.
     filename = name if name.isascii() else ("utf-8", "", name)
     part.add_header("Content-Disposition", "attachment", filename=filename)
     return part
+
+
+def _encoded_lines(name):
+    """Yield a stored file as base64 lines ending in CRLF, one chunk of lines at a time."""
+    carry = b""
+    # Read through the storage API: the worker may run on another host than the web process.
+    with default_storage.open(name, "rb") as handle:
+        for chunk in iter(lambda: handle.read(BASE64_CHUNK), b""):
+            chunk = carry + chunk
+            # A storage may return short reads: encode whole lines only, so no padding lands mid-file.
+            cut = len(chunk) - len(chunk) % 57
+            if cut:
+                yield base64.encodebytes(chunk[:cut]).replace(b"\n", CRLF)
+            carry = chunk[cut:]
+    if carry:
+        yield base64.encodebytes(carry).replace(b"\n", CRLF)
+
+
+def _encoded_size(size):
+    """Bytes that `_encoded_lines` yields for a file of `size` bytes."""
+    lines, rest = divmod(size, 57)
+    return lines * 78 + (4 * -(-rest // 3) + 2 if rest else 0)
+
+
+def _framing(message):
+    """Return the message's bytes before and after its streamed attachment, and the file's name."""
+    raw = message.message().as_bytes(linesep="\r\n")
+    name = getattr(message, "stored_attachment", None)
+    if not name:
+        return raw, b"", None
+    head, _, tail = raw.partition(ATTACHMENT_PLACEHOLDER.encode())
+    return head, tail, name
+
+
+def message_bytes(message):
+    """Return the whole message as it goes onto the wire, attachment included (before dot-stuffing)."""
+    head, tail, name = _framing(message)
+    return head + (b"".join(_encoded_lines(name)) if name else b"") + tail
 
 
 def build_confirmation_message(email_request):
@@ -164,13 +205,66 @@ def send(message):
     message, so only the caller's retry policy decides about another attempt.
     """
     try:
-        _connection().send_messages([message])
+        _transmit(_connection().connection, message)
     except Exception as exc:  # every failure becomes a result the caller records
         close_connection()
         return classify(exc)
     finally:
         _shared.last_used = time.monotonic()
     return DeliveryResult(SENT, smtp_code=250)
+
+
+def _dot_stuffed(data):
+    return re.sub(rb"(?m)^\.", b"..", data)
+
+
+def _transmit(smtp, message):
+    """Run MAIL, RCPT and DATA for `message` on an open smtplib connection.
+
+    What Django's SMTP backend does with smtplib's sendmail, except that DATA is written in
+    pieces: the headers and text parts, the attachment's lines straight from storage, the rest.
+    """
+    encoding = message.encoding or settings.DEFAULT_CHARSET
+    sender = sanitize_address(message.from_email, encoding)
+    recipients = [sanitize_address(address, encoding) for address in message.recipients()]
+    head, tail, name = _framing(message)
+    if not tail.endswith(CRLF):
+        tail += CRLF
+    size = len(head) + len(tail) + (_encoded_size(default_storage.size(name)) if name else 0)
+    smtp.ehlo_or_helo_if_needed()
+    options = [f"SIZE={size}"] if smtp.does_esmtp and smtp.has_extn("size") else []
+    code, reply = smtp.mail(sender, options)
+    if code != 250:
+        _reset(smtp)
+        raise smtplib.SMTPSenderRefused(code, reply, sender)
+    refused = {}
+    for recipient in recipients:
+        code, reply = smtp.rcpt(recipient)
+        if code not in (250, 251):
+            refused[recipient] = (code, reply)
+    if len(refused) == len(recipients):
+        _reset(smtp)
+        raise smtplib.SMTPRecipientsRefused(refused)
+    code, reply = smtp.docmd("data")
+    if code != 354:
+        _reset(smtp)
+        raise smtplib.SMTPDataError(code, reply)
+    smtp.send(_dot_stuffed(head))
+    if name:
+        # Base64 lines never start with a dot: they go out as they are.
+        for lines in _encoded_lines(name):
+            smtp.send(lines)
+    smtp.send(_dot_stuffed(tail) + b"." + CRLF)
+    code, reply = smtp.getreply()
+    if code != 250:
+        raise smtplib.SMTPDataError(code, reply)
+
+
+def _reset(smtp):
+    try:
+        smtp.rset()
+    except (smtplib.SMTPException, OSError):
+        pass
 
 
 def _by_code(code):

@@ -123,7 +123,7 @@ def has_unsafe_characters(name):
 
 def mailed_attachment(row):
     """The attachment as a mail client sees it, parsed back from the bytes that would go out."""
-    raw = delivery.build_support_message(row).message().as_bytes()
+    raw = delivery.message_bytes(delivery.build_support_message(row))
     [attachment] = message_from_bytes(raw, policy=default_policy).iter_attachments()
     return attachment
 

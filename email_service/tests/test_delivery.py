@@ -56,7 +56,7 @@ def test_attachment_keeps_its_original_name_and_bytes(email_request, settings, t
     email_request.file_attached.save("x.pdf", ContentFile(pdf), save=False)
     email_request.attachment_name = "Résultats labo.pdf"
     email_request.attachment_content_type = "application/pdf"
-    raw = delivery.build_support_message(email_request).message().as_bytes()
+    raw = delivery.message_bytes(delivery.build_support_message(email_request))
     [attachment] = message_from_bytes(raw, policy=default_policy).iter_attachments()
     assert attachment.get_filename() == "Résultats labo.pdf"
     assert attachment.get_content_type() == "application/pdf"
