@@ -194,6 +194,9 @@ def _connection():
     close_connection()
     backend = get_connection(fail_silently=False, timeout=conf.smtp_timeout())
     backend.open()
+    # DATA goes out in several writes; without this each small one after a large one could
+    # wait for the server's delayed ACK.
+    backend.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     _shared.backend = backend
     return backend
 
@@ -249,12 +252,15 @@ def _transmit(smtp, message):
     if code != 354:
         _reset(smtp)
         raise smtplib.SMTPDataError(code, reply)
-    smtp.send(_dot_stuffed(head))
     if name:
+        smtp.send(_dot_stuffed(head))
         # Base64 lines never start with a dot: they go out as they are.
         for lines in _encoded_lines(name):
             smtp.send(lines)
-    smtp.send(_dot_stuffed(tail) + b"." + CRLF)
+        smtp.send(_dot_stuffed(tail) + b"." + CRLF)
+    else:
+        # One write: a second small one would wait for the server's delayed ACK (Nagle).
+        smtp.send(_dot_stuffed(head + tail) + b"." + CRLF)
     code, reply = smtp.getreply()
     if code != 250:
         raise smtplib.SMTPDataError(code, reply)
