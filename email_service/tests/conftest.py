@@ -196,9 +196,14 @@ class CeleryProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, marker, timeout=60):
-        wait_for(lambda: marker in self.output() or self.process.poll() is not None,
-                 timeout=timeout, message=f"celery to print {marker!r}")
+        try:
+            wait_for(lambda: marker in self.output() or self.process.poll() is not None,
+                     timeout=timeout, message=f"celery to print {marker!r}")
+        except BaseException:
+            self.stop()  # never leave a half-started worker behind
+            raise
         if self.process.poll() is not None:
+            self.log.close()
             pytest.fail(f"celery exited early:\n{self.output()[-3000:]}")
 
     def kill(self, sig=signal.SIGKILL):

@@ -65,13 +65,15 @@ def two_web_processes(transactional_db, smtp_server, tmp_path, request):
         except requests.RequestException:
             return False
 
-    wait_for(all_up, timeout=60, message="two gunicorn servers")
-    yield [url for _, url in servers]
-    for process, _ in servers:
-        process.terminate()
-        process.wait(timeout=10)
-    for log in logs:
-        log.close()
+    try:
+        wait_for(all_up, timeout=60, message="two gunicorn servers")
+        yield [url for _, url in servers]
+    finally:
+        for process, _ in servers:
+            process.terminate()
+            process.wait(timeout=10)
+        for log in logs:
+            log.close()
 
 
 @pytest.mark.integration

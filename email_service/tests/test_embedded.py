@@ -37,20 +37,23 @@ def embedded_stack(tmp_path):
 
     def up():
         try:
-            return requests.get(f"{base}/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
+            return requests.get(f"{base}/healthz", timeout=5).status_code == 200
+        except requests.RequestException:
             return process.poll() is not None
 
-    wait_for(up, timeout=60, message="the embedded stack to answer /healthz")
-    assert process.poll() is None, (tmp_path / "honcho.log").read_text()
-    yield {"url": base, "mailbox": tmp_path / "var" / "mailbox", "log": tmp_path / "honcho.log"}
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does under `make run`
     try:
-        process.wait(timeout=20)
+        wait_for(up, timeout=60, message="the embedded stack to answer /healthz")
+        assert process.poll() is None, (tmp_path / "honcho.log").read_text()
+        yield {"url": base, "mailbox": tmp_path / "var" / "mailbox", "log": tmp_path / "honcho.log"}
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does under `make run`
+        try:
+            process.wait(timeout=20)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            log.close()
 
 
 def test_make_run_stack_delivers_json_and_multipart_forms_to_the_sink(embedded_stack):

@@ -153,8 +153,8 @@ def test_post_answers_fast_with_the_broker_unreachable_and_beat_delivers_later(
     try:
         def up():
             try:
-                return requests.get(f"http://127.0.0.1:{web_port}/api/email/emails/statistics/", timeout=1).ok
-            except requests.ConnectionError:
+                return requests.get(f"http://127.0.0.1:{web_port}/api/email/emails/statistics/", timeout=2).ok
+            except requests.RequestException:
                 return False
         wait_for(up, timeout=30, message="gunicorn")
         started = time.monotonic()
