@@ -15,8 +15,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -26,19 +24,13 @@ from email import message_from_bytes
 from email.policy import default as default_policy
 from pathlib import Path
 
-import psycopg
 import requests
 from aiosmtpd.controller import Controller
 
-ROOT = Path(__file__).resolve().parent.parent
-PG = os.environ.get("CHAOS_POSTGRES", "postgres://postgres@127.0.0.1:5432")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.stack import PG, ROOT, Processes, create_database, free_port, manage  # noqa: E402
 RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class BrokerProxy:
@@ -107,12 +99,6 @@ class Sink:
         return "250 OK"
 
 
-def create_database(name):
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--submissions", type=int, default=300)
@@ -146,22 +132,15 @@ def main():
         EMAIL_SEND_TIME_LIMIT="15", RATELIMIT_ENABLE="false", LOG_LEVEL="WARNING",
     )
     env.pop("REDIS_URL", None)
-    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    manage(env, "migrate", "--noinput")
 
-    def spawn(name, *command):
-        log = open(run_dir / f"{name}.log", "wb")
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
+    processes = Processes(run_dir, env)
     celery = [sys.executable, "-m", "celery", "-A", "medcor_backend2"]
-    processes = {
-        "web": spawn("web", sys.executable, "-m", "gunicorn", "medcor_backend2.wsgi:application",
-                     "--bind", f"127.0.0.1:{web_port}", "--workers", "2", "--threads", "4"),
-        "worker1": spawn("worker1", *celery, "worker", "--concurrency=2", "--hostname=chaos1@%h"),
-        "worker2": spawn("worker2", *celery, "worker", "--concurrency=2", "--hostname=chaos2@%h"),
-        "beat": spawn("beat", *celery, "beat", f"--schedule={run_dir / 'beat-schedule'}"),
-    }
+    processes.spawn("web", sys.executable, "-m", "gunicorn", "medcor_backend2.wsgi:application",
+                    "--bind", f"127.0.0.1:{web_port}", "--workers", "2", "--threads", "4")
+    processes.spawn("worker1", *celery, "worker", "--concurrency=2", "--hostname=chaos1@%h")
+    processes.spawn("worker2", *celery, "worker", "--concurrency=2", "--hostname=chaos2@%h")
+    processes.spawn("beat", *celery, "beat", f"--schedule={run_dir / 'beat-schedule'}")
     url = f"http://127.0.0.1:{web_port}/api/email/emails/"
     try:
         for _ in range(120):
@@ -202,7 +181,7 @@ def main():
                     outage_started = True
                     events.append(f"{now:5.1f}s broker gone")
                 if not killed and now >= args.kill_at:
-                    os.killpg(processes["worker1"].pid, signal.SIGKILL)
+                    os.killpg(processes.running["worker1"].pid, signal.SIGKILL)
                     killed = True
                     events.append(f"{now:5.1f}s worker chaos1 killed (SIGKILL)")
                 if outage_started and not outage_over and now >= args.outage_at + args.outage:
@@ -239,14 +218,7 @@ def main():
             "events": events,
         }
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        processes.stop()
         smtp.stop()
     for line in figures["events"]:
         print(line)

@@ -282,10 +282,6 @@ class EmailRequest(models.Model):
     def has_attachment(self):
         return bool(self.file_attached)
 
-    @property
-    def attempts_made(self):
-        return self.attempts.count()
-
     def is_editable(self):
         return self.status != EmailStatus.SENT
 
