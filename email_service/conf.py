@@ -57,6 +57,17 @@ def lease_seconds():
     return settings.EMAIL_CLAIM_LEASE or hard_time_limit() + 60
 
 
+def send_batch_size():
+    """Due rows a worker claims at once and sends over its connection, one commit per mail."""
+    return max(1, settings.EMAIL_SEND_BATCH_SIZE)
+
+
+def send_window():
+    """Seconds into a task after which it starts no further mail: one more send still fits
+    within the soft time limit (a slow connect and a slow DATA phase)."""
+    return max(0.0, soft_time_limit() - smtp_timeout() * 2 - 10)
+
+
 def dispatch_stale_after():
     """Seconds after which a dispatched PENDING row that nobody claimed is dispatched again."""
     return settings.EMAIL_DISPATCH_STALE_AFTER

@@ -3,6 +3,7 @@
 This module knows SMTP and nothing of the database: callers record what it returns.
 """
 import base64
+import functools
 import logging
 import re
 import smtplib
@@ -217,8 +218,17 @@ def send(message):
     return DeliveryResult(SENT, smtp_code=250)
 
 
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
 def _dot_stuffed(data):
-    return re.sub(rb"(?m)^\.", b"..", data)
+    return _LEADING_DOT.sub(b"..", data)
+
+
+@functools.lru_cache(maxsize=64)
+def _envelope_address(address, encoding):
+    """The SMTP envelope form of an address; sender and support address repeat on every mail."""
+    return sanitize_address(address, encoding)
 
 
 def _transmit(smtp, message):
@@ -228,8 +238,8 @@ def _transmit(smtp, message):
     pieces: the headers and text parts, the attachment's lines straight from storage, the rest.
     """
     encoding = message.encoding or settings.DEFAULT_CHARSET
-    sender = sanitize_address(message.from_email, encoding)
-    recipients = [sanitize_address(address, encoding) for address in message.recipients()]
+    sender = _envelope_address(message.from_email, encoding)
+    recipients = [_envelope_address(address, encoding) for address in message.recipients()]
     head, tail, name = _framing(message)
     if not tail.endswith(CRLF):
         tail += CRLF

@@ -17,10 +17,11 @@ from django.core.cache import cache
 from django.core.files.storage import default_storage
 from celery.exceptions import SoftTimeLimitExceeded
 from django.db import OperationalError, connection, transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from . import conf, delivery
-from .models import EmailAttempt, EmailRequest, EmailStatus
+from .models import ATTEMPT_RESULT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
 from .storage import clean_filename
 
 logger = logging.getLogger(__name__)
@@ -177,27 +178,72 @@ def retry_backoff(retry_number):
 
 
 def send_email_request(pk, *, worker=None, lease=None):
-    """Claim a due request, send it once, and record the outcome; return the new status or None."""
+    """Claim one due request, send it once, and record the outcome; return the new status or None."""
+    return send_due_emails(pk, worker=worker, lease=lease, batch_size=1, more=False).get(str(pk))
+
+
+def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, more=True):
+    """Claim due requests a batch at a time, `first` first, and send each once over this worker's
+    SMTP connection; return {id: new status} for the rows tried.
+
+    One task thus drains a backlog: it claims `batch_size` rows in one statement and goes on while
+    rows are due (`more`) and its send window lasts; the messages of the rows it took find nothing
+    to claim. Each outcome is committed right after its send, so a crash repeats one mail at most.
+    """
     worker = (worker or worker_name())[:255]
-    token = EmailRequest.objects.claim(pk, worker=worker, lease=lease)
-    if token is None:
-        logger.info(
-            "Email request %s not claimed (sent, cancelled, not due or taken)", pk,
-            extra={"email_request_id": str(pk)},
+    batch_size = batch_size or conf.send_batch_size()
+    window_ends = time.monotonic() + conf.send_window()
+    statuses = {}
+    while True:
+        token, rows = EmailRequest.objects.claim_batch(
+            worker=worker, first=first, limit=batch_size, lease=lease
         )
-        return None
-    email_request = EmailRequest.objects.get(pk=pk)
-    attempt = EmailAttempt.objects.create(
-        request=email_request,
-        number=email_request.attempts.count() + 1,
-        started_at=timezone.now(),
-        worker=worker,
+        if first is not None and str(first) not in {str(row.pk) for row in rows}:
+            logger.info(
+                "Email request %s not claimed (sent, cancelled, not due or taken)", first,
+                extra={"email_request_id": str(first)},
+            )
+        first = None
+        if not rows:
+            return statuses
+        statuses.update(_send_batch(rows, token, worker, window_ends=window_ends, started=bool(statuses)))
+        if not more or len(rows) < batch_size or time.monotonic() > window_ends:
+            return statuses
+
+
+def _send_batch(rows, token, worker, *, window_ends, started):
+    """Send claimed rows in order until the window closes; give the untried ones back."""
+    numbers = dict(
+        EmailAttempt.objects.filter(request__in=rows).values_list("request").annotate(n=Count("id")).order_by()
     )
+    now = timezone.now()
+    attempts = EmailAttempt.objects.bulk_create(
+        EmailAttempt(request=row, number=numbers.get(row.pk, 0) + 1, started_at=now, worker=worker) for row in rows
+    )
+    statuses = {}
+    tried = 0
+    try:
+        for row, attempt in zip(rows, attempts):
+            # The first mail of a task always goes; each later one only while another send fits.
+            if (started or tried) and time.monotonic() > window_ends:
+                break
+            tried += 1
+            statuses[str(row.pk)] = _send_claimed(row, attempt, token)
+    finally:
+        untried = rows[tried:]
+        if untried:
+            _give_back(untried, attempts[tried:], token)
+    return statuses
+
+
+def _send_claimed(email_request, attempt, token):
+    pk = email_request.pk
+    attempt.started_at = timezone.now()
     logger.info(
         "Email request %s claimed: PENDING -> PROCESSING, attempt %d by %s",
         pk,
         attempt.number,
-        worker,
+        attempt.worker,
         extra={"email_request_id": str(pk), "attempt": attempt.number, "status": EmailStatus.PROCESSING},
     )
     try:
@@ -206,14 +252,36 @@ def send_email_request(pk, *, worker=None, lease=None):
         result = delivery.classify(exc)
     # The outcome is written first and insistently: once SMTP has accepted the mail, a row left
     # PROCESSING would be reclaimed and sent again when its lease runs out.
-    status = _insist(lambda: _record_result(email_request, token, result))
-    try:
-        _insist(lambda: _finish_attempt(attempt, result))
-    except Exception:
-        logger.exception("Email request %s: attempt %d not recorded", pk, attempt.number)
+    status = _insist(lambda: _record_outcome(email_request, attempt, token, result))
     if status == EmailStatus.SENT:
         send_confirmation(email_request)
     return status
+
+
+def _record_outcome(email_request, attempt, token, result):
+    """Record the row's new status and the finished attempt together."""
+    _fill_attempt(attempt, result)
+    if result.outcome == delivery.SENT:
+        # The common case, one statement where the database allows (see EmailRequestQuerySet.complete).
+        return _record_result(email_request, token, result, attempt=attempt)
+    with transaction.atomic():
+        attempt.save(update_fields=ATTEMPT_RESULT_FIELDS)
+        return _record_result(email_request, token, result, attempt=attempt)
+
+
+def _give_back(rows, attempts, token):
+    """Release claimed rows that were never tried, and publish a task to carry on with them."""
+    try:
+        with transaction.atomic():
+            EmailAttempt.objects.filter(pk__in=[attempt.pk for attempt in attempts]).delete()
+            released = EmailRequest.objects.release_untried([row.pk for row in rows], token)
+    except Exception:
+        # Their lease runs out and the relay reclaims them; nothing is lost.
+        logger.exception("%d claimed email requests not released", len(rows))
+        return
+    logger.info("Released %d claimed email requests untried: the send window closed", released)
+    if released:
+        _publish_or_forget(rows[0].pk, str(uuid.uuid4()))
 
 
 def _insist(write, tries=4):
@@ -228,6 +296,11 @@ def _insist(write, tries=4):
 
 
 def _finish_attempt(attempt, result):
+    _fill_attempt(attempt, result)
+    attempt.save()
+
+
+def _fill_attempt(attempt, result):
     attempt.finished_at = timezone.now()
     attempt.outcome = result.outcome
     # smtplib reports -1 for a reply it could not read; that is no SMTP code.
@@ -235,15 +308,14 @@ def _finish_attempt(attempt, result):
     attempt.error_class = result.error_class
     attempt.error_text = result.error_text
     attempt.duration_ms = int((attempt.finished_at - attempt.started_at).total_seconds() * 1000)
-    attempt.save()
 
 
-def _record_result(email_request, token, result):
+def _record_result(email_request, token, result, *, attempt):
     pk = email_request.pk
     log_extra = {"email_request_id": str(pk), "smtp_code": result.smtp_code}
     if result.outcome == delivery.SENT:
         new_status = EmailStatus.SENT
-        changed = EmailRequest.objects.complete(pk, token)
+        changed = EmailRequest.objects.complete(pk, token, now=attempt.finished_at, attempt=attempt)
     elif result.outcome == delivery.TRANSIENT and email_request.retry_count < email_request.max_retries:
         new_status = EmailStatus.PENDING
         retry_number = email_request.retry_count + 1

@@ -19,12 +19,12 @@ logger = logging.getLogger(__name__)
     ignore_result=True,
 )
 def send_email_task(self, email_request_id):
-    """Send one email request if it can be claimed."""
+    """Send this email request if it can be claimed, and with it other due ones, a batch at a time."""
     try:
         # The time limits came with the message, from the publisher's settings; the claim must
         # outlive the hard one whatever this worker's own settings say.
         hard_limit = (self.request.timelimit or (None, None))[0] or 0
-        status = services.send_email_request(
+        statuses = services.send_due_emails(
             email_request_id,
             worker=f"{self.request.hostname or 'worker'}:{os.getpid()}",
             lease=max(conf.lease_seconds(), hard_limit + 10),
@@ -32,7 +32,7 @@ def send_email_task(self, email_request_id):
     except ValidationError:
         logger.error("Malformed email request id %r dropped", email_request_id)
         return None
-    return status
+    return statuses.get(str(email_request_id))
 
 
 @shared_task(name="email_service.tasks.dispatch_due_emails", ignore_result=True)

@@ -156,6 +156,8 @@ EMAIL_DISPATCH_INTERVAL = env.float("EMAIL_DISPATCH_INTERVAL", default=15)
 # Limits of one send; by default derived from EMAIL_TIMEOUT (see email_service/conf.py).
 EMAIL_SEND_TIME_LIMIT = env.float("EMAIL_SEND_TIME_LIMIT", default=None)
 EMAIL_CLAIM_LEASE = env.float("EMAIL_CLAIM_LEASE", default=None)
+# Due rows one task claims and sends over one SMTP connection (see email_service/services.py).
+EMAIL_SEND_BATCH_SIZE = env.int("EMAIL_SEND_BATCH_SIZE", default=20)
 EMAIL_DISPATCH_STALE_AFTER = env.float("EMAIL_DISPATCH_STALE_AFTER", default=120)
 EMAIL_CONFIRMATION_INTERVAL = env.float("EMAIL_CONFIRMATION_INTERVAL", default=3600)
 EMAIL_DISPATCH_ASYNC = env.bool("EMAIL_DISPATCH_ASYNC", default=True)

@@ -1,0 +1,185 @@
+"""Batch sending: one task claims due rows a batch at a time and sends them over one connection.
+
+These run in-process against the real SMTP server of the test session and the configured database
+(PostgreSQL in CI, where the claim uses SKIP LOCKED and the outcome is written in one statement).
+"""
+import threading
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from email_service import services
+from email_service.models import EmailAttempt, EmailRequest, EmailStatus
+
+from .conftest import require_postgresql
+
+
+def make_rows(count, **fields):
+    rows = []
+    for number in range(count):
+        rows.append(
+            services.create_email_request(
+                data={"full_name": f"Patient {number}", "email": f"p{number}-{uuid.uuid4().hex[:6]}@example.org",
+                      "subject": f"Batch {number}", "message": "Hello", **fields},
+                dispatch_on_commit=False,
+            )
+        )
+    return rows
+
+
+def subjects(smtp):
+    return [m["message"]["Subject"] for m in smtp.messages]
+
+
+@pytest.fixture
+def quiet(settings):
+    settings.EMAIL_SEND_CONFIRMATION = False
+    settings.EMAIL_SEND_BATCH_SIZE = 3
+
+
+def test_one_call_sends_its_own_row_first_then_every_due_row_in_batches_over_one_connection(smtp, db, quiet):
+    rows = make_rows(7)
+    waiting = make_rows(1)[0]
+    EmailRequest.objects.filter(pk=waiting.pk).update(next_attempt_at=timezone.now() + timedelta(hours=1))
+    cancelled = make_rows(1)[0]
+    services.cancel_email_request(cancelled)
+
+    statuses = services.send_due_emails(rows[4].pk, worker="test")
+
+    assert statuses == {str(row.pk): EmailStatus.SENT for row in rows}
+    assert subjects(smtp)[0] == "[MedCor contact] Batch 4"
+    assert sorted(subjects(smtp)) == sorted(f"[MedCor contact] Batch {n}" for n in range(7))
+    assert smtp.connections == 1
+    assert EmailRequest.objects.get(pk=waiting.pk).status == EmailStatus.PENDING
+    assert EmailRequest.objects.get(pk=cancelled.pk).status == EmailStatus.CANCELLED
+    for row in EmailRequest.objects.filter(pk__in=[row.pk for row in rows]):
+        assert (row.status, row.claim_token, row.lease_expires_at, row.sent_at is not None) == (
+            EmailStatus.SENT, None, None, True)
+        [attempt] = row.attempts.all()
+        assert (attempt.number, attempt.outcome, attempt.smtp_code, attempt.worker) == (1, "sent", 250, "test")
+        assert attempt.finished_at >= attempt.started_at and attempt.duration_ms is not None
+
+
+def test_a_message_whose_row_was_already_sent_sends_nothing_twice_but_takes_other_due_rows(smtp, db, quiet):
+    first, second = make_rows(2)
+    assert services.send_email_request(first.pk, worker="test") == EmailStatus.SENT
+    assert len(smtp.messages) == 1
+
+    statuses = services.send_due_emails(first.pk, worker="test")
+
+    assert statuses == {str(second.pk): EmailStatus.SENT}
+    assert subjects(smtp) == ["[MedCor contact] Batch 0", "[MedCor contact] Batch 1"]
+    assert EmailAttempt.objects.filter(request=first).count() == 1
+
+
+def test_send_email_request_sends_only_its_own_row(smtp, db, quiet):
+    first, second = make_rows(2)
+    assert services.send_email_request(second.pk, worker="test") == EmailStatus.SENT
+    assert subjects(smtp) == ["[MedCor contact] Batch 1"]
+    assert EmailRequest.objects.get(pk=first.pk).status == EmailStatus.PENDING
+
+
+def test_outcomes_in_one_batch_are_recorded_row_by_row(smtp, db, quiet):
+    rows = make_rows(3)
+    smtp.script = ["accept", "421 4.3.2 Busy", "550 5.1.1 No such mailbox"]
+
+    statuses = services.send_due_emails(rows[0].pk, worker="test")
+
+    assert list(statuses.values()) == [EmailStatus.SENT, EmailStatus.PENDING, EmailStatus.FAILED]
+    by_pk = {row.pk: row for row in EmailRequest.objects.filter(pk__in=[row.pk for row in rows])}
+    deferred, failed = by_pk[rows[1].pk], by_pk[rows[2].pk]
+    assert (deferred.retry_count, deferred.claim_token, deferred.dispatched_at) == (1, None, None)
+    assert deferred.next_attempt_at > timezone.now()
+    assert deferred.error_message.startswith("421")
+    assert failed.error_message.startswith("550")
+    outcomes = dict(EmailAttempt.objects.filter(request__in=rows).values_list("request", "outcome"))
+    assert outcomes == {rows[0].pk: "sent", rows[1].pk: "transient", rows[2].pk: "permanent"}
+
+
+def test_when_the_send_window_closes_untried_rows_go_back_and_a_task_is_published_for_them(
+    smtp, db, quiet, settings, monkeypatch
+):
+    # A soft limit that leaves no window after the first mail: 2 x EMAIL_TIMEOUT (2 s) + 10 s.
+    settings.EMAIL_SEND_TIME_LIMIT = 14
+    published = []
+    monkeypatch.setattr(services, "_publish_or_forget", lambda pk, task_id: published.append(pk))
+    rows = make_rows(3)
+
+    statuses = services.send_due_emails(rows[0].pk, worker="test")
+
+    assert statuses == {str(rows[0].pk): EmailStatus.SENT}
+    assert len(smtp.messages) == 1
+    untried = EmailRequest.objects.filter(pk__in=[rows[1].pk, rows[2].pk])
+    for row in untried:
+        assert (row.status, row.claim_token, row.retry_count, row.dispatched_at) == (
+            EmailStatus.PENDING, None, 0, None)
+        assert row.next_attempt_at <= timezone.now()
+    assert EmailAttempt.objects.filter(request__in=untried).count() == 0
+    assert len(published) == 1 and published[0] in {rows[1].pk, rows[2].pk}
+
+    # The next task picks them up.
+    settings.EMAIL_SEND_TIME_LIMIT = None
+    assert set(services.send_due_emails(published[0], worker="test").values()) == {EmailStatus.SENT}
+    assert len(smtp.messages) == 3
+
+
+def test_a_worker_lost_mid_batch_loses_no_row(db, quiet):
+    rows = make_rows(3)
+    token, claimed = EmailRequest.objects.claim_batch(worker="dead", first=rows[0].pk, limit=3, lease=1)
+    assert [row.pk for row in claimed] == [row.pk for row in rows]
+    for row in claimed:
+        EmailAttempt.objects.create(request=row, number=1, started_at=timezone.now(), worker="dead")
+
+    assert services.reclaim_stale_claims(now=timezone.now() + timedelta(seconds=2)) == 3
+
+    for row in EmailRequest.objects.filter(pk__in=[row.pk for row in rows]):
+        assert (row.status, row.retry_count, row.claim_token) == (EmailStatus.PENDING, 1, None)
+        assert [a.outcome for a in row.attempts.all()] == ["crashed"]
+
+
+def test_the_sent_outcome_is_one_write_even_when_the_claim_was_lost(smtp, db, quiet):
+    [row] = make_rows(1)
+    token, [claimed] = EmailRequest.objects.claim_batch(worker="test", first=row.pk, limit=1)
+    attempt = EmailAttempt.objects.create(request=claimed, number=1, started_at=timezone.now(), worker="test")
+    attempt.finished_at, attempt.outcome, attempt.smtp_code, attempt.duration_ms = timezone.now(), "sent", 250, 5
+
+    assert EmailRequest.objects.complete(row.pk, uuid.uuid4(), attempt=attempt) is False
+    assert EmailRequest.objects.get(pk=row.pk).status == EmailStatus.PROCESSING
+    assert EmailRequest.objects.complete(row.pk, token, attempt=attempt) is True
+    row.refresh_from_db()
+    attempt.refresh_from_db()
+    assert (row.status, row.claim_token, row.lease_expires_at) == (EmailStatus.SENT, None, None)
+    assert (attempt.outcome, attempt.smtp_code, attempt.duration_ms) == ("sent", 250, 5)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_claimers_take_disjoint_rows_and_together_all_of_them(settings):
+    require_postgresql()  # SKIP LOCKED; SQLite serialises writers instead
+    settings.EMAIL_SEND_CONFIRMATION = False
+    rows = make_rows(40)
+    start = threading.Barrier(4)
+    taken = []
+
+    def claimer(name):
+        try:
+            start.wait()
+            while True:
+                _, claimed = EmailRequest.objects.claim_batch(worker=name, limit=3)
+                if not claimed:
+                    return
+                taken.extend(row.pk for row in claimed)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=claimer, args=(f"w{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert sorted(taken) == sorted(row.pk for row in rows)
+    workers = set(EmailRequest.objects.values_list("claimed_by", flat=True))
+    assert len(workers) > 1, "one claimer took every row"
