@@ -94,3 +94,8 @@ def ratelimit_read():
 def statistics_cache_seconds():
     """Seconds the public statistics may be stale: one full-table aggregate per period at most."""
     return settings.EMAIL_STATISTICS_CACHE_SECONDS
+
+
+def list_count_cache_seconds():
+    """Seconds a large list count may be shared: one full count per filter per period at most."""
+    return settings.EMAIL_LIST_COUNT_CACHE_SECONDS

@@ -21,8 +21,6 @@ from rest_framework import status, viewsets
 from rest_framework.authentication import SessionAuthentication, TokenAuthentication
 from rest_framework.permissions import AllowAny
 from rest_framework.decorators import action
-from rest_framework.exceptions import ValidationError
-from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
@@ -31,6 +29,7 @@ from .exceptions import Conflict, SizeLimitedJSONParser
 from .filters import EmailRequestFilter
 from .idempotency import Replay, idempotent
 from .models import EmailRequest, EmailStatus
+from .pagination import EmailRequestPagination
 from .permissions import EmailRequestPermission, can_view_personal_data, required_permission
 from .ratelimits import client_ip, rate_limited
 from .serializers import (
@@ -48,24 +47,6 @@ from .serializers import (
 logger = logging.getLogger(__name__)
 
 ACCEPTED_MESSAGE = "Your message has been received and will be delivered to our support team."
-
-
-class EmailRequestPagination(PageNumberPagination):
-    page_size = 20
-    page_size_query_param = "page_size"
-    max_page_size = 100
-
-    def get_schema_operation_parameters(self, view):
-        parameters = super().get_schema_operation_parameters(view)
-        for parameter in parameters:
-            parameter["schema"]["minimum"] = 1
-        return parameters
-
-    def get_page_size(self, request):
-        value = request.query_params.get(self.page_size_query_param)
-        if value is not None and not (value.isdigit() and int(value) > 0):
-            raise ValidationError({self.page_size_query_param: ["A positive whole number is required."]})
-        return super().get_page_size(request)
 
 
 def _read_rate():

@@ -1,5 +1,6 @@
 """The HTTP API: creating requests, and clear JSON errors that leave nothing behind."""
 import json
+import uuid
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -168,6 +169,32 @@ def test_statistics_are_shared_for_the_cache_period(client, media_root, settings
         assert client.get(f"{URL}statistics/").json()["total_requests"] == first["total_requests"] + 1
     finally:
         cache.delete(services.STATISTICS_CACHE_KEY)
+
+
+@pytest.mark.django_db
+def test_a_large_list_count_is_shared_for_the_period_and_a_small_one_is_always_fresh(
+    client, media_root, settings, monkeypatch
+):
+    from email_service.pagination import SharedCountPaginator
+
+    settings.EMAIL_LIST_COUNT_CACHE_SECONDS = 60
+    # A filter no other test uses, so that the cache key (the count query) is this test's own.
+    listing = f"{URL}?created_after=2001-02-03T04:05:{uuid.uuid4().int % 60:02d}Z"
+    for _ in range(3):
+        client.post(URL, VALID, format="json")
+    assert client.get(listing).json()["count"] == 3
+    client.post(URL, VALID, format="json")
+    assert client.get(listing).json()["count"] == 4  # at or under the floor: counted every time
+
+    monkeypatch.setattr(SharedCountPaginator, "SHARED_COUNT_FLOOR", 3)
+    assert client.get(listing).json()["count"] == 4
+    client.post(URL, VALID, format="json")
+    page = client.get(listing).json()
+    assert page["count"] == 4  # above the floor: shared for the period
+    assert len(page["results"]) == 5  # the rows themselves are always read fresh
+
+    settings.EMAIL_LIST_COUNT_CACHE_SECONDS = 0
+    assert client.get(listing).json()["count"] == 5
 
 
 @pytest.mark.django_db(transaction=True)
