@@ -3,6 +3,7 @@
 Views, admin actions, tasks and management commands call these functions; the status rules
 themselves live on `EmailRequestQuerySet`.
 """
+import contextlib
 import hashlib
 import logging
 import os
@@ -60,7 +61,8 @@ def create_email_request(*, data, upload=None, content_type="", client_ip=None, 
         dispatched_at=timezone.now(),
     )
     try:
-        with transaction.atomic():
+        # A row alone is one INSERT, atomic by itself; a file and its row commit or go together.
+        with transaction.atomic() if upload is not None else contextlib.nullcontext():
             if upload is not None:
                 email_request.attachment_name = clean_filename(upload.name or "")
                 email_request.attachment_size = upload.size
