@@ -170,9 +170,10 @@ class EmailRequestQuerySet(models.QuerySet):
             )
         if not claimed:
             return None, []
-        position = {pk: index for index, pk in enumerate(candidates)}
-        rows = sorted(self.filter(pk__in=candidates, claim_token=token), key=lambda row: position.get(row.pk, len(position)))
-        return token, rows
+        # In the order claimed: `first` first, then the longest waiting.
+        position = {str(pk): index for index, pk in enumerate(candidates)}
+        rows = self.filter(pk__in=candidates, claim_token=token)
+        return token, sorted(rows, key=lambda row: position.get(str(row.pk), len(position)))
 
     def release_untried(self, pks, token):
         """Give claimed rows whose send never started back to PENDING, due now, for the relay."""
@@ -367,7 +368,9 @@ class AttemptOutcome(models.TextChoices):
 
 
 # What an attempt learns when it ends; the rest is set when it starts.
-ATTEMPT_RESULT_FIELDS = ("started_at", "finished_at", "outcome", "smtp_code", "error_class", "error_text", "duration_ms")
+ATTEMPT_RESULT_FIELDS = (
+    "started_at", "finished_at", "outcome", "smtp_code", "error_class", "error_text", "duration_ms",
+)
 
 
 class EmailAttempt(models.Model):

@@ -184,22 +184,54 @@ def send_email_request(pk, *, worker=None, lease=None):
     return send_due_emails(pk, worker=worker, lease=lease, batch_size=1, more=False).get(str(pk))
 
 
+class SendPace:
+    """How long this process's recent sends took, to size its next batch.
+
+    A batch is sent one mail after another by one process, so its size is a trade: against a
+    fast relay, 20 mails in one claim save 19 claims; against a server that takes half a second
+    per mail (Gmail), they would wait in line while other workers sit idle. A batch is sized to
+    take about BATCH_SECONDS at the recent pace, between 1 and EMAIL_SEND_BATCH_SIZE; a process
+    that has sent nothing yet starts with 1.
+    """
+
+    BATCH_SECONDS = 0.25
+    # Rows of a claimed batch that would wait longer than this at the pace just seen are given
+    # back, for any idle worker to take.
+    WAIT_SECONDS = 1.0
+
+    def __init__(self):
+        self.seconds = None
+
+    def record(self, seconds):
+        # A slow send counts at once; a return to speed is believed over a few sends.
+        self.seconds = seconds if self.seconds is None or seconds > self.seconds else (
+            0.8 * self.seconds + 0.2 * seconds
+        )
+
+    def batch_size(self, largest):
+        if self.seconds is None:
+            return 1
+        return max(1, min(largest, int(self.BATCH_SECONDS / max(self.seconds, 1e-4))))
+
+
+send_pace = SendPace()
+
+
 def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, more=True):
     """Claim due requests a batch at a time, `first` first, and send each once over this worker's
     SMTP connection; return {id: new status} for the rows tried.
 
-    One task thus drains a backlog: it claims `batch_size` rows in one statement and goes on while
-    rows are due (`more`) and its send window lasts; the messages of the rows it took find nothing
-    to claim. Each outcome is committed right after its send, so a crash repeats one mail at most.
+    One task thus drains a backlog: it claims a batch of rows in one statement (`batch_size`, or
+    as many as `send_pace` says fit in a quarter second) and goes on while rows are due (`more`)
+    and its send window lasts; the messages of the rows it took find nothing to claim. Each
+    outcome is committed right after its send, so a crash repeats one mail at most.
     """
     worker = (worker or worker_name())[:255]
-    batch_size = batch_size or conf.send_batch_size()
     window_ends = time.monotonic() + conf.send_window()
     statuses = {}
     while True:
-        token, rows = EmailRequest.objects.claim_batch(
-            worker=worker, first=first, limit=batch_size, lease=lease
-        )
+        limit = batch_size or send_pace.batch_size(conf.send_batch_size())
+        token, rows = EmailRequest.objects.claim_batch(worker=worker, first=first, limit=limit, lease=lease)
         if first is not None and str(first) not in {str(row.pk) for row in rows}:
             logger.info(
                 "Email request %s not claimed (sent, cancelled, not due or taken)", first,
@@ -209,7 +241,7 @@ def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, mor
         if not rows:
             return statuses
         statuses.update(_send_batch(rows, token, worker, window_ends=window_ends, started=bool(statuses)))
-        if not more or len(rows) < batch_size or time.monotonic() > window_ends:
+        if not more or len(rows) < limit or time.monotonic() > window_ends:
             return statuses
 
 
@@ -226,8 +258,11 @@ def _send_batch(rows, token, worker, *, window_ends, started):
     tried = 0
     try:
         for row, attempt in zip(rows, attempts):
-            # The first mail of a task always goes; each later one only while another send fits.
-            if (started or tried) and time.monotonic() > window_ends:
+            # The first mail of a task always goes; each later one only while another send fits,
+            # and while the rows still waiting would not wait long at the server's present pace
+            # (other workers may be idle: they get the rest).
+            waiting = (send_pace.seconds or 0) * (len(rows) - tried)
+            if (started or tried) and (time.monotonic() > window_ends or waiting > SendPace.WAIT_SECONDS):
                 break
             tried += 1
             statuses[str(row.pk)] = _send_claimed(row, attempt, token)
@@ -248,10 +283,12 @@ def _send_claimed(email_request, attempt, token):
         attempt.worker,
         extra={"email_request_id": str(pk), "attempt": attempt.number, "status": EmailStatus.PROCESSING},
     )
+    started = time.monotonic()
     try:
         result = delivery.send(delivery.build_support_message(email_request))
     except Exception as exc:
         result = delivery.classify(exc)
+    send_pace.record(time.monotonic() - started)
     # The outcome is written first and insistently: once SMTP has accepted the mail, a row left
     # PROCESSING would be reclaimed and sent again when its lease runs out.
     status = _insist(lambda: _record_outcome(email_request, attempt, token, result))
@@ -281,7 +318,7 @@ def _give_back(rows, attempts, token):
         # Their lease runs out and the relay reclaims them; nothing is lost.
         logger.exception("%d claimed email requests not released", len(rows))
         return
-    logger.info("Released %d claimed email requests untried: the send window closed", released)
+    logger.info("Released %d claimed email requests untried: the send window closed or sends slowed", released)
     if released:
         _publish_or_forget(rows[0].pk, str(uuid.uuid4()))
 

@@ -35,9 +35,52 @@ def subjects(smtp):
 
 
 @pytest.fixture
-def quiet(settings):
+def quiet(settings, monkeypatch):
+    """No acknowledgements, batches of 3, and a pace as of a fast server (full batches)."""
     settings.EMAIL_SEND_CONFIRMATION = False
     settings.EMAIL_SEND_BATCH_SIZE = 3
+    pace = services.SendPace()
+    pace.record(0.001)
+    monkeypatch.setattr(services, "send_pace", pace)
+    return pace
+
+
+def test_the_pace_sizes_batches_to_a_quarter_second_between_1_and_the_setting():
+    pace = services.SendPace()
+    assert pace.batch_size(20) == 1  # nothing sent yet: one at a time
+    pace.record(0.002)
+    assert pace.batch_size(20) == 20
+    pace.record(0.5)  # a slow send counts at once
+    assert pace.batch_size(20) == 1
+    for _ in range(30):  # speed is believed over a few sends
+        pace.record(0.002)
+    assert pace.batch_size(20) == 20
+    pace.record(0.05)
+    assert pace.batch_size(20) == 5
+
+
+def test_after_a_slow_send_a_task_gives_back_its_batch_and_claims_one_row_at_a_time(
+    smtp, db, quiet, monkeypatch
+):
+    rows = make_rows(3)
+    smtp.script = [("hang", 0.6)]  # two rows waiting behind a 0.6 s send: over a second
+    published = []
+    monkeypatch.setattr(services, "_publish_or_forget", lambda pk, task_id: published.append(pk))
+    limits = []
+    claim_batch = EmailRequest.objects.claim_batch
+
+    def recording_claim(**kwargs):
+        limits.append(kwargs["limit"])
+        return claim_batch(**kwargs)
+
+    monkeypatch.setattr(EmailRequest.objects, "claim_batch", recording_claim)
+    statuses = services.send_due_emails(rows[0].pk, worker="test")
+    assert set(statuses.values()) == {EmailStatus.SENT} and len(statuses) == 3
+    # The first batch was claimed at the fast pace; after its slow first send the other two went
+    # back (with a task published for other workers), and this task took them one at a time.
+    assert limits[:3] == [3, 1, 1]
+    assert published == [rows[1].pk]
+    assert [a.number for a in EmailAttempt.objects.filter(request__in=rows)] == [1, 1, 1]
 
 
 def test_one_call_sends_its_own_row_first_then_every_due_row_in_batches_over_one_connection(smtp, db, quiet):
@@ -47,7 +90,7 @@ def test_one_call_sends_its_own_row_first_then_every_due_row_in_batches_over_one
     cancelled = make_rows(1)[0]
     services.cancel_email_request(cancelled)
 
-    statuses = services.send_due_emails(rows[4].pk, worker="test")
+    statuses = services.send_due_emails(str(rows[4].pk), worker="test")  # as the task gets it
 
     assert statuses == {str(row.pk): EmailStatus.SENT for row in rows}
     assert subjects(smtp)[0] == "[MedCor contact] Batch 4"
