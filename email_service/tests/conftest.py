@@ -253,9 +253,26 @@ def celery_services(smtp_server, django_db_setup, django_db_blocker, tmp_path_fa
         celery_app.control.purge()
     worker = start_worker(tmp_path, smtp_server.port)
     beat = start_beat(tmp_path, smtp_server.port)
+    _session_services.update(worker=worker, beat=beat)
     yield {"worker": worker, "beat": beat, "tmp_path": tmp_path}
+    _session_services.clear()
     beat.stop()
     worker.stop()
+
+
+_session_services = {}
+
+
+@pytest.fixture
+def session_services_paused():
+    """Pause the session's worker and beat, if started, for a test that runs workers of its own:
+    a task sends every due row it can claim, whichever queue brought its message."""
+    paused = list(_session_services.values())
+    for process in paused:
+        process.kill(signal.SIGSTOP)
+    yield
+    for process in paused:
+        process.kill(signal.SIGCONT)
 
 
 @pytest.fixture
