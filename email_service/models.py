@@ -145,20 +145,21 @@ class EmailRequestQuerySet(models.QuerySet):
     def claim_batch(self, *, worker, first=None, limit=1, now=None, lease=None):
         """Take up to `limit` due PENDING rows, `first` before the oldest others; return (token, rows).
 
-        On PostgreSQL the others are picked with `FOR UPDATE SKIP LOCKED`, so workers claiming at the
-        same time take different rows instead of queueing behind each other's locks. The guarded
-        UPDATE decides in every database: a row another worker took meanwhile is not ours.
+        On PostgreSQL every candidate, `first` too, is locked with `FOR UPDATE SKIP LOCKED`: a row
+        another worker is claiming is theirs, so claimers take different rows and never wait for
+        each other (two that waited for each other's `first` would deadlock). The guarded UPDATE
+        decides in every database: a row another worker took meanwhile is not ours.
         """
         now = now or timezone.now()
         due = self.due(now + timedelta(seconds=CLAIM_CLOCK_TOLERANCE))
         token = uuid.uuid4()
-        candidates = [first] if first is not None else []
-        with transaction.atomic():
+        with transaction.atomic(using=self.db):
+            pick = due.select_for_update(skip_locked=True)
+            candidates = list(pick.filter(pk=first).values_list("pk", flat=True)) if first is not None else []
             if limit > len(candidates):
-                others = due.exclude(pk=first) if first is not None else due
-                candidates += others.order_by("next_attempt_at").select_for_update(skip_locked=True).values_list(
-                    "pk", flat=True
-                )[: limit - len(candidates)]
+                others = pick.exclude(pk=first) if first is not None else pick
+                oldest = others.order_by("next_attempt_at").values_list("pk", flat=True)
+                candidates += oldest[: limit - len(candidates)]
             if not candidates:
                 return None, []
             claimed = due.filter(pk__in=candidates).update(

@@ -231,7 +231,9 @@ def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, mor
     statuses = {}
     while True:
         limit = batch_size or send_pace.batch_size(conf.send_batch_size())
-        token, rows = EmailRequest.objects.claim_batch(worker=worker, first=first, limit=limit, lease=lease)
+        token, rows = _insist(
+            lambda: EmailRequest.objects.claim_batch(worker=worker, first=first, limit=limit, lease=lease)
+        )
         if first is not None and str(first) not in {str(row.pk) for row in rows}:
             logger.info(
                 "Email request %s not claimed (sent, cancelled, not due or taken)", first,
@@ -240,8 +242,10 @@ def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, mor
         first = None
         if not rows:
             return statuses
-        statuses.update(_send_batch(rows, token, worker, window_ends=window_ends, started=bool(statuses)))
-        if not more or len(rows) < limit or time.monotonic() > window_ends:
+        sent, gave_back = _send_batch(rows, token, worker, window_ends=window_ends, started=bool(statuses))
+        statuses.update(sent)
+        # Rows given back went with a task of their own: this one stops rather than take them again.
+        if gave_back or not more or len(rows) < limit or time.monotonic() > window_ends:
             return statuses
 
 
@@ -258,11 +262,12 @@ def _send_batch(rows, token, worker, *, window_ends, started):
     tried = 0
     try:
         for row, attempt in zip(rows, attempts):
-            # The first mail of a task always goes; each later one only while another send fits,
-            # and while the rows still waiting would not wait long at the server's present pace
-            # (other workers may be idle: they get the rest).
-            waiting = (send_pace.seconds or 0) * (len(rows) - tried)
-            if (started or tried) and (time.monotonic() > window_ends or waiting > SendPace.WAIT_SECONDS):
+            # The first mail of a task always goes; each later one only while another send fits.
+            if (started or tried) and time.monotonic() > window_ends:
+                break
+            # Once one of this batch has gone: the rest only if they would not wait long at the
+            # server's present pace (other workers may be idle: they get them).
+            if tried and (send_pace.seconds or 0) * (len(rows) - tried) > SendPace.WAIT_SECONDS:
                 break
             tried += 1
             statuses[str(row.pk)] = _send_claimed(row, attempt, token)
@@ -270,7 +275,7 @@ def _send_batch(rows, token, worker, *, window_ends, started):
         untried = rows[tried:]
         if untried:
             _give_back(untried, attempts[tried:], token)
-    return statuses
+    return statuses, bool(untried)
 
 
 def _send_claimed(email_request, attempt, token):

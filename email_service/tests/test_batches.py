@@ -8,7 +8,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from email_service import services
@@ -59,13 +59,23 @@ def test_the_pace_sizes_batches_to_a_quarter_second_between_1_and_the_setting():
     assert pace.batch_size(20) == 5
 
 
-def test_after_a_slow_send_a_task_gives_back_its_batch_and_claims_one_row_at_a_time(
+def test_after_a_slow_send_a_task_gives_back_the_rest_of_its_batch_for_other_workers(
     smtp, db, quiet, monkeypatch
 ):
     rows = make_rows(3)
     smtp.script = [("hang", 0.6)]  # two rows waiting behind a 0.6 s send: over a second
     published = []
     monkeypatch.setattr(services, "_publish_or_forget", lambda pk, task_id: published.append(pk))
+
+    statuses = services.send_due_emails(rows[0].pk, worker="test")
+
+    assert statuses == {str(rows[0].pk): EmailStatus.SENT}
+    assert published == [rows[1].pk]  # the task for the rest; this one stopped
+    for row in EmailRequest.objects.filter(pk__in=[rows[1].pk, rows[2].pk]):
+        assert (row.status, row.claim_token, row.dispatched_at, row.attempts.count()) == (
+            EmailStatus.PENDING, None, None, 0)
+
+    # The published task, at the slow pace, claims one row at a time and sends both.
     limits = []
     claim_batch = EmailRequest.objects.claim_batch
 
@@ -74,13 +84,23 @@ def test_after_a_slow_send_a_task_gives_back_its_batch_and_claims_one_row_at_a_t
         return claim_batch(**kwargs)
 
     monkeypatch.setattr(EmailRequest.objects, "claim_batch", recording_claim)
+    assert set(services.send_due_emails(published[0], worker="test").values()) == {EmailStatus.SENT}
+    assert limits[:2] == [1, 1]
+    assert len(smtp.messages) == 3 and published == [rows[1].pk]
+
+
+def test_at_a_slow_pace_a_task_sends_one_row_per_claim_and_never_gives_back_a_single_row(
+    smtp, db, quiet, monkeypatch
+):
+    quiet.record(2.0)  # this process last saw a slow server
+    published = []
+    monkeypatch.setattr(services, "_publish_or_forget", lambda pk, task_id: published.append(pk))
+    rows = make_rows(3)
+
     statuses = services.send_due_emails(rows[0].pk, worker="test")
-    assert set(statuses.values()) == {EmailStatus.SENT} and len(statuses) == 3
-    # The first batch was claimed at the fast pace; after its slow first send the other two went
-    # back (with a task published for other workers), and this task took them one at a time.
-    assert limits[:3] == [3, 1, 1]
-    assert published == [rows[1].pk]
-    assert [a.number for a in EmailAttempt.objects.filter(request__in=rows)] == [1, 1, 1]
+
+    assert list(statuses) == [str(row.pk) for row in rows]
+    assert published == []
 
 
 def test_one_call_sends_its_own_row_first_then_every_due_row_in_batches_over_one_connection(smtp, db, quiet):
@@ -226,3 +246,40 @@ def test_concurrent_claimers_take_disjoint_rows_and_together_all_of_them(setting
     assert sorted(taken) == sorted(row.pk for row in rows)
     workers = set(EmailRequest.objects.values_list("claimed_by", flat=True))
     assert len(workers) > 1, "one claimer took every row"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_skips_its_own_row_while_another_worker_holds_it_instead_of_waiting(settings):
+    require_postgresql()  # SQLite takes the write lock up front: claims never interleave there
+    settings.EMAIL_SEND_CONFIRMATION = False
+    held, other = make_rows(2)
+    locked, release = threading.Event(), threading.Event()
+
+    def other_claimer():
+        # Another worker in the middle of its claim: the row is locked, its UPDATE not yet run.
+        try:
+            with transaction.atomic():
+                list(EmailRequest.objects.select_for_update().filter(pk=held.pk))
+                locked.set()
+                release.wait(10)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=other_claimer)
+    thread.start()
+    try:
+        assert locked.wait(10)
+        result = []
+        claimer = threading.Thread(
+            target=lambda: (result.append(EmailRequest.objects.claim_batch(worker="w", first=held.pk, limit=2)),
+                            connection.close())
+        )
+        claimer.start()
+        claimer.join(5)
+        assert not claimer.is_alive(), "the claim waited for the other worker's lock"
+        [(token, rows)] = result
+        assert [row.pk for row in rows] == [other.pk]
+    finally:
+        release.set()
+        thread.join(10)
+    assert EmailRequest.objects.get(pk=held.pk).status == EmailStatus.PENDING
