@@ -521,6 +521,9 @@ def main():
         return name in chosen
 
     bench = Bench(args)
+    # A killed run must still stop its stack: left running, its workers would claim the next run's
+    # rows (same scratch database) and send them to a sink that is gone.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     results = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
