@@ -253,26 +253,46 @@ def celery_services(smtp_server, django_db_setup, django_db_blocker, tmp_path_fa
         celery_app.control.purge()
     worker = start_worker(tmp_path, smtp_server.port)
     beat = start_beat(tmp_path, smtp_server.port)
-    _session_services.update(worker=worker, beat=beat)
+    _session_worker.update(node=f"worker@{socket.gethostname()}", consuming=True)
     yield {"worker": worker, "beat": beat, "tmp_path": tmp_path}
-    _session_services.clear()
+    _session_worker.clear()
     beat.stop()
     worker.stop()
 
 
-_session_services = {}
+# The session's worker, while it runs: its node name and whether it takes messages from the queue.
+_session_worker = {}
 
 
-@pytest.fixture
-def session_services_paused():
-    """Pause the session's worker and beat, if started, for a test that runs workers of its own:
-    a task sends every due row it can claim, whichever queue brought its message."""
-    paused = list(_session_services.values())
-    for process in paused:
-        process.kill(signal.SIGSTOP)
-    yield
-    for process in paused:
-        process.kill(signal.SIGCONT)
+def _session_worker_consumes(wanted):
+    """Let the session's worker take messages only during the tests that ask for it.
+
+    A send task sends every due row it can claim, not just its own, so a worker left consuming
+    would deliver rows that other tests commit and expect to stay PENDING, or route to a worker
+    of their own. Stopping its consumer (Celery's remote control) and waiting for its reserved
+    and running tasks keeps it alive and its connections clean, unlike pausing the process.
+    """
+    if not _session_worker or _session_worker["consuming"] == wanted:
+        return
+    node, queue = _session_worker["node"], settings.CELERY_TASK_DEFAULT_QUEUE
+    if wanted:
+        celery_app.control.add_consumer(queue, destination=[node], reply=True, timeout=10)
+    else:
+        celery_app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=10)
+
+        def idle():
+            inspect = celery_app.control.inspect([node], timeout=2)
+            return not any((inspect.active() or {}).get(node, [None])) and not any(
+                (inspect.reserved() or {}).get(node, [None])
+            )
+
+        wait_for(idle, timeout=60, interval=0.2, message="the session's worker to finish its tasks")
+    _session_worker["consuming"] = wanted
+
+
+@pytest.fixture(autouse=True)
+def _session_worker_only_for_its_tests(request):
+    _session_worker_consumes("celery_worker" in request.fixturenames)
 
 
 @pytest.fixture

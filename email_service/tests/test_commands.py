@@ -48,7 +48,7 @@ def test_test_email_waits_for_sent_and_exits_0_with_the_mail_delivered(celery_wo
 
 @pytest.mark.integration
 def test_test_email_exits_non_zero_and_prints_the_error_when_smtp_cannot_be_reached(
-    smtp_server, transactional_db, tmp_path, session_services_paused
+    smtp_server, transactional_db, tmp_path
 ):
     # A worker of its own, on a queue of its own, sending to a port where nothing listens.
     dead_port = free_port()
