@@ -126,21 +126,9 @@ class EmailRequestQuerySet(models.QuerySet):
 
     # --- transitions ---------------------------------------------------------------------------
     def claim(self, pk, *, worker, now=None, lease=None):
-        """Take a due PENDING row for sending; return its claim token, or None if not ours.
-
-        A row created a moment ago on a host whose clock runs slightly ahead still counts as due:
-        CLAIM_CLOCK_TOLERANCE covers that skew, far below any retry backoff.
-        """
-        now = now or timezone.now()
-        token = uuid.uuid4()
-        claimed = self.due(now + timedelta(seconds=CLAIM_CLOCK_TOLERANCE)).filter(pk=pk).update(
-            status=EmailStatus.PROCESSING,
-            claim_token=token,
-            claimed_by=worker[:255],
-            lease_expires_at=now + timedelta(seconds=lease or conf.lease_seconds()),
-            updated_at=now,
-        )
-        return token if claimed else None
+        """Take one due PENDING row for sending; return its claim token, or None if not ours."""
+        token, _ = self.claim_batch(worker=worker, first=pk, limit=1, now=now, lease=lease)
+        return token
 
     def claim_batch(self, *, worker, first=None, limit=1, now=None, lease=None):
         """Take up to `limit` due PENDING rows, `first` before the oldest others; return (token, rows).
@@ -149,6 +137,9 @@ class EmailRequestQuerySet(models.QuerySet):
         another worker is claiming is theirs, so claimers take different rows and never wait for
         each other (two that waited for each other's `first` would deadlock). The guarded UPDATE
         decides in every database: a row another worker took meanwhile is not ours.
+
+        A row created a moment ago on a host whose clock runs slightly ahead still counts as due:
+        CLAIM_CLOCK_TOLERANCE covers that skew, far below any retry backoff.
         """
         now = now or timezone.now()
         due = self.due(now + timedelta(seconds=CLAIM_CLOCK_TOLERANCE))
@@ -178,13 +169,14 @@ class EmailRequestQuerySet(models.QuerySet):
 
     def release_untried(self, pks, token):
         """Give claimed rows whose send never started back to PENDING, due now, for the relay."""
+        now = timezone.now()
         return self.filter(pk__in=pks, status=EmailStatus.PROCESSING, claim_token=token).update(
             status=EmailStatus.PENDING,
             claim_token=None,
             lease_expires_at=None,
-            next_attempt_at=timezone.now(),
+            next_attempt_at=now,
             dispatched_at=None,
-            updated_at=timezone.now(),
+            updated_at=now,
         )
 
     def _release(self, pk, token, **fields):
