@@ -34,10 +34,6 @@ def retention_days():
     return settings.EMAIL_RETENTION_DAYS
 
 
-def dispatch_interval():
-    return settings.EMAIL_DISPATCH_INTERVAL
-
-
 def smtp_timeout():
     return settings.EMAIL_TIMEOUT
 

@@ -339,11 +339,6 @@ def _insist(write, tries=4):
             time.sleep(0.2 * 2**attempt)
 
 
-def _finish_attempt(attempt, result):
-    _fill_attempt(attempt, result)
-    attempt.save()
-
-
 def _fill_attempt(attempt, result):
     attempt.finished_at = timezone.now()
     attempt.outcome = result.outcome

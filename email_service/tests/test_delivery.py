@@ -168,6 +168,7 @@ def test_an_unreadable_reply_is_recorded_without_a_code(email_request):
     from email_service.models import EmailAttempt
 
     attempt = EmailAttempt.objects.create(request=email_request, number=1, started_at=email_request.created_at)
-    services._finish_attempt(attempt, delivery.classify(smtplib.SMTPResponseException(-1, b"garbled")))
+    services._fill_attempt(attempt, delivery.classify(smtplib.SMTPResponseException(-1, b"garbled")))
+    attempt.save()
     attempt.refresh_from_db()
     assert attempt.smtp_code is None and attempt.outcome == delivery.TRANSIENT
