@@ -145,6 +145,16 @@ def smtp(smtp_server, settings):
     delivery.close_connection()
 
 
+@pytest.fixture
+def dispatched(monkeypatch):
+    """Record the requests create_email_request would publish, instead of publishing them."""
+    from email_service import services
+
+    calls = []
+    monkeypatch.setattr(services, "dispatch", calls.append)
+    return calls
+
+
 # --- a real Celery worker and beat ----------------------------------------------------------
 
 

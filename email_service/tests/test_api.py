@@ -20,12 +20,8 @@ def client():
     return APIClient()
 
 
-@pytest.fixture(autouse=True)
-def dispatched(monkeypatch):
-    """Record dispatches instead of publishing: the integration tests cover the broker."""
-    calls = []
-    monkeypatch.setattr(services, "dispatch", calls.append)
-    return calls
+# Dispatches are recorded instead of published: the integration and browser tests cover the broker.
+pytestmark = pytest.mark.usefixtures("dispatched")
 
 
 def assert_nothing_stored(media_root):

@@ -6,7 +6,6 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
-from email_service import services
 from email_service.contact import wait_text
 from email_service.models import EmailRequest
 from email_service.validators import allowed_extensions
@@ -31,12 +30,8 @@ def client():
     return Client()
 
 
-@pytest.fixture(autouse=True)
-def dispatched(monkeypatch):
-    """Record dispatches instead of publishing: the browser and integration tests cover the broker."""
-    calls = []
-    monkeypatch.setattr(services, "dispatch", calls.append)
-    return calls
+# Dispatches are recorded instead of published: the integration and browser tests cover the broker.
+pytestmark = pytest.mark.usefixtures("dispatched")
 
 
 @pytest.fixture(autouse=True)
