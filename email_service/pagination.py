@@ -2,6 +2,7 @@
 import hashlib
 
 from django.core.cache import cache
+from django.core.exceptions import EmptyResultSet
 from django.core.paginator import Paginator
 from django.utils.functional import cached_property
 from rest_framework.exceptions import ValidationError
@@ -29,7 +30,7 @@ class SharedCountPaginator(Paginator):
             return super().count
         try:
             sql, params = query.sql_with_params()
-        except Exception:  # an empty filter (`pk__in=[]`) has no SQL: nothing to count
+        except EmptyResultSet:  # a filter that can match nothing (`pk__in=[]`) has no SQL
             return super().count
         digest = hashlib.sha256(f"{sql}|{params!r}".encode()).hexdigest()
         key = f"email-service:list-count:{digest}"
