@@ -174,8 +174,9 @@ def test_a_large_list_count_is_shared_for_the_period_and_a_small_one_is_always_f
     from email_service.pagination import SharedCountPaginator
 
     settings.EMAIL_LIST_COUNT_CACHE_SECONDS = 60
-    # A filter no other test uses, so that the cache key (the count query) is this test's own.
-    listing = f"{URL}?created_after=2001-02-03T04:05:{uuid.uuid4().int % 60:02d}Z"
+    # A filter no other test or earlier run uses (the shared cache outlives a run by up to 60 s),
+    # so that the cache key, the count query itself, is this run's own.
+    listing = f"{URL}?created_after=2001-02-03T04:05:06.{uuid.uuid4().int % 10**6:06d}Z"
     for _ in range(3):
         client.post(URL, VALID, format="json")
     assert client.get(listing).json()["count"] == 3
