@@ -2,14 +2,14 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install run test migrate bench bench-quick bench-tools chaos clean
+.PHONY: install lint run test migrate bench bench-quick bench-tools chaos clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -24,6 +24,11 @@ run: export PATH := $(CURDIR)/$(BIN):$(PATH)
 run: install
 	python manage.py migrate --noinput
 	honcho -f Procfile.dev start
+
+# ruff, configured in pyproject.toml: the lint rules and the formatter, over the whole tree.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

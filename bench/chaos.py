@@ -10,6 +10,7 @@ Prints accepted, delivered, lost, duplicated and the longest delay. Expected: lo
 
     .venv/bin/python bench/chaos.py [--submissions 300] [--outage 30]
 """
+
 import argparse
 import asyncio
 import json
@@ -29,7 +30,8 @@ from aiosmtpd.controller import Controller
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.stack import PG, ROOT, Processes, create_database, free_port, manage  # noqa: E402
+from bench.stack import PG, ROOT, Processes, create_database, free_port, manage
+
 RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
 
 
@@ -122,22 +124,46 @@ def main():
 
     env = dict(os.environ)
     env.update(
-        DJANGO_SECRET_KEY="chaos-run", DJANGO_ALLOWED_HOSTS="127.0.0.1",
-        DATABASE_URL=f"{PG}/{database}", CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{proxy_port}//",
-        CELERY_TASK_DEFAULT_QUEUE=f"chaos-{uuid.uuid4().hex[:6]}", MEDCOR_VAR_DIR=str(run_dir),
-        MEDIA_ROOT=str(run_dir / "media"), EMAIL_HOST="127.0.0.1", EMAIL_PORT=str(smtp.port),
-        EMAIL_USE_TLS="false", EMAIL_TIMEOUT="5", EMAIL_SEND_CONFIRMATION="false",
-        EMAIL_RETRY_DELAY="2", EMAIL_RETRY_BACKOFF_MAX="10", EMAIL_MAX_RETRIES="5",
-        EMAIL_DISPATCH_INTERVAL="2", EMAIL_DISPATCH_STALE_AFTER="10", EMAIL_CLAIM_LEASE="20",
-        EMAIL_SEND_TIME_LIMIT="15", RATELIMIT_ENABLE="false", LOG_LEVEL="WARNING",
+        DJANGO_SECRET_KEY="chaos-run",
+        DJANGO_ALLOWED_HOSTS="127.0.0.1",
+        DATABASE_URL=f"{PG}/{database}",
+        CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{proxy_port}//",
+        CELERY_TASK_DEFAULT_QUEUE=f"chaos-{uuid.uuid4().hex[:6]}",
+        MEDCOR_VAR_DIR=str(run_dir),
+        MEDIA_ROOT=str(run_dir / "media"),
+        EMAIL_HOST="127.0.0.1",
+        EMAIL_PORT=str(smtp.port),
+        EMAIL_USE_TLS="false",
+        EMAIL_TIMEOUT="5",
+        EMAIL_SEND_CONFIRMATION="false",
+        EMAIL_RETRY_DELAY="2",
+        EMAIL_RETRY_BACKOFF_MAX="10",
+        EMAIL_MAX_RETRIES="5",
+        EMAIL_DISPATCH_INTERVAL="2",
+        EMAIL_DISPATCH_STALE_AFTER="10",
+        EMAIL_CLAIM_LEASE="20",
+        EMAIL_SEND_TIME_LIMIT="15",
+        RATELIMIT_ENABLE="false",
+        LOG_LEVEL="WARNING",
     )
     env.pop("REDIS_URL", None)
     manage(env, "migrate", "--noinput")
 
     processes = Processes(run_dir, env)
     celery = [sys.executable, "-m", "celery", "-A", "medcor_backend2"]
-    processes.spawn("web", sys.executable, "-m", "gunicorn", "medcor_backend2.wsgi:application",
-                    "--bind", f"127.0.0.1:{web_port}", "--workers", "2", "--threads", "4")
+    processes.spawn(
+        "web",
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "medcor_backend2.wsgi:application",
+        "--bind",
+        f"127.0.0.1:{web_port}",
+        "--workers",
+        "2",
+        "--threads",
+        "4",
+    )
     processes.spawn("worker1", *celery, "worker", "--concurrency=2", "--hostname=chaos1@%h")
     processes.spawn("worker2", *celery, "worker", "--concurrency=2", "--hostname=chaos2@%h")
     processes.spawn("beat", *celery, "beat", f"--schedule={run_dir / 'beat-schedule'}")
@@ -157,9 +183,16 @@ def main():
             at = time.time()
             t0 = time.monotonic()
             try:
-                response = requests.post(url, timeout=10, json={
-                    "full_name": f"Chaos {number}", "email": f"chaos{number}@example.org",
-                    "subject": "Chaos run", "message": "Are you still there?"})
+                response = requests.post(
+                    url,
+                    timeout=10,
+                    json={
+                        "full_name": f"Chaos {number}",
+                        "email": f"chaos{number}@example.org",
+                        "subject": "Chaos run",
+                        "message": "Are you still there?",
+                    },
+                )
             except requests.RequestException as exc:
                 refused.append(repr(exc))
                 return
@@ -222,8 +255,17 @@ def main():
         smtp.stop()
     for line in figures["events"]:
         print(line)
-    for key in ("submitted", "accepted", "refused", "delivered", "lost", "duplicated", "longest_delay_s",
-                "post_p50_ms", "post_max_ms"):
+    for key in (
+        "submitted",
+        "accepted",
+        "refused",
+        "delivered",
+        "lost",
+        "duplicated",
+        "longest_delay_s",
+        "post_p50_ms",
+        "post_max_ms",
+    ):
         print(f"{key:>16}: {figures[key]}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

@@ -15,6 +15,7 @@ up or a measurement errors, never on a figure.
 
     .venv/bin/python bench/run.py [--quick]
 """
+
 import argparse
 import datetime
 import json
@@ -104,25 +105,50 @@ class Bench:
         self.smtp.start()
         env = {key: value for key, value in os.environ.items() if key != "DJANGO_SETTINGS_MODULE"}
         env.update(
-            DJANGO_SECRET_KEY="bench-run", DJANGO_ALLOWED_HOSTS="127.0.0.1", DJANGO_DEBUG="false",
-            DATABASE_URL=f"{PG}/{DATABASE}", CELERY_BROKER_URL=BROKER, CELERY_TASK_DEFAULT_QUEUE=self.queue,
-            REDIS_URL=REDIS, MEDCOR_VAR_DIR=str(self.run_dir), MEDIA_ROOT=str(self.run_dir / "media"),
-            EMAIL_HOST="127.0.0.1", EMAIL_PORT=str(self.smtp.port), EMAIL_USE_TLS="false",
-            EMAIL_USE_SSL="false", EMAIL_TIMEOUT="10", EMAIL_SEND_CONFIRMATION="false",
-            EMAIL_DISPATCH_INTERVAL="5", RATELIMIT_ENABLE="false", LOG_LEVEL="WARNING",
+            DJANGO_SECRET_KEY="bench-run",
+            DJANGO_ALLOWED_HOSTS="127.0.0.1",
+            DJANGO_DEBUG="false",
+            DATABASE_URL=f"{PG}/{DATABASE}",
+            CELERY_BROKER_URL=BROKER,
+            CELERY_TASK_DEFAULT_QUEUE=self.queue,
+            REDIS_URL=REDIS,
+            MEDCOR_VAR_DIR=str(self.run_dir),
+            MEDIA_ROOT=str(self.run_dir / "media"),
+            EMAIL_HOST="127.0.0.1",
+            EMAIL_PORT=str(self.smtp.port),
+            EMAIL_USE_TLS="false",
+            EMAIL_USE_SSL="false",
+            EMAIL_TIMEOUT="10",
+            EMAIL_SEND_CONFIRMATION="false",
+            EMAIL_DISPATCH_INTERVAL="5",
+            RATELIMIT_ENABLE="false",
+            LOG_LEVEL="WARNING",
         )
         manage(env, "migrate", "--noinput")
         self.processes = Processes(self.run_dir, env)
         args = self.args
         self.processes.spawn(
-            "web", sys.executable, "-m", "gunicorn", "medcor_backend2.wsgi:application",
-            "--bind", f"127.0.0.1:{self.web_port}", "--workers", str(args.web_workers),
-            "--threads", str(args.web_threads), env={"DJANGO_SETTINGS_MODULE": "bench.settings"},
+            "web",
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "medcor_backend2.wsgi:application",
+            "--bind",
+            f"127.0.0.1:{self.web_port}",
+            "--workers",
+            str(args.web_workers),
+            "--threads",
+            str(args.web_threads),
+            env={"DJANGO_SETTINGS_MODULE": "bench.settings"},
         )
         celery = [sys.executable, "-m", "celery", "-A", "medcor_backend2"]
         self.processes.spawn(
-            "worker", *celery, "worker", f"--concurrency={args.worker_concurrency}",
-            f"--prefetch-multiplier={args.worker_prefetch}", f"--hostname=bench-{self.queue}@%h",
+            "worker",
+            *celery,
+            "worker",
+            f"--concurrency={args.worker_concurrency}",
+            f"--prefetch-multiplier={args.worker_prefetch}",
+            f"--hostname=bench-{self.queue}@%h",
         )
         self.processes.spawn("beat", *celery, "beat", f"--schedule={self.run_dir / 'beat-schedule'}")
         wait_http(f"{self.base}/healthz", self.processes)
@@ -187,8 +213,21 @@ class Bench:
             f"wrk.body = [[{json.dumps(CONTACT)}]]\n"
             'wrk.headers["Content-Type"] = "application/json"\n'
         )
-        command = ["wrk", "-t", "2", "-c", str(self.args.connections), "-d", f"{seconds}s", "--latency",
-                   "--timeout", "10s", "-s", str(script), self.base + path]
+        command = [
+            "wrk",
+            "-t",
+            "2",
+            "-c",
+            str(self.args.connections),
+            "-d",
+            f"{seconds}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            self.base + path,
+        ]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         return parse_wrk(output)
 
@@ -256,8 +295,9 @@ class Bench:
         self.sink.kept = []
         start = time.perf_counter()
         for pk, task_id in rows:
-            self.celery.send_task("email_service.tasks.send_email_task", args=[str(pk)], queue=self.queue,
-                                  task_id=task_id)
+            self.celery.send_task(
+                "email_service.tasks.send_email_task", args=[str(pk)], queue=self.queue, task_id=task_id
+            )
         published = time.perf_counter() - start
         deadline = time.monotonic() + 600
         while True:
@@ -280,8 +320,16 @@ class Bench:
         path = self.run_dir / "mails.pickle"
         path.write_bytes(pickle.dumps(mails))
         loop = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "smtp_loop.py"), "127.0.0.1", str(self.smtp.port), str(path)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                str(ROOT / "bench" / "smtp_loop.py"),
+                "127.0.0.1",
+                str(self.smtp.port),
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         loop_seconds = float(loop.stdout.strip())
         return {
@@ -306,26 +354,37 @@ class Bench:
             # A PDF header so libmagic accepts it, then random bytes: nothing compresses or dedupes.
             content = b"%PDF-1.4\n" + secrets.token_bytes(FILE_SIZE - 9)
             response = requests.post(
-                f"{self.base}/api/email/emails/", data=CONTACT, files={"file_attached": (f"scan{number}.pdf", content)},
+                f"{self.base}/api/email/emails/",
+                data=CONTACT,
+                files={"file_attached": (f"scan{number}.pdf", content)},
                 timeout=60,
             )
             if response.status_code != 201:
                 raise RuntimeError(f"upload answered {response.status_code}: {response.text[:300]}")
             ids.append(response.json()["email_request_id"])
         deadline = time.monotonic() + 120
-        while self._sql(f"SELECT count(*) FROM {TABLE} WHERE id = ANY(%s::uuid[]) AND status = 'SENT'",
-                        (ids,))[0][0] < len(ids):
+        while self._sql(
+            f"SELECT count(*) FROM {TABLE} WHERE id = ANY(%s::uuid[]) AND status = 'SENT'", (ids,)
+        )[0][0] < len(ids):
             if time.monotonic() > deadline:
                 raise RuntimeError("the uploaded files were not all sent within 120 s")
             time.sleep(0.1)
 
         def worst(pids):
             pid = max(pids, key=lambda p: peak_rss(p) - idle[p])
-            return {"idle_mb": idle[pid] / MB, "peak_mb": peak_rss(pid) / MB,
-                    "over_idle_mb": (peak_rss(pid) - idle[pid]) / MB,
-                    "ratio": (peak_rss(pid) - idle[pid]) / FILE_SIZE}
+            return {
+                "idle_mb": idle[pid] / MB,
+                "peak_mb": peak_rss(pid) / MB,
+                "over_idle_mb": (peak_rss(pid) - idle[pid]) / MB,
+                "ratio": (peak_rss(pid) - idle[pid]) / FILE_SIZE,
+            }
 
-        return {"file_mb": FILE_SIZE / MB, "files": self.args.files, "web": worst(web), "worker": worst(workers)}
+        return {
+            "file_mb": FILE_SIZE / MB,
+            "files": self.args.files,
+            "web": worst(web),
+            "worker": worst(workers),
+        }
 
     # --- 5: query scaling ----------------------------------------------------------------------
     def queries(self):
@@ -346,8 +405,10 @@ class Bench:
                 "detail": lambda i, ids=detail_ids: f"/api/email/emails/{ids[i % len(ids)]}/",
                 "statistics": lambda _: "/api/email/emails/statistics/",
             }
-            curve[size] = {name: time_get(session, self.base, path, self.args.repeats)
-                           for name, path in endpoints.items()}
+            curve[size] = {
+                name: time_get(session, self.base, path, self.args.repeats)
+                for name, path in endpoints.items()
+            }
         return curve
 
 
@@ -393,6 +454,7 @@ UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 def parse_wrk(output):
     """Requests per second, p50/p99 latency in ms and error counts from `wrk --latency` output."""
+
     def number(pattern):
         found = re.search(pattern, output)
         return found and found.groups()
@@ -404,12 +466,19 @@ def parse_wrk(output):
         latency[percent] = float(value) * UNITS[unit]
     requests_done = int(number(r"(\d+) requests in")[0])
     non_2xx = int((number(r"Non-2xx or 3xx responses: (\d+)") or ["0"])[0])
-    socket_errors = sum(map(int, number(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
-                            or [0]))
+    socket_errors = sum(
+        map(int, number(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)") or [0])
+    )
     if requests_done == 0 or non_2xx or socket_errors > requests_done // 100:
         raise RuntimeError(f"wrk saw errors:\n{output}")
-    return {"rps": rps, "p50_ms": latency["50"], "p99_ms": latency["99"], "requests": requests_done,
-            "non_2xx": non_2xx, "socket_errors": socket_errors}
+    return {
+        "rps": rps,
+        "p50_ms": latency["50"],
+        "p99_ms": latency["99"],
+        "requests": requests_done,
+        "non_2xx": non_2xx,
+        "socket_errors": socket_errors,
+    }
 
 
 def merge_runs(runs):
@@ -422,7 +491,10 @@ def met(value):
 
 def table(results):
     """The Markdown table of every figure, its baseline, the ratio and the goal."""
-    lines = ["| measurement | service | baseline | ratio | goal | met |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| measurement | service | baseline | ratio | goal | met |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name in MEASUREMENTS:
         if name in results:
             lines.extend(ROWS[name](results[name]))
@@ -431,34 +503,53 @@ def table(results):
 
 def _accept_rows(accept):
     svc, base = accept["service"], accept["baseline"]
-    return [(f"| 1. accept, POST JSON req/s (p50 / p99 ms) | {svc['rps']:.0f} ({svc['p50_ms']:.1f} / "
-                 f"{svc['p99_ms']:.1f}) | {base['rps']:.0f} ({base['p50_ms']:.1f} / {base['p99_ms']:.1f}) | "
-                 f"{accept['ratio']:.2f} | >= 0.7 | {met(accept['ratio'] >= 0.7)} |")] + (
-        [f"| 1. (for comparison) the same with the worker paused: web path alone | {accept['web_only']['rps']:.0f} "
-         f"({accept['web_only']['p50_ms']:.1f} / {accept['web_only']['p99_ms']:.1f}) | {base['rps']:.0f} | "
-         f"{accept['web_only_ratio']:.2f} | - | - |"] if "web_only" in accept else [])
+    return [
+        (
+            f"| 1. accept, POST JSON req/s (p50 / p99 ms) | {svc['rps']:.0f} ({svc['p50_ms']:.1f} / "
+            f"{svc['p99_ms']:.1f}) | {base['rps']:.0f} ({base['p50_ms']:.1f} / {base['p99_ms']:.1f}) | "
+            f"{accept['ratio']:.2f} | >= 0.7 | {met(accept['ratio'] >= 0.7)} |"
+        )
+    ] + (
+        [
+            f"| 1. (for comparison) the same with the worker paused: web path alone | {accept['web_only']['rps']:.0f} "
+            f"({accept['web_only']['p50_ms']:.1f} / {accept['web_only']['p99_ms']:.1f}) | {base['rps']:.0f} | "
+            f"{accept['web_only_ratio']:.2f} | - | - |"
+        ]
+        if "web_only" in accept
+        else []
+    )
 
 
 def _non_blocking_rows(nb):
-    return [(f"| 2. POST p99 ms, sink 2 s/mail vs fast sink (req/s) | {nb['slow']['p99_ms']:.1f} "
-                 f"({nb['slow']['rps']:.0f}) | {nb['fast']['p99_ms']:.1f} ({nb['fast']['rps']:.0f}) | "
-                 f"{nb['ratio']:.2f} | <= 1.2 | {met(nb['ratio'] <= 1.2)} |")]
+    return [
+        (
+            f"| 2. POST p99 ms, sink 2 s/mail vs fast sink (req/s) | {nb['slow']['p99_ms']:.1f} "
+            f"({nb['slow']['rps']:.0f}) | {nb['fast']['p99_ms']:.1f} ({nb['fast']['rps']:.0f}) | "
+            f"{nb['ratio']:.2f} | <= 1.2 | {met(nb['ratio'] <= 1.2)} |"
+        )
+    ]
 
 
 def _delivery_rows(d):
-    return [(f"| 3. delivery, {d['mails']} PENDING -> SENT, mails/s | {d['service_per_s']:.0f} | "
-                 f"{d['smtplib_per_s']:.0f} (smtplib, one connection) | {d['ratio']:.2f} | >= 0.5 | "
-                 f"{met(d['ratio'] >= 0.5)} |")]
+    return [
+        (
+            f"| 3. delivery, {d['mails']} PENDING -> SENT, mails/s | {d['service_per_s']:.0f} | "
+            f"{d['smtplib_per_s']:.0f} (smtplib, one connection) | {d['ratio']:.2f} | >= 0.5 | "
+            f"{met(d['ratio'] >= 0.5)} |"
+        )
+    ]
 
 
 def _memory_rows(m):
     lines = []
     for name, limit in (("web", 1), ("worker", 4)):
         part = m[name]
-        lines.append(f"| 4. {name} peak RSS over idle, {m['files']} x {m['file_mb']:.0f} MB files | "
-                     f"{part['over_idle_mb']:.1f} MB (peak {part['peak_mb']:.0f}) | {part['idle_mb']:.0f} MB idle, "
-                     f"file {m['file_mb']:.0f} MB | {part['ratio']:.2f}x file | < {limit}x | "
-                     f"{met(part['ratio'] < limit)} |")
+        lines.append(
+            f"| 4. {name} peak RSS over idle, {m['files']} x {m['file_mb']:.0f} MB files | "
+            f"{part['over_idle_mb']:.1f} MB (peak {part['peak_mb']:.0f}) | {part['idle_mb']:.0f} MB idle, "
+            f"file {m['file_mb']:.0f} MB | {part['ratio']:.2f}x file | < {limit}x | "
+            f"{met(part['ratio'] < limit)} |"
+        )
     return lines
 
 
@@ -469,9 +560,11 @@ def _query_rows(curve):
     for name in curve[largest]:
         points = " / ".join(f"{curve[size][name]['p50_ms']:.1f}" for size in sizes)
         low, high = curve[smallest][name]["p50_ms"], curve[largest][name]["p50_ms"]
-        lines.append(f"| 5. {name} p50 ms at {' / '.join(human(s) for s in sizes)} rows | {points} | "
-                     f"{low:.1f} at {human(smallest)} | {high / low:.2f} | "
-                     f"< 50 ms, flat | {met(high < 50 and is_flat(low, high))} |")
+        lines.append(
+            f"| 5. {name} p50 ms at {' / '.join(human(s) for s in sizes)} rows | {points} | "
+            f"{low:.1f} at {human(smallest)} | {high / low:.2f} | "
+            f"< 50 ms, flat | {met(high < 50 and is_flat(low, high))} |"
+        )
     return lines
 
 
@@ -480,8 +573,13 @@ def is_flat(low, high):
     return high <= max(2 * low, low + 5)
 
 
-ROWS = {"accept": _accept_rows, "non_blocking": _non_blocking_rows, "delivery": _delivery_rows,
-        "memory": _memory_rows, "queries": _query_rows}
+ROWS = {
+    "accept": _accept_rows,
+    "non_blocking": _non_blocking_rows,
+    "delivery": _delivery_rows,
+    "memory": _memory_rows,
+    "queries": _query_rows,
+}
 
 
 def human(n):
@@ -489,8 +587,14 @@ def human(n):
 
 
 def machine():
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     memory = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
     return f"{os.cpu_count()} x {model}, {memory // 1024} GB RAM, {platform.system()} {platform.release()}"
 
@@ -529,13 +633,25 @@ def main():
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "mode": "quick" if args.quick else "full",
-        "settings": {key: getattr(args, key) for key in ("web_workers", "web_threads", "worker_concurrency",
-                                                          "worker_prefetch", "connections", "seconds")},
+        "settings": {
+            key: getattr(args, key)
+            for key in (
+                "web_workers",
+                "web_threads",
+                "worker_concurrency",
+                "worker_prefetch",
+                "connections",
+                "seconds",
+            )
+        },
         "goals": GOALS,
     }
     try:
         bench.start()
-        step = lambda name: print(f"[{time.monotonic() - started:5.0f}s] {name}", file=sys.stderr, flush=True)
+
+        def step(name):
+            print(f"[{time.monotonic() - started:5.0f}s] {name}", file=sys.stderr, flush=True)
+
         if wanted("accept"):
             step("1. accept rate")
             results["accept"] = bench.accept()
@@ -556,9 +672,11 @@ def main():
         bench.stop()
     results["seconds"] = round(time.monotonic() - started, 1)
     Path(args.json).write_text(json.dumps(results, indent=2, default=str))
-    print(f"{results['mode']} run, {results['date']}, {results['machine']}, {results['seconds']} s; gunicorn "
-          f"{args.web_workers} workers x {args.web_threads} threads, Celery concurrency {args.worker_concurrency} "
-          f"prefetch {args.worker_prefetch}, wrk {args.connections} connections\n")
+    print(
+        f"{results['mode']} run, {results['date']}, {results['machine']}, {results['seconds']} s; gunicorn "
+        f"{args.web_workers} workers x {args.web_threads} threads, Celery concurrency {args.worker_concurrency} "
+        f"prefetch {args.worker_prefetch}, wrk {args.connections} connections\n"
+    )
     print(table(results))
     return 0
 

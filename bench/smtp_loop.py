@@ -4,6 +4,7 @@ Run as its own process so that it does not share the sink's interpreter lock. Pr
 
     python bench/smtp_loop.py HOST PORT FILE
 """
+
 import pickle
 import smtplib
 import sys

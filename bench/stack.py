@@ -3,6 +3,7 @@
 The same approach as chaos.py: a scratch PostgreSQL database, a private queue on the real broker,
 an in-process aiosmtpd sink, and gunicorn and Celery as subprocesses with environment overrides.
 """
+
 import asyncio
 import os
 import signal
@@ -62,9 +63,13 @@ class Processes:
         self.running = {}
 
     def spawn(self, name, *command, env=None):
-        log = open(self.run_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it open
+        log = open(self.run_dir / f"{name}.log", "ab")
         self.running[name] = subprocess.Popen(
-            command, cwd=ROOT, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            command,
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         return self.running[name]
@@ -91,8 +96,9 @@ class Processes:
 
 def manage(env, *args):
     """Run a management command, raising with its output if it fails."""
-    done = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
     if done.returncode:
         raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
     return done.stdout

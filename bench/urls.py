@@ -1,4 +1,5 @@
 """The service's URLs plus /bench/baseline/, which exists only under bench.settings."""
+
 import json
 
 from django.http import JsonResponse
@@ -17,7 +18,9 @@ def baseline_insert(request):
     """Insert the posted contact fields as one row and answer 201: the floor under POST /api/email/emails/."""
     data = json.loads(request.body)
     # Stored CANCELLED so that the outbox relay leaves it alone: the baseline must not make mail.
-    row = EmailRequest.objects.create(**{key: data.get(key, "") for key in FIELDS}, status=EmailStatus.CANCELLED)
+    row = EmailRequest.objects.create(
+        **{key: data.get(key, "") for key in FIELDS}, status=EmailStatus.CANCELLED
+    )
     return JsonResponse({"email_request_id": str(row.pk), "status": row.status}, status=201)
 
 

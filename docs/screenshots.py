@@ -1,9 +1,10 @@
 """Take the README's admin screenshots with headless Chromium (Playwright driving the system browser).
 
-    python manage.py seed_demo && python manage.py createsuperuser   # once, with make run going
-    pip install playwright   # only the Python package: the browser is the system's /usr/bin/chromium
-    python docs/screenshots.py http://127.0.0.1:8000 USERNAME PASSWORD
+python manage.py seed_demo && python manage.py createsuperuser   # once, with make run going
+pip install playwright   # only the Python package: the browser is the system's /usr/bin/chromium
+python docs/screenshots.py http://127.0.0.1:8000 USERNAME PASSWORD
 """
+
 import sys
 from pathlib import Path
 
@@ -15,7 +16,10 @@ PAGES = {
 }
 
 
-def main(base_url, username, password, out=Path(__file__).resolve().parent):
+HERE = Path(__file__).resolve().parent
+
+
+def main(base_url, username, password, out=HERE):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"]

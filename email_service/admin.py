@@ -3,6 +3,7 @@
 Every write goes through the same functions as the API (`services`, the QuerySet transitions);
 the admin never assigns a status or saves a whole row over a worker's changes.
 """
+
 import csv
 from collections import Counter
 from datetime import datetime, time, timedelta
@@ -28,8 +29,21 @@ STATUS_COLOURS = {
 }
 CONTACT_FIELDS = ("full_name", "email", "phone", "job_profession", "subject", "message")
 CSV_COLUMNS = (
-    "id", "created_at", "status", "full_name", "email", "phone", "job_profession", "subject", "message",
-    "attachment_name", "attachment_size", "attempts", "retry_count", "manual_retries", "sent_at",
+    "id",
+    "created_at",
+    "status",
+    "full_name",
+    "email",
+    "phone",
+    "job_profession",
+    "subject",
+    "message",
+    "attachment_name",
+    "attachment_size",
+    "attempts",
+    "retry_count",
+    "manual_retries",
+    "sent_at",
     "error_message",
 )
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
@@ -46,7 +60,16 @@ class EmailAttemptInline(admin.TabularInline):
     model = EmailAttempt
     extra = 0
     can_delete = False
-    fields = ("number", "started_at", "duration_ms", "outcome", "smtp_code", "error_class", "error_text", "worker")
+    fields = (
+        "number",
+        "started_at",
+        "duration_ms",
+        "outcome",
+        "smtp_code",
+        "error_class",
+        "error_text",
+        "worker",
+    )
     readonly_fields = fields
 
     def has_add_permission(self, request, obj=None):
@@ -74,7 +97,13 @@ class AttachmentFilter(admin.SimpleListFilter):
 @admin.register(EmailRequest)
 class EmailRequestAdmin(admin.ModelAdmin):
     list_display = (
-        "created", "colored_status", "submitter", "subject", "attachment_link", "attempts_count", "sent",
+        "created",
+        "colored_status",
+        "submitter",
+        "subject",
+        "attachment_link",
+        "attempts_count",
+        "sent",
     )
     list_display_links = ("created",)
     list_filter = ("status", "created_at", "sent_at", AttachmentFilter)
@@ -86,17 +115,46 @@ class EmailRequestAdmin(admin.ModelAdmin):
     fieldsets = (
         ("Contact", {"fields": CONTACT_FIELDS}),
         ("Attachment", {"fields": ("attachment_link", "attachment_size", "attachment_content_type")}),
-        ("Delivery", {"fields": (
-            "id", "colored_status", "error_message", "retry_count", "max_retries", "manual_retries",
-            "next_attempt_at", "sent_at", "message_id", "celery_task_id", "claimed_by",
-        )}),
+        (
+            "Delivery",
+            {
+                "fields": (
+                    "id",
+                    "colored_status",
+                    "error_message",
+                    "retry_count",
+                    "max_retries",
+                    "manual_retries",
+                    "next_attempt_at",
+                    "sent_at",
+                    "message_id",
+                    "celery_task_id",
+                    "claimed_by",
+                )
+            },
+        ),
         ("Acknowledgement to the submitter", {"fields": ("confirmation_sent_at", "confirmation_error")}),
         ("Record", {"fields": ("client_ip", "created_at", "updated_at")}),
     )
     readonly_fields = (
-        "id", "colored_status", "attachment_link", "attachment_size", "attachment_content_type", "error_message",
-        "retry_count", "manual_retries", "next_attempt_at", "celery_task_id", "message_id", "claimed_by",
-        "confirmation_sent_at", "confirmation_error", "client_ip", "created_at", "updated_at", "sent_at",
+        "id",
+        "colored_status",
+        "attachment_link",
+        "attachment_size",
+        "attachment_content_type",
+        "error_message",
+        "retry_count",
+        "manual_retries",
+        "next_attempt_at",
+        "celery_task_id",
+        "message_id",
+        "claimed_by",
+        "confirmation_sent_at",
+        "confirmation_error",
+        "client_ip",
+        "created_at",
+        "updated_at",
+        "sent_at",
     )
 
     def get_queryset(self, request):
@@ -134,7 +192,9 @@ class EmailRequestAdmin(admin.ModelAdmin):
 
     @admin.display(description="Submitter", ordering="full_name")
     def submitter(self, obj):
-        return format_html('{}<br><span style="color:var(--body-quiet-color)">{}</span>', obj.full_name, obj.email)
+        return format_html(
+            '{}<br><span style="color:var(--body-quiet-color)">{}</span>', obj.full_name, obj.email
+        )
 
     @admin.display(description="Attachment", ordering="attachment_name")
     def attachment_link(self, obj):
@@ -179,8 +239,13 @@ class EmailRequestAdmin(admin.ModelAdmin):
         statuses = Counter(queryset.values_list("status", flat=True))
         changed = services.retry_failed(queryset)
         skipped = {status: count for status, count in statuses.items() if status != EmailStatus.FAILED}
-        self._report(request, f"{changed} request(s) requeued", skipped, statuses[EmailStatus.FAILED] - changed,
-                     "only FAILED requests can be retried")
+        self._report(
+            request,
+            f"{changed} request(s) requeued",
+            skipped,
+            statuses[EmailStatus.FAILED] - changed,
+            "only FAILED requests can be retried",
+        )
 
     @admin.action(description="Cancel selected pending requests", permissions=["change"])
     def cancel_selected(self, request, queryset):
@@ -276,9 +341,12 @@ def delivery_report(now=None, days=REPORT_DAYS):
     sent = sum(day["sent"] for day in series)
     failed = sum(day["failed"] for day in series)
     window_stats = window.statistics(now)
-    oldest_due = EmailRequest.objects.due(now).order_by("next_attempt_at").values_list(
-        "next_attempt_at", flat=True
-    ).first()
+    oldest_due = (
+        EmailRequest.objects.due(now)
+        .order_by("next_attempt_at")
+        .values_list("next_attempt_at", flat=True)
+        .first()
+    )
     counts = EmailRequest.objects.statistics(now)
     return {
         "counts": counts,
@@ -351,15 +419,17 @@ def _chart(series, width=24, gap=6, height=160):
     for index, day in enumerate(series):
         submitted_height = round(height * day["submitted"] / top, 1)
         failed_height = round(height * day["failed"] / top, 1)
-        bars.append({
-            **day,
-            "x": index * (width + gap),
-            "y": round(height - submitted_height, 1),
-            "height": submitted_height,
-            "failed_y": round(height - failed_height, 1),
-            "failed_height": failed_height,
-            "label": day["day"].day if index % 5 == 0 or index == len(series) - 1 else "",
-        })
+        bars.append(
+            {
+                **day,
+                "x": index * (width + gap),
+                "y": round(height - submitted_height, 1),
+                "height": submitted_height,
+                "failed_y": round(height - failed_height, 1),
+                "failed_height": failed_height,
+                "label": day["day"].day if index % 5 == 0 or index == len(series) - 1 else "",
+            }
+        )
     return {
         "bars": bars,
         "bar_width": width,

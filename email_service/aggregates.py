@@ -1,4 +1,5 @@
 """Percentiles of delivery time in SQL, on PostgreSQL natively and on SQLite through a Python aggregate."""
+
 import math
 
 from django.db.models import Aggregate, F, FloatField
@@ -22,16 +23,22 @@ class SecondsBetweenPercentile(Aggregate):
 
     def as_postgresql(self, compiler, connection, **extra_context):
         return self._as_vendor_sql(
-            compiler, connection, "percentile_cont",
+            compiler,
+            connection,
+            "percentile_cont",
             f"%(function)s({self.fraction}) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM (%(expressions)s)))",
-            " - ", **extra_context,
+            " - ",
+            **extra_context,
         )
 
     def as_sqlite(self, compiler, connection, **extra_context):
         return self._as_vendor_sql(
-            compiler, connection, SQLITE_PERCENTILE,
+            compiler,
+            connection,
+            SQLITE_PERCENTILE,
             f"%(function)s((julianday(%(expressions)s)) * 86400.0, {self.fraction})",
-            ") - julianday(", **extra_context,
+            ") - julianday(",
+            **extra_context,
         )
 
 

@@ -1,4 +1,5 @@
 """The email service's settings, read at call time so that `override_settings` reaches them."""
+
 from django.conf import settings
 
 

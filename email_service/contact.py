@@ -4,6 +4,7 @@ With JavaScript, static/email_service/contact.js posts the form to the API itsel
 browser posts here, and this view hands the request to the API's own create view, so the serializer,
 the honeypot, the rate limit and the Idempotency-Key behave exactly as they do for the API.
 """
+
 import functools
 import uuid
 
@@ -20,16 +21,18 @@ from .validators import allowed_extensions
 from .views import EmailRequestViewSet
 
 # Scripts and styles from this origin only (no inline script), fetches to this origin, never framed.
-CONTENT_SECURITY_POLICY = "; ".join([
-    "default-src 'none'",
-    "script-src 'self'",
-    "style-src 'self'",
-    "img-src 'self' data:",
-    "connect-src 'self'",
-    "form-action 'self'",
-    "frame-ancestors 'none'",
-    "base-uri 'none'",
-])
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+        "base-uri 'none'",
+    ]
+)
 
 # (name, label, input type, autocomplete, hint); required and lengths come from the serializer.
 FIELDS = [

@@ -2,6 +2,7 @@
 
 This module knows SMTP and nothing of the database: callers record what it returns.
 """
+
 import base64
 import functools
 import logging
@@ -16,8 +17,8 @@ from email.mime.base import MIMEBase
 from email.utils import make_msgid
 
 from celery.exceptions import SoftTimeLimitExceeded
-from django.core.files.storage import default_storage
 from django.conf import settings
+from django.core.files.storage import default_storage
 from django.core.mail import EmailMultiAlternatives, get_connection
 from django.core.mail.message import sanitize_address
 from django.template.loader import render_to_string

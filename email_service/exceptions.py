@@ -1,9 +1,10 @@
 """API errors: JSON for every failure, a 500 included."""
+
 import logging
 
+from django.conf import settings
 from django.core.exceptions import SuspiciousOperation
 from rest_framework import status
-from django.conf import settings
 from rest_framework.exceptions import APIException, ParseError
 from rest_framework.parsers import JSONParser
 from rest_framework.response import Response

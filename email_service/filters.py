@@ -1,10 +1,11 @@
 """List filters: public ones on status and dates, personal ones for staff only."""
-from datetime import timezone as dt_timezone
+
+from datetime import UTC
 
 import django_filters
 from django import forms
-from django_filters.fields import IsoDateTimeField
 from django.db.models import Q
+from django_filters.fields import IsoDateTimeField
 from rest_framework.exceptions import PermissionDenied
 
 from .models import EmailRequest, EmailStatus
@@ -45,9 +46,11 @@ class UTCDateTimeField(IsoDateTimeField):
         if value is None:
             return None
         try:
-            return value.astimezone(dt_timezone.utc)
-        except OverflowError:
-            raise forms.ValidationError("Enter a date and time within the years 1 to 9999.", code="invalid")
+            return value.astimezone(UTC)
+        except OverflowError as exc:
+            raise forms.ValidationError(
+                "Enter a date and time within the years 1 to 9999.", code="invalid"
+            ) from exc
 
 
 class UTCDateTimeFilter(django_filters.IsoDateTimeFilter):
@@ -65,9 +68,7 @@ class EmailRequestFilter(django_filters.FilterSet):
     search = django_filters.CharFilter(
         method="filter_search", help_text="Staff only: text in name, email, subject or message."
     )
-    ordering = django_filters.OrderingFilter(
-        fields=(("created_at", "created_at"), ("sent_at", "sent_at"))
-    )
+    ordering = django_filters.OrderingFilter(fields=(("created_at", "created_at"), ("sent_at", "sent_at")))
 
     class Meta:
         model = EmailRequest

@@ -1,4 +1,5 @@
 """Idempotency-Key on create: a repeated submission answers with the first answer."""
+
 import hashlib
 import json
 from collections.abc import Mapping
@@ -34,8 +35,11 @@ def fingerprint(request):
     digest = hashlib.sha256()
     data = request.data
     if isinstance(data, Mapping):
-        fields = {key: data.getlist(key) if hasattr(data, "getlist") else data[key]
-                  for key in data if key not in request.FILES}
+        fields = {
+            key: data.getlist(key) if hasattr(data, "getlist") else data[key]
+            for key in data
+            if key not in request.FILES
+        }
     else:
         fields = data  # not a form at all: the serializer will refuse it
     digest.update(json.dumps(fields, sort_keys=True, default=str).encode())

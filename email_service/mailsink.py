@@ -1,4 +1,5 @@
 """A local SMTP server that keeps every mail it receives as an .eml file."""
+
 import logging
 import os
 import uuid
@@ -31,7 +32,9 @@ class MailboxHandler:
             len(envelope.rcpt_tos),
             len(envelope.original_content or b""),
             headers.get("X-Email-Request-ID", "-"),
-            "support" if str(headers.get("Subject", "")).startswith("[MedCor contact]") else "acknowledgement",
+            "support"
+            if str(headers.get("Subject", "")).startswith("[MedCor contact]")
+            else "acknowledgement",
             name,
         )
         return "250 Message accepted for delivery"

@@ -10,6 +10,7 @@ nothing else in the app assigns `status`.
     PENDING --cancel--> CANCELLED
     PROCESSING (lease expired) --reclaim--> PENDING or FAILED
 """
+
 import functools
 import uuid
 from datetime import timedelta
@@ -67,9 +68,12 @@ class EmailRequestQuerySet(models.QuerySet):
 
     def oldest_pending_age(self, now=None):
         """Seconds since the oldest PENDING row was created, or None when none is waiting."""
-        oldest = self.filter(status=EmailStatus.PENDING).order_by("created_at").values_list(
-            "created_at", flat=True
-        ).first()
+        oldest = (
+            self.filter(status=EmailStatus.PENDING)
+            .order_by("created_at")
+            .values_list("created_at", flat=True)
+            .first()
+        )
         return round(((now or timezone.now()) - oldest).total_seconds(), 1) if oldest else None
 
     def statistics(self, now=None):
@@ -86,9 +90,7 @@ class EmailRequestQuerySet(models.QuerySet):
             with_attachments=Count("id", filter=~Q(file_attached="")),
             requests_last_24h=Count("id", filter=Q(created_at__gte=day_ago)),
             sent_last_24h=Count("id", filter=Q(status=EmailStatus.SENT, sent_at__gte=day_ago)),
-            failed_last_24h=Count(
-                "id", filter=Q(status=EmailStatus.FAILED, updated_at__gte=day_ago)
-            ),
+            failed_last_24h=Count("id", filter=Q(status=EmailStatus.FAILED, updated_at__gte=day_ago)),
             median_delivery_seconds=SecondsBetweenPercentile(
                 "sent_at", "created_at", 0.5, filter=Q(status=EmailStatus.SENT)
             ),
@@ -100,9 +102,7 @@ class EmailRequestQuerySet(models.QuerySet):
             if counts[key] is not None:
                 counts[key] = round(counts[key], 3)
         finished = counts["sent_requests"] + counts["failed_requests"]
-        counts["success_rate"] = (
-            round(100.0 * counts["sent_requests"] / finished, 2) if finished else 0.0
-        )
+        counts["success_rate"] = round(100.0 * counts["sent_requests"] / finished, 2) if finished else 0.0
         return counts
 
     def daily_counts(self, first_day, days):
@@ -205,8 +205,14 @@ class EmailRequestQuerySet(models.QuerySet):
         with connections[self.db].cursor() as cursor:
             cursor.execute(
                 _complete_with_attempt_sql(tuple(fields)),
-                [*(getattr(attempt, name) for name in ATTEMPT_RESULT_FIELDS), attempt.pk, *fields.values(),
-                 pk, EmailStatus.PROCESSING, token],
+                [
+                    *(getattr(attempt, name) for name in ATTEMPT_RESULT_FIELDS),
+                    attempt.pk,
+                    *fields.values(),
+                    pk,
+                    EmailStatus.PROCESSING,
+                    token,
+                ],
             )
             return cursor.rowcount == 1
 
@@ -270,9 +276,7 @@ class EmailRequestQuerySet(models.QuerySet):
         )
 
     def mark_dispatched(self, pks, *, now=None):
-        return self.filter(pk__in=pks, status=EmailStatus.PENDING).update(
-            dispatched_at=now or timezone.now()
-        )
+        return self.filter(pk__in=pks, status=EmailStatus.PENDING).update(dispatched_at=now or timezone.now())
 
     def forget_dispatch(self, pk):
         """Note that a dispatch did not reach the broker, so the next periodic run sends it."""
@@ -283,7 +287,9 @@ class EmailRequestQuerySet(models.QuerySet):
 def _complete_with_attempt_sql(request_fields):
     """PostgreSQL: finish an attempt and set `request_fields` on its claimed row, in one statement."""
     attempt_meta, request_meta = EmailAttempt._meta, EmailRequest._meta
-    attempt_columns = ", ".join(f"{attempt_meta.get_field(name).column} = %s" for name in ATTEMPT_RESULT_FIELDS)
+    attempt_columns = ", ".join(
+        f"{attempt_meta.get_field(name).column} = %s" for name in ATTEMPT_RESULT_FIELDS
+    )
     request_columns = ", ".join(f"{request_meta.get_field(name).column} = %s" for name in request_fields)
     return (
         f"WITH finished AS (UPDATE {attempt_meta.db_table} SET {attempt_columns} WHERE id = %s) "
@@ -362,7 +368,13 @@ class AttemptOutcome(models.TextChoices):
 
 # What an attempt learns when it ends; the rest is set when it starts.
 ATTEMPT_RESULT_FIELDS = (
-    "started_at", "finished_at", "outcome", "smtp_code", "error_class", "error_text", "duration_ms",
+    "started_at",
+    "finished_at",
+    "outcome",
+    "smtp_code",
+    "error_class",
+    "error_text",
+    "duration_ms",
 )
 
 

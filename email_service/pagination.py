@@ -1,4 +1,5 @@
 """Pages of the list: page-number pagination whose large counts are shared for a few seconds."""
+
 import hashlib
 
 from django.core.cache import cache

@@ -1,4 +1,5 @@
 """Who may do what: anyone submits and reads redacted data; staff act through model permissions."""
+
 from rest_framework.permissions import BasePermission
 
 VIEW = "email_service.view_emailrequest"

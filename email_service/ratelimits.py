@@ -1,4 +1,5 @@
 """Per-client rate limits on the public endpoints, kept in the shared cache by django-ratelimit."""
+
 import functools
 import ipaddress
 
@@ -41,9 +42,7 @@ def rate_limited(group, rate):
     def decorator(method):
         @functools.wraps(method)
         def wrapper(view, request, *args, **kwargs):
-            usage = get_usage(
-                request, group=group, key=_client_key, rate=rate(), increment=True
-            )
+            usage = get_usage(request, group=group, key=_client_key, rate=rate(), increment=True)
             if usage and usage["should_limit"]:
                 raise Throttled(wait=max(1, usage["time_left"]))
             return method(view, request, *args, **kwargs)

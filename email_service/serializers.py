@@ -1,4 +1,5 @@
 """What goes in and out of the API: one input shape, a public shape and a staff shape."""
+
 from django.core.validators import EmailValidator
 from django.db import models
 from django.urls import reverse
@@ -8,11 +9,11 @@ from rest_framework import serializers
 from .models import EmailAttempt, EmailRequest, EmailStatus
 from .validators import (
     validate_attachment,
+    validate_email_shape,
     validate_header_safe,
     validate_header_safe_required,
     validate_no_nul,
     validate_phone,
-    validate_email_shape,
 )
 
 CONTACT_FIELDS = ["full_name", "email", "phone", "job_profession", "subject", "message"]
@@ -59,7 +60,9 @@ class ContactFieldsSerializer(serializers.ModelSerializer):
         # email and phone patterns leave no room for line breaks or control characters either.
         for name in TEXT_LINE_FIELDS:
             required = fields[name].required
-            fields[name].validators.append(validate_header_safe_required if required else validate_header_safe)
+            fields[name].validators.append(
+                validate_header_safe_required if required else validate_header_safe
+            )
         # Django's EmailValidator would repeat the same error; the pattern says all of it, and
         # unlike the validator it can be stated in the schema.
         fields["email"].validators = [

@@ -3,7 +3,9 @@
 Views, admin actions, tasks and management commands call these functions; the status rules
 themselves live on `EmailRequestQuerySet`.
 """
+
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -14,9 +16,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.core.cache import cache
 from django.core.files.storage import default_storage
-from celery.exceptions import SoftTimeLimitExceeded
 from django.db import OperationalError, connection, transaction
 from django.db.models import Count
 from django.utils import timezone
@@ -134,7 +136,9 @@ def dispatch_due(*, limit=500):
     reclaimed = reclaim_stale_claims()
     # Oldest due first; each republish gets a task id of its own, so that revoking one message
     # (celery revoke) never silences every later attempt at the same row.
-    rows = list(EmailRequest.objects.undispatched().order_by("next_attempt_at").values_list("pk", flat=True)[:limit])
+    rows = list(
+        EmailRequest.objects.undispatched().order_by("next_attempt_at").values_list("pk", flat=True)[:limit]
+    )
     published = []
     for pk in rows:
         try:
@@ -204,8 +208,10 @@ class SendPace:
 
     def record(self, seconds):
         # A slow send counts at once; a return to speed is believed over a few sends.
-        self.seconds = seconds if self.seconds is None or seconds > self.seconds else (
-            0.8 * self.seconds + 0.2 * seconds
+        self.seconds = (
+            seconds
+            if self.seconds is None or seconds > self.seconds
+            else (0.8 * self.seconds + 0.2 * seconds)
         )
 
     def batch_size(self, largest):
@@ -232,11 +238,14 @@ def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, mor
     while True:
         limit = batch_size or send_pace.batch_size(conf.send_batch_size())
         token, rows = _insist(
-            lambda: EmailRequest.objects.claim_batch(worker=worker, first=first, limit=limit, lease=lease)
+            functools.partial(
+                EmailRequest.objects.claim_batch, worker=worker, first=first, limit=limit, lease=lease
+            )
         )
         if first is not None and str(first) not in {str(row.pk) for row in rows}:
             logger.info(
-                "Email request %s not claimed (sent, cancelled, not due or taken)", first,
+                "Email request %s not claimed (sent, cancelled, not due or taken)",
+                first,
                 extra={"email_request_id": str(first)},
             )
         first = None
@@ -252,16 +261,20 @@ def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, mor
 def _send_batch(rows, token, worker, *, window_ends, started):
     """Send claimed rows in order until the window closes; give the untried ones back."""
     numbers = dict(
-        EmailAttempt.objects.filter(request__in=rows).values_list("request").annotate(n=Count("id")).order_by()
+        EmailAttempt.objects.filter(request__in=rows)
+        .values_list("request")
+        .annotate(n=Count("id"))
+        .order_by()
     )
     now = timezone.now()
     attempts = EmailAttempt.objects.bulk_create(
-        EmailAttempt(request=row, number=numbers.get(row.pk, 0) + 1, started_at=now, worker=worker) for row in rows
+        EmailAttempt(request=row, number=numbers.get(row.pk, 0) + 1, started_at=now, worker=worker)
+        for row in rows
     )
     statuses = {}
     tried = 0
     try:
-        for row, attempt in zip(rows, attempts):
+        for row, attempt in zip(rows, attempts, strict=True):
             # The first mail of a task always goes; each later one only while another send fits.
             if (started or tried) and time.monotonic() > window_ends:
                 break
@@ -323,7 +336,9 @@ def _give_back(rows, attempts, token):
         # Their lease runs out and the relay reclaims them; nothing is lost.
         logger.exception("%d claimed email requests not released", len(rows))
         return
-    logger.info("Released %d claimed email requests untried: the send window closed or sends slowed", released)
+    logger.info(
+        "Released %d claimed email requests untried: the send window closed or sends slowed", released
+    )
     if released:
         _publish_or_forget(rows[0].pk, str(uuid.uuid4()))
 
@@ -461,7 +476,8 @@ def retry_failed(queryset=None):
         count = EmailRequest.objects.filter(pk__in=pks).requeue_failed()
     for pk in pks:
         logger.info(
-            "Email request %s requeued: FAILED -> PENDING", pk,
+            "Email request %s requeued: FAILED -> PENDING",
+            pk,
             extra={"email_request_id": str(pk), "status": EmailStatus.PENDING},
         )
     if count:

@@ -1,4 +1,5 @@
 """Keep storage in step with the rows: a deleted request takes its attachment with it."""
+
 from django.db import transaction
 from django.db.models.signals import post_delete
 from django.dispatch import receiver

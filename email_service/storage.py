@@ -1,4 +1,5 @@
 """Where attachments live: private storage paths that cannot traverse, collide or overflow."""
+
 import os
 import unicodedata
 import uuid

@@ -1,4 +1,5 @@
 """Celery tasks: each fetches by id or runs one service function."""
+
 import logging
 import os
 

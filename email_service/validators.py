@@ -1,4 +1,5 @@
 """Input rules of a contact form: header-safe text, phone numbers, and attachments by content."""
+
 import os
 import re
 import zipfile
@@ -63,13 +64,15 @@ def allowed_extensions():
 # Regex validators, so that the OpenAPI schema carries the same rules as patterns.
 # Header fields: no control characters at all (CR/LF would inject headers, NUL breaks storage).
 validate_header_safe = RegexValidator(
-    r"^[^\x00-\x1f\x7f]*$", "Line breaks and control characters are not allowed in this field.",
+    r"^[^\x00-\x1f\x7f]*$",
+    "Line breaks and control characters are not allowed in this field.",
     code="header_injection",
 )
 # The same, with at least one visible character (a value of spaces is trimmed to nothing).
 validate_header_safe_required = RegexValidator(
     r"^[^\x00-\x1f\x7f]*[^\x00-\x20\x7f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00-\x1f\x7f]*$",
-    "Enter a value without line breaks or control characters.", code="header_injection",
+    "Enter a value without line breaks or control characters.",
+    code="header_injection",
 )
 validate_no_nul = RegexValidator(r"^[^\x00]*$", "Null characters are not allowed.", code="null_characters")
 # What Django's EmailValidator requires beyond the generic format: a dot-atom local part and a
@@ -78,18 +81,23 @@ validate_no_nul = RegexValidator(r"^[^\x00]*$", "Null characters are not allowed
 validate_email_shape = RegexValidator(
     r"^(?=[^@]{1,64}@)[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@"
     r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$",
-    "Enter a valid email address.", code="invalid",
+    "Enter a valid email address.",
+    code="invalid",
 )
 # Digits and + - ( ) . and spaces, with at least one digit; or nothing.
 validate_phone = RegexValidator(
     r"^([+\-(). ]*[0-9][0-9+\-(). ]*)?$",
-    "Enter a phone number using digits and + - ( ) . and spaces only.", code="invalid_phone",
+    "Enter a phone number using digits and + - ( ) . and spaces only.",
+    code="invalid_phone",
 )
 
 
 def _refuse(message, code):
-    raise ValidationError(f"{message} Allowed: {', '.join(allowed_extensions())}, "
-                          f"up to {filesizeformat(conf.attachment_max_bytes())}.", code=code)
+    raise ValidationError(
+        f"{message} Allowed: {', '.join(allowed_extensions())}, "
+        f"up to {filesizeformat(conf.attachment_max_bytes())}.",
+        code=code,
+    )
 
 
 def sniff_content_type(upload):

@@ -1,4 +1,5 @@
 """The HTTP surface: a thin viewset over the services, and JSON errors everywhere under /api/."""
+
 import logging
 import uuid
 
@@ -13,15 +14,15 @@ from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiRequest,
     OpenApiResponse,
-    extend_schema,
     PolymorphicProxySerializer,
+    extend_schema,
     extend_schema_view,
 )
 from rest_framework import status, viewsets
 from rest_framework.authentication import SessionAuthentication, TokenAuthentication
-from rest_framework.permissions import AllowAny
 from rest_framework.decorators import action
 from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
 from . import conf, services
@@ -80,9 +81,17 @@ def _email_request_view(many=False):
         many=many,
     )
 
+
 # The attachment types the schema announces: what libmagic must find in the file's content.
-ATTACHMENT_MEDIA_TYPES = ["application/pdf", "image/png", "image/jpeg", "image/gif", "image/webp", "text/plain",
-                          "text/csv"]
+ATTACHMENT_MEDIA_TYPES = [
+    "application/pdf",
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+    "text/plain",
+    "text/csv",
+]
 NO_NUL = "^[^\\x00]*$"
 
 
@@ -90,10 +99,19 @@ NO_NUL = "^[^\\x00]*$"
     list=extend_schema(
         summary="List requests (redacted unless staff)",
         parameters=[
-            OpenApiParameter("email", str, pattern=NO_NUL, description="Staff only: the submitter's address."),
-            OpenApiParameter("search", str, pattern=NO_NUL, description="Staff only: text in name, email, subject or message."),
             OpenApiParameter(
-                "ordering", str, pattern=r"^-?(created_at|sent_at)(,-?(created_at|sent_at))*$",
+                "email", str, pattern=NO_NUL, description="Staff only: the submitter's address."
+            ),
+            OpenApiParameter(
+                "search",
+                str,
+                pattern=NO_NUL,
+                description="Staff only: text in name, email, subject or message.",
+            ),
+            OpenApiParameter(
+                "ordering",
+                str,
+                pattern=r"^-?(created_at|sent_at)(,-?(created_at|sent_at))*$",
                 description="Comma-separated fields, `-` for descending: created_at, sent_at.",
             ),
         ],
@@ -199,8 +217,12 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
             # Answered like a success so that the bot learns nothing; nothing is stored or sent.
             logger.info("Honeypot submission dropped")
             fake_id = str(uuid.uuid4())
-            return {"message": ACCEPTED_MESSAGE, "email_request_id": fake_id,
-                    "status": EmailStatus.PENDING, "task_id": str(uuid.uuid4())}
+            return {
+                "message": ACCEPTED_MESSAGE,
+                "email_request_id": fake_id,
+                "status": EmailStatus.PENDING,
+                "task_id": str(uuid.uuid4()),
+            }
         data = dict(serializer.validated_data)
         data.pop("website", None)
         upload = data.pop("file_attached", None)
@@ -233,8 +255,10 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         serializer = self.get_serializer(instance, data=request.data, partial=partial)
         serializer.is_valid(raise_exception=True)
         # Guarded like every transition: the row is written only if it is still not SENT.
-        updated = EmailRequest.objects.filter(pk=instance.pk).exclude(status=EmailStatus.SENT).update(
-            **serializer.validated_data, updated_at=timezone.now()
+        updated = (
+            EmailRequest.objects.filter(pk=instance.pk)
+            .exclude(status=EmailStatus.SENT)
+            .update(**serializer.validated_data, updated_at=timezone.now())
         )
         if not updated:
             raise Conflict("A SENT request can no longer be edited.")

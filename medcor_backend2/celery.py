@@ -1,4 +1,5 @@
 """The Celery application of the MedCor backend."""
+
 import os
 
 from celery import Celery

@@ -1,7 +1,8 @@
 """Log formatting for collectors: one JSON object per line."""
+
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is kept.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -13,7 +14,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record):
         entry = {
             # UTC with milliseconds, so lines from web, worker and beat containers sort together.
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "process": record.processName,

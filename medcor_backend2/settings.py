@@ -4,6 +4,7 @@ Every setting the outside relies on is listed in ../shared/spec/CONTRACT.md and 
 With nothing set, the service runs on embedded defaults: SQLite, kombu's filesystem broker
 under `var/`, and an on-disk cache shared by every process of the machine.
 """
+
 from pathlib import Path
 
 import environ

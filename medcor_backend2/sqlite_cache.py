@@ -4,6 +4,7 @@ The embedded default for rate limits and idempotency keys when no REDIS_URL is s
 file and database caches increment with a read then a write, so two processes can lose a count.
 Here `incr` and `add` are single SQL statements, which SQLite runs atomically.
 """
+
 import pickle
 import sqlite3
 import threading

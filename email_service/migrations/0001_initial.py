@@ -9,69 +9,128 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='EmailRequest',
+            name="EmailRequest",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('full_name', models.CharField(max_length=200)),
-                ('email', models.EmailField(max_length=254)),
-                ('phone', models.CharField(blank=True, max_length=32)),
-                ('job_profession', models.CharField(blank=True, max_length=200)),
-                ('subject', models.CharField(blank=True, max_length=200)),
-                ('message', models.TextField(blank=True, max_length=10000)),
-                ('file_attached', models.FileField(blank=True, max_length=255, upload_to=email_service.storage.attachment_upload_to)),
-                ('attachment_name', models.CharField(blank=True, help_text="The file's original name, used in the mail.", max_length=255)),
-                ('attachment_size', models.PositiveBigIntegerField(blank=True, null=True)),
-                ('attachment_content_type', models.CharField(blank=True, max_length=100)),
-                ('status', models.CharField(choices=[('PENDING', 'Pending'), ('PROCESSING', 'Processing'), ('SENT', 'Sent'), ('FAILED', 'Failed'), ('CANCELLED', 'Cancelled')], default='PENDING', editable=False, max_length=16)),
-                ('error_message', models.TextField(blank=True, editable=False)),
-                ('retry_count', models.PositiveIntegerField(default=0, editable=False)),
-                ('max_retries', models.PositiveIntegerField(default=email_service.conf.max_retries)),
-                ('manual_retries', models.PositiveIntegerField(default=0, editable=False)),
-                ('celery_task_id', models.CharField(blank=True, editable=False, max_length=255)),
-                ('message_id', models.CharField(blank=True, editable=False, max_length=255)),
-                ('next_attempt_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
-                ('dispatched_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('claim_token', models.UUIDField(blank=True, editable=False, null=True)),
-                ('claimed_by', models.CharField(blank=True, editable=False, max_length=255)),
-                ('lease_expires_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('confirmation_sent_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('confirmation_error', models.TextField(blank=True, editable=False)),
-                ('client_ip', models.GenericIPAddressField(blank=True, editable=False, null=True)),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now, editable=False)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('sent_at', models.DateTimeField(blank=True, db_index=True, editable=False, null=True)),
+                (
+                    "id",
+                    models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False),
+                ),
+                ("full_name", models.CharField(max_length=200)),
+                ("email", models.EmailField(max_length=254)),
+                ("phone", models.CharField(blank=True, max_length=32)),
+                ("job_profession", models.CharField(blank=True, max_length=200)),
+                ("subject", models.CharField(blank=True, max_length=200)),
+                ("message", models.TextField(blank=True, max_length=10000)),
+                (
+                    "file_attached",
+                    models.FileField(
+                        blank=True, max_length=255, upload_to=email_service.storage.attachment_upload_to
+                    ),
+                ),
+                (
+                    "attachment_name",
+                    models.CharField(
+                        blank=True, help_text="The file's original name, used in the mail.", max_length=255
+                    ),
+                ),
+                ("attachment_size", models.PositiveBigIntegerField(blank=True, null=True)),
+                ("attachment_content_type", models.CharField(blank=True, max_length=100)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("PENDING", "Pending"),
+                            ("PROCESSING", "Processing"),
+                            ("SENT", "Sent"),
+                            ("FAILED", "Failed"),
+                            ("CANCELLED", "Cancelled"),
+                        ],
+                        default="PENDING",
+                        editable=False,
+                        max_length=16,
+                    ),
+                ),
+                ("error_message", models.TextField(blank=True, editable=False)),
+                ("retry_count", models.PositiveIntegerField(default=0, editable=False)),
+                ("max_retries", models.PositiveIntegerField(default=email_service.conf.max_retries)),
+                ("manual_retries", models.PositiveIntegerField(default=0, editable=False)),
+                ("celery_task_id", models.CharField(blank=True, editable=False, max_length=255)),
+                ("message_id", models.CharField(blank=True, editable=False, max_length=255)),
+                ("next_attempt_at", models.DateTimeField(default=django.utils.timezone.now, editable=False)),
+                ("dispatched_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                ("claim_token", models.UUIDField(blank=True, editable=False, null=True)),
+                ("claimed_by", models.CharField(blank=True, editable=False, max_length=255)),
+                ("lease_expires_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                ("confirmation_sent_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                ("confirmation_error", models.TextField(blank=True, editable=False)),
+                ("client_ip", models.GenericIPAddressField(blank=True, editable=False, null=True)),
+                (
+                    "created_at",
+                    models.DateTimeField(db_index=True, default=django.utils.timezone.now, editable=False),
+                ),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                ("sent_at", models.DateTimeField(blank=True, db_index=True, editable=False, null=True)),
             ],
             options={
-                'ordering': ['-created_at'],
-                'indexes': [models.Index(fields=['status', '-created_at'], name='email_status_created_idx'), models.Index(fields=['status', 'next_attempt_at'], name='email_status_due_idx'), models.Index(fields=['status', 'lease_expires_at'], name='email_status_lease_idx'), models.Index(fields=['email', '-created_at'], name='email_address_created_idx')],
+                "ordering": ["-created_at"],
+                "indexes": [
+                    models.Index(fields=["status", "-created_at"], name="email_status_created_idx"),
+                    models.Index(fields=["status", "next_attempt_at"], name="email_status_due_idx"),
+                    models.Index(fields=["status", "lease_expires_at"], name="email_status_lease_idx"),
+                    models.Index(fields=["email", "-created_at"], name="email_address_created_idx"),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='EmailAttempt',
+            name="EmailAttempt",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('number', models.PositiveIntegerField()),
-                ('started_at', models.DateTimeField()),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('outcome', models.CharField(blank=True, choices=[('sent', 'Sent'), ('transient', 'Transient failure'), ('permanent', 'Permanent failure'), ('crashed', 'Worker lost')], max_length=16)),
-                ('smtp_code', models.PositiveIntegerField(blank=True, null=True)),
-                ('error_class', models.CharField(blank=True, max_length=100)),
-                ('error_text', models.TextField(blank=True)),
-                ('worker', models.CharField(blank=True, max_length=255)),
-                ('duration_ms', models.PositiveIntegerField(blank=True, null=True)),
-                ('request', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='attempts', to='email_service.emailrequest')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("number", models.PositiveIntegerField()),
+                ("started_at", models.DateTimeField()),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "outcome",
+                    models.CharField(
+                        blank=True,
+                        choices=[
+                            ("sent", "Sent"),
+                            ("transient", "Transient failure"),
+                            ("permanent", "Permanent failure"),
+                            ("crashed", "Worker lost"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                ("smtp_code", models.PositiveIntegerField(blank=True, null=True)),
+                ("error_class", models.CharField(blank=True, max_length=100)),
+                ("error_text", models.TextField(blank=True)),
+                ("worker", models.CharField(blank=True, max_length=255)),
+                ("duration_ms", models.PositiveIntegerField(blank=True, null=True)),
+                (
+                    "request",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="attempts",
+                        to="email_service.emailrequest",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['request', 'number'],
-                'constraints': [models.UniqueConstraint(fields=('request', 'number'), name='email_attempt_unique_number')],
+                "ordering": ["request", "number"],
+                "constraints": [
+                    models.UniqueConstraint(fields=("request", "number"), name="email_attempt_unique_number")
+                ],
             },
         ),
     ]

@@ -3,6 +3,7 @@
 Integration tests run against whatever DATABASE_URL, CELERY_BROKER_URL and REDIS_URL name
 (PostgreSQL, RabbitMQ and Redis in CI), or the embedded defaults when they are unset.
 """
+
 import asyncio
 import os
 import signal
@@ -107,8 +108,14 @@ class ScriptedHandler:
         if action != "accept":
             return action
         message = message_from_bytes(envelope.original_content, policy=default_policy)
-        self.messages.append({"mail_from": envelope.mail_from, "rcpt_tos": list(envelope.rcpt_tos),
-                              "message": message, "raw": envelope.original_content})
+        self.messages.append(
+            {
+                "mail_from": envelope.mail_from,
+                "rcpt_tos": list(envelope.rcpt_tos),
+                "message": message,
+                "raw": envelope.original_content,
+            }
+        )
         return "250 Message accepted"
 
     def to(self, address):
@@ -119,8 +126,7 @@ class ScriptedHandler:
 @pytest.fixture(scope="session")
 def smtp_server():
     handler = ScriptedHandler()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port(),
-                            data_size_limit=64 * 1024 * 1024)
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), data_size_limit=64 * 1024 * 1024)
     controller.start()
     yield controller
     controller.stop()
@@ -199,7 +205,11 @@ class CeleryProcess:
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "medcor_backend2", *command, *extra_args],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def output(self):
@@ -207,8 +217,11 @@ class CeleryProcess:
 
     def wait_ready(self, marker, timeout=60):
         try:
-            wait_for(lambda: marker in self.output() or self.process.poll() is not None,
-                     timeout=timeout, message=f"celery to print {marker!r}")
+            wait_for(
+                lambda: marker in self.output() or self.process.poll() is not None,
+                timeout=timeout,
+                message=f"celery to print {marker!r}",
+            )
         except BaseException:
             self.stop()  # never leave a half-started worker behind
             raise
@@ -238,9 +251,17 @@ class CeleryProcess:
 
 def start_worker(tmp_path, smtp_port, name="worker", **env):
     worker = CeleryProcess(
-        ["worker"], service_env(smtp_port, **env), tmp_path / f"{name}.log",
-        ["--loglevel=INFO", "--concurrency=2", "--pool=prefork", f"--hostname={name}@%h",
-         "--without-gossip", "--without-mingle"],
+        ["worker"],
+        service_env(smtp_port, **env),
+        tmp_path / f"{name}.log",
+        [
+            "--loglevel=INFO",
+            "--concurrency=2",
+            "--pool=prefork",
+            f"--hostname={name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ],
     )
     worker.wait_ready("ready.")
     return worker
@@ -248,7 +269,9 @@ def start_worker(tmp_path, smtp_port, name="worker", **env):
 
 def start_beat(tmp_path, smtp_port, **env):
     beat = CeleryProcess(
-        ["beat"], service_env(smtp_port, **env), tmp_path / "beat.log",
+        ["beat"],
+        service_env(smtp_port, **env),
+        tmp_path / "beat.log",
         ["--loglevel=INFO", f"--schedule={tmp_path / 'beat-schedule'}"],
     )
     beat.wait_ready("beat: Starting")
@@ -315,7 +338,11 @@ def celery_worker(celery_services, smtp, transactional_db, settings):
 
 def pytest_report_header(config):
     db = settings.DATABASES["default"]
-    broker = settings.CELERY_BROKER_URL.split("@")[-1] if "@" in settings.CELERY_BROKER_URL else settings.CELERY_BROKER_URL
+    broker = (
+        settings.CELERY_BROKER_URL.split("@")[-1]
+        if "@" in settings.CELERY_BROKER_URL
+        else settings.CELERY_BROKER_URL
+    )
     return [
         f"medcor services: database={db['ENGINE'].rsplit('.', 1)[-1]} ({db.get('HOST') or db['NAME']}), "
         f"broker={broker}, cache={settings.CACHES['default']['BACKEND'].rsplit('.', 1)[-1]}, "

@@ -1,4 +1,5 @@
 """Real files of each accepted type, made by the tests, and hostile ones."""
+
 import io
 import struct
 import zipfile
@@ -35,11 +36,17 @@ def pdf_bytes(text="MedCor referral letter", padding=0):
 
 def png_bytes(width=4, height=4):
     """A valid RGB PNG image."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     raw = b"".join(b"\x00" + b"\x80\x20\x20" * width for _ in range(height))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def pdf_of_size(size):
@@ -152,15 +159,47 @@ def compound_file_bytes(stream_name, payload):
     def entry(name, kind, child, start, size):
         encoded = (name + "\x00").encode("utf-16-le") if name else b""
         return struct.pack(
-            "<64sHBBIII16sIQQIII", encoded, len(encoded), kind, 1, no_stream, no_stream, child,
-            b"\x00" * 16, 0, 0, 0, start, size, 0,
+            "<64sHBBIII16sIQQIII",
+            encoded,
+            len(encoded),
+            kind,
+            1,
+            no_stream,
+            no_stream,
+            child,
+            b"\x00" * 16,
+            0,
+            0,
+            0,
+            start,
+            size,
+            0,
         )
 
-    directory = (entry("Root Entry", 5, 1, end_of_chain, 0) + entry(stream_name, 2, no_stream, 0, len(payload))
-                 + entry("", 0, no_stream, 0, 0) * 2)
+    directory = (
+        entry("Root Entry", 5, 1, end_of_chain, 0)
+        + entry(stream_name, 2, no_stream, 0, len(payload))
+        + entry("", 0, no_stream, 0, 0) * 2
+    )
     header = struct.pack(
-        "<8s16sHHHHH6sIIIIIIIII", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", b"\x00" * 16, 0x3E, 3, 0xFFFE,
-        9, 6, b"\x00" * 6, 0, 1, count + 1, 0, 4096, end_of_chain, 0, end_of_chain, 0,
+        "<8s16sHHHHH6sIIIIIIIII",
+        b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
+        b"\x00" * 16,
+        0x3E,
+        3,
+        0xFFFE,
+        9,
+        6,
+        b"\x00" * 6,
+        0,
+        1,
+        count + 1,
+        0,
+        4096,
+        end_of_chain,
+        0,
+        end_of_chain,
+        0,
     ) + struct.pack("<109I", count, *[free] * 108)
     return header + body + struct.pack("<128I", *fat) + directory
 
@@ -195,8 +234,10 @@ def html_bytes():
 
 
 def svg_with_script_bytes():
-    return (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
-            b'<script>alert(document.domain)</script><rect width="10" height="10"/></svg>\n')
+    return (
+        b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
+        b'<script>alert(document.domain)</script><rect width="10" height="10"/></svg>\n'
+    )
 
 
 def pdf_html_polyglot_bytes():

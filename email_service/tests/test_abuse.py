@@ -1,4 +1,5 @@
 """Abuse controls: rate limits shared by every process, Idempotency-Key, JSON errors everywhere."""
+
 import hashlib
 import ipaddress
 import subprocess
@@ -62,9 +63,21 @@ def two_web_processes(transactional_db, smtp_server, tmp_path, request):
         port = free_port()
         log = open(tmp_path / f"web{index}.log", "wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "medcor_backend2.wsgi:application", "--bind",
-             f"127.0.0.1:{port}", "--workers", "2"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "medcor_backend2.wsgi:application",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "2",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         servers.append((process, f"http://127.0.0.1:{port}"))
         logs.append(log)
 
@@ -93,10 +106,14 @@ def test_create_limit_holds_across_processes(two_web_processes):
     answers = []
     for attempt in range(12):
         url = two_web_processes[attempt % 2]  # alternate between the two processes
-        answers.append(requests.post(
-            f"{url}{URL}", json={**FORM, "message": f"attempt {attempt}"}, timeout=10,
-            headers={"X-Forwarded-For": client_ip},
-        ))
+        answers.append(
+            requests.post(
+                f"{url}{URL}",
+                json={**FORM, "message": f"attempt {attempt}"},
+                timeout=10,
+                headers={"X-Forwarded-For": client_ip},
+            )
+        )
     codes = [answer.status_code for answer in answers]
     assert codes.count(201) == 5, codes
     assert codes.count(429) == 7, codes
@@ -106,7 +123,9 @@ def test_create_limit_holds_across_processes(two_web_processes):
     assert 0 < int(limited.headers["Retry-After"]) <= 3600
     # The limit is per client: another address still gets through.
     other_ip = fresh_client_ip()
-    other = requests.post(f"{two_web_processes[0]}{URL}", json=FORM, timeout=10, headers={"X-Forwarded-For": other_ip})
+    other = requests.post(
+        f"{two_web_processes[0]}{URL}", json=FORM, timeout=10, headers={"X-Forwarded-For": other_ip}
+    )
     assert other.status_code == 201
 
 
@@ -116,8 +135,10 @@ def test_read_limit_covers_list_detail_and_statistics(two_web_processes):
     client_ip = fresh_client_ip()
     headers = {"X-Forwarded-For": client_ip}
     paths = [URL, f"{URL}statistics/", f"{URL}00000000-0000-0000-0000-000000000000/"]
-    codes = [requests.get(f"{two_web_processes[i % 2]}{paths[i % 3]}", headers=headers, timeout=10).status_code
-             for i in range(10)]
+    codes = [
+        requests.get(f"{two_web_processes[i % 2]}{paths[i % 3]}", headers=headers, timeout=10).status_code
+        for i in range(10)
+    ]
     assert codes[:8].count(429) == 0, codes
     assert codes[8:] == [429, 429], codes
 
@@ -167,7 +188,9 @@ def test_same_key_with_the_same_file_is_a_repeat(quiet):
 
     def post(content):
         upload = SimpleUploadedFile("scan.pdf", content, content_type="application/pdf")
-        return client.post(URL, {**FORM, "file_attached": upload}, format="multipart", HTTP_IDEMPOTENCY_KEY=key)
+        return client.post(
+            URL, {**FORM, "file_attached": upload}, format="multipart", HTTP_IDEMPOTENCY_KEY=key
+        )
 
     assert post(pdf_bytes()).status_code == 201
     assert post(pdf_bytes()).status_code == 200
@@ -178,7 +201,9 @@ def test_same_key_with_the_same_file_is_a_repeat(quiet):
 @pytest.mark.django_db
 def test_a_refused_request_frees_its_key(quiet):
     client, key = APIClient(), str(uuid.uuid4())
-    assert client.post(URL, {**FORM, "email": "bad"}, format="json", HTTP_IDEMPOTENCY_KEY=key).status_code == 400
+    assert (
+        client.post(URL, {**FORM, "email": "bad"}, format="json", HTTP_IDEMPOTENCY_KEY=key).status_code == 400
+    )
     assert client.post(URL, FORM, format="json", HTTP_IDEMPOTENCY_KEY=key).status_code == 201
 
 
@@ -193,7 +218,9 @@ def test_a_key_still_in_progress_is_409(quiet):
     # Put the key back in the state it has while its first request is being processed.
     cache_key = "idempotency:" + hashlib.sha256(key.encode()).hexdigest()
     stored = cache.get(cache_key)
-    cache.set(cache_key, {"fingerprint": stored["fingerprint"], "body": None}, timeout=idempotency.PENDING_TTL)
+    cache.set(
+        cache_key, {"fingerprint": stored["fingerprint"], "body": None}, timeout=idempotency.PENDING_TTL
+    )
     response = client.post(URL, FORM, format="json", HTTP_IDEMPOTENCY_KEY=key)
     assert (first.status_code, response.status_code) == (201, 409)
 
@@ -265,7 +292,10 @@ def test_json_past_the_upload_limit_is_a_400(quiet, settings):
     body = '{"full_name": "x", "email": "a@example.com", "message": "' + "a" * 20_000 + '"}'
     response = APIClient().post(URL, data=body, content_type="application/json")
     assert response.status_code == 400
-    assert "DATA_UPLOAD_MAX_MEMORY_SIZE" in response.json()["detail"] or "larger than" in response.json()["detail"]
+    assert (
+        "DATA_UPLOAD_MAX_MEMORY_SIZE" in response.json()["detail"]
+        or "larger than" in response.json()["detail"]
+    )
 
 
 @pytest.mark.django_db

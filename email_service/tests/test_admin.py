@@ -1,4 +1,5 @@
 """The admin as support staff use it: the changelist, the change page, the actions, the statistics page."""
+
 import csv
 import io
 from datetime import timedelta
@@ -28,12 +29,20 @@ def media_root(settings, tmp_path):
     return tmp_path / "media"
 
 
-def make_request(status=EmailStatus.PENDING, *, created=None, delivery_seconds=2.0, attachment=None, **fields):
+def make_request(
+    status=EmailStatus.PENDING, *, created=None, delivery_seconds=2.0, attachment=None, **fields
+):
     """Create a request and take it to `status` through the state machine, as a worker would."""
     created = created or timezone.now() - timedelta(minutes=5)
-    data = {"full_name": "Amelia Hartmann", "email": "amelia@example.org", "subject": "Referral",
-            "message": "Please confirm my ECG appointment.", "created_at": created, "next_attempt_at": created,
-            **fields}
+    data = {
+        "full_name": "Amelia Hartmann",
+        "email": "amelia@example.org",
+        "subject": "Referral",
+        "message": "Please confirm my ECG appointment.",
+        "created_at": created,
+        "next_attempt_at": created,
+        **fields,
+    }
     upload = ContentFile(pdf_bytes(), name=attachment) if attachment else None
     row = services.create_email_request(
         data=data, upload=upload, content_type="application/pdf" if upload else "", dispatch_on_commit=False
@@ -42,10 +51,15 @@ def make_request(status=EmailStatus.PENDING, *, created=None, delivery_seconds=2
         EmailRequest.objects.filter(pk=row.pk).cancel()
     elif status != EmailStatus.PENDING:
         token = EmailRequest.objects.claim(row.pk, worker="test", now=created)
-        EmailAttempt.objects.create(request=row, number=1, started_at=created, worker="test",
-                                    outcome="sent" if status == EmailStatus.SENT else "permanent",
-                                    smtp_code=None if status == EmailStatus.SENT else 550,
-                                    error_text="" if status == EmailStatus.SENT else "550 No such user")
+        EmailAttempt.objects.create(
+            request=row,
+            number=1,
+            started_at=created,
+            worker="test",
+            outcome="sent" if status == EmailStatus.SENT else "permanent",
+            smtp_code=None if status == EmailStatus.SENT else 550,
+            error_text="" if status == EmailStatus.SENT else "550 No such user",
+        )
         if status == EmailStatus.SENT:
             EmailRequest.objects.complete(row.pk, token, now=created + timedelta(seconds=delivery_seconds))
         elif status == EmailStatus.FAILED:
@@ -75,15 +89,24 @@ def staff_with(*codenames):
 
 
 def test_changelist_shows_status_submitter_subject_attachment_attempts_and_times(admin_client, db):
-    sent = make_request(EmailStatus.SENT, full_name="Jonas Okafor", subject="Billing question",
-                        attachment="Invoice 2291.pdf")
+    sent = make_request(
+        EmailStatus.SENT, full_name="Jonas Okafor", subject="Billing question", attachment="Invoice 2291.pdf"
+    )
     failed = make_request(EmailStatus.FAILED, email="priya.nair@example.org")
     response = admin_client.get(CHANGELIST)
     assert response.status_code == 200
     page = response.content.decode()
-    for text in ("Jonas Okafor", "Billing question", "priya.nair@example.org", ">SENT<", ">FAILED<",
-                 "Invoice 2291.pdf", reverse("email-request-attachment", args=[sent.pk]),
-                 "550 5.1.1 No such user", timezone.localtime(sent.sent_at).strftime("%Y-%m-%d %H:%M")):
+    for text in (
+        "Jonas Okafor",
+        "Billing question",
+        "priya.nair@example.org",
+        ">SENT<",
+        ">FAILED<",
+        "Invoice 2291.pdf",
+        reverse("email-request-attachment", args=[sent.pk]),
+        "550 5.1.1 No such user",
+        timezone.localtime(sent.sent_at).strftime("%Y-%m-%d %H:%M"),
+    ):
         assert text in page
     changelist = response.context["cl"]
     counts = {row.pk: row.attempts_count for row in changelist.result_list}
@@ -105,8 +128,12 @@ def test_changelist_counts_attempts_in_one_query_whatever_the_number_of_rows(adm
 
 
 def test_search_matches_name_email_subject_and_message(admin_client, db):
-    make_request(full_name="Chen Wei", email="chen@example.org", subject="Prescription renewal",
-                 message="My repeat prescription runs out next week.")
+    make_request(
+        full_name="Chen Wei",
+        email="chen@example.org",
+        subject="Prescription renewal",
+        message="My repeat prescription runs out next week.",
+    )
     make_request(full_name="Greta Berg", email="greta@example.org", subject="Feedback", message="Kind staff.")
     for term in ("Chen", "chen@example", "Prescription", "runs out"):
         results = admin_client.get(CHANGELIST, {"q": term}).context["cl"].result_list
@@ -149,14 +176,25 @@ def test_contact_fields_are_editable_before_sent_and_read_only_once_sent(admin_c
     assert 'name="full_name"' in pending_page.content.decode()
     assert 'name="full_name"' not in sent_page.content.decode()
 
-    form = {"full_name": "Amelia H. Hartmann", "email": "amelia.h@example.org", "phone": "", "job_profession": "",
-            "subject": "Referral", "message": "Please confirm.", "max_retries": 3,
-            "attempts-TOTAL_FORMS": 0, "attempts-INITIAL_FORMS": 0}
+    form = {
+        "full_name": "Amelia H. Hartmann",
+        "email": "amelia.h@example.org",
+        "phone": "",
+        "job_profession": "",
+        "subject": "Referral",
+        "message": "Please confirm.",
+        "max_retries": 3,
+        "attempts-TOTAL_FORMS": 0,
+        "attempts-INITIAL_FORMS": 0,
+    }
     response = admin_client.post(reverse("admin:email_service_emailrequest_change", args=[pending.pk]), form)
     assert response.status_code == 302
     pending.refresh_from_db()
-    assert (pending.full_name, pending.email, pending.status) == ("Amelia H. Hartmann", "amelia.h@example.org",
-                                                                  EmailStatus.PENDING)
+    assert (pending.full_name, pending.email, pending.status) == (
+        "Amelia H. Hartmann",
+        "amelia.h@example.org",
+        EmailStatus.PENDING,
+    )
     admin_client.post(reverse("admin:email_service_emailrequest_change", args=[sent.pk]), form)
     sent.refresh_from_db()
     assert (sent.full_name, sent.email) == ("Amelia Hartmann", "amelia@example.org")
@@ -225,21 +263,25 @@ def test_an_action_with_nothing_to_skip_says_so(admin_client, db):
 
 
 def test_export_csv_holds_the_selected_rows_and_defuses_formulas(admin_client, db):
-    row = make_request(EmailStatus.SENT, subject="=HYPERLINK(\"http://evil.example\")", phone="+49 30 1234",
-                       attachment="Lab results.pdf")
+    row = make_request(
+        EmailStatus.SENT,
+        subject='=HYPERLINK("http://evil.example")',
+        phone="+49 30 1234",
+        attachment="Lab results.pdf",
+    )
     make_request(full_name="Not selected")
     response = admin_client.post(CHANGELIST, {"action": "export_csv", "_selected_action": [str(row.pk)]})
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/csv")
     assert response["Content-Disposition"].startswith('attachment; filename="email-requests-')
     [header, line] = list(csv.reader(io.StringIO(response.content.decode())))
-    exported = dict(zip(header, line))
+    exported = dict(zip(header, line, strict=True))
     assert exported["id"] == str(row.pk)
     assert exported["status"] == "SENT"
     assert exported["full_name"] == "Amelia Hartmann"
     assert exported["attachment_name"] == "Lab results.pdf"
     assert exported["attempts"] == "1"
-    assert exported["subject"] == "'=HYPERLINK(\"http://evil.example\")"
+    assert exported["subject"] == '\'=HYPERLINK("http://evil.example")'
     assert exported["phone"] == "'+49 30 1234"
     assert exported["sent_at"] == row.sent_at.isoformat()
 
@@ -268,7 +310,9 @@ def test_statistics_page_shows_counts_chart_success_rate_delivery_times_and_olde
         make_request(EmailStatus.SENT, created=now - timedelta(days=2), delivery_seconds=seconds)
     make_request(EmailStatus.FAILED, created=now - timedelta(days=1))
     make_request(EmailStatus.CANCELLED)
-    make_request(created=now - timedelta(minutes=90), next_attempt_at=now + timedelta(minutes=5))  # retry waits
+    make_request(
+        created=now - timedelta(minutes=90), next_attempt_at=now + timedelta(minutes=5)
+    )  # retry waits
     make_request(EmailStatus.SENT, created=now - timedelta(days=45))  # outside the chart's window
 
     response = admin_client.get(STATISTICS)
@@ -276,7 +320,11 @@ def test_statistics_page_shows_counts_chart_success_rate_delivery_times_and_olde
     context = response.context
     assert context["counts"]["sent_requests"] == 6
     assert [(row["status"], row["count"]) for row in context["by_status"]] == [
-        ("PENDING", 1), ("PROCESSING", 0), ("SENT", 6), ("FAILED", 1), ("CANCELLED", 1)
+        ("PENDING", 1),
+        ("PROCESSING", 0),
+        ("SENT", 6),
+        ("FAILED", 1),
+        ("CANCELLED", 1),
     ]
     assert context["success_rate"] == round(100 * 5 / 6, 1)
     assert context["median_delivery_seconds"] == pytest.approx(3)

@@ -1,4 +1,5 @@
 """The HTTP API: creating requests, and clear JSON errors that leave nothing behind."""
+
 import json
 import uuid
 
@@ -144,8 +145,16 @@ def test_public_list_and_detail_are_redacted(client, media_root):
 def test_statistics_keys(client, media_root):
     client.post(URL, VALID, format="json")
     stats = client.get(f"{URL}statistics/").json()
-    for key in ("total_requests", "pending_requests", "processing_requests", "sent_requests",
-                "failed_requests", "cancelled_requests", "with_attachments", "success_rate"):
+    for key in (
+        "total_requests",
+        "pending_requests",
+        "processing_requests",
+        "sent_requests",
+        "failed_requests",
+        "cancelled_requests",
+        "with_attachments",
+        "success_rate",
+    ):
         assert key in stats
     assert stats["total_requests"] == stats["pending_requests"] == 1
 

@@ -1,4 +1,5 @@
 """Attachments: accepted by content, refused with a reason, named safely, kept private, sent intact."""
+
 import importlib
 import os
 import re
@@ -111,7 +112,9 @@ def raw_multipart(filename, content):
         disposition = f"filename*=UTF-8''{quote(filename, safe='')}"
     parts.append(
         f'--{boundary}\r\nContent-Disposition: form-data; name="file_attached"; {disposition}\r\n'
-        f"Content-Type: application/pdf\r\n\r\n".encode() + content + b"\r\n"
+        f"Content-Type: application/pdf\r\n\r\n".encode()
+        + content
+        + b"\r\n"
     )
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
@@ -206,7 +209,9 @@ def test_hostile_files_are_a_400_that_says_why_and_leave_nothing(client, media_r
 
 
 @pytest.mark.django_db
-def test_a_file_one_byte_over_the_limit_is_refused_and_one_at_the_limit_accepted(client, media_root, settings):
+def test_a_file_one_byte_over_the_limit_is_refused_and_one_at_the_limit_accepted(
+    client, media_root, settings
+):
     limit = settings.EMAIL_ATTACHMENT_MAX_BYTES
     response = post_file(client, "big scan.pdf", files.pdf_of_size(limit + 1))
     assert response.status_code == 400
@@ -290,8 +295,21 @@ def test_hostile_names_are_made_safe_or_refused(client, media_root, sent, kept):
 
 @pytest.mark.parametrize(
     "raw",
-    ["../../x.pdf", "..\\..\\x.pdf", "a\x00b.pdf", "a\nb\r.pdf", "\u202egnp.pdf", "\u2029.pdf", "..", "",
-     "é" * 300 + ".pdf", "a." + "b" * 300, "x" * 1000, "e\u0301" * 200 + ".pdf", "\x00\x01\x02"],
+    [
+        "../../x.pdf",
+        "..\\..\\x.pdf",
+        "a\x00b.pdf",
+        "a\nb\r.pdf",
+        "\u202egnp.pdf",
+        "\u2029.pdf",
+        "..",
+        "",
+        "é" * 300 + ".pdf",
+        "a." + "b" * 300,
+        "x" * 1000,
+        "e\u0301" * 200 + ".pdf",
+        "\x00\x01\x02",
+    ],
 )
 def test_clean_filename_never_returns_a_path_a_control_character_or_over_255_bytes(raw):
     name = clean_filename(raw)
@@ -334,8 +352,13 @@ def test_no_media_url_answers_with_a_file(client, stored_row, settings, debug):
     importlib.reload(medcor_backend2.urls)
     clear_url_caches()
     try:
-        for path in (f"/media/{stored_row.file_attached.name}", "/media/", "/media/email_attachments/",
-                     f"/{stored_row.file_attached.name}", f"/static/../media/{stored_row.file_attached.name}"):
+        for path in (
+            f"/media/{stored_row.file_attached.name}",
+            "/media/",
+            "/media/email_attachments/",
+            f"/{stored_row.file_attached.name}",
+            f"/static/../media/{stored_row.file_attached.name}",
+        ):
             response = client.get(path)
             assert response.status_code == 404, path
             content = b"".join(response.streaming_content) if response.streaming else response.content
@@ -350,8 +373,10 @@ SERVERS = {
     # DEBUG on, as under `make run`: Django's development server.
     "runserver, debug": (["manage.py", "runserver", "--noreload", "--nothreading"], "true"),
     # DEBUG off, as in production: gunicorn with WhiteNoise in front of the app.
-    "gunicorn, no debug": (["-m", "gunicorn", "medcor_backend2.wsgi", "--workers=1", "--no-control-socket"],
-                           "false"),
+    "gunicorn, no debug": (
+        ["-m", "gunicorn", "medcor_backend2.wsgi", "--workers=1", "--no-control-socket"],
+        "false",
+    ),
 }
 
 
@@ -367,18 +392,33 @@ def test_no_media_url_answers_on_a_real_server(server, tmp_path):
         args = [*args, f"--bind=127.0.0.1:{port}"]
     else:
         args = [*args, f"127.0.0.1:{port}"]
-    env = {**os.environ, "DJANGO_DEBUG": debug, "MEDIA_ROOT": str(tmp_path / "media"),
-           "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}"}
+    env = {
+        **os.environ,
+        "DJANGO_DEBUG": debug,
+        "MEDIA_ROOT": str(tmp_path / "media"),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+    }
     log = open(tmp_path / "server.log", "wb")
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _answers(f"{base}/media/") or process.poll() is not None, timeout=60,
-                 message=f"{server} to listen")
+        wait_for(
+            lambda: _answers(f"{base}/media/") or process.poll() is not None,
+            timeout=60,
+            message=f"{server} to listen",
+        )
         assert process.poll() is None, (tmp_path / "server.log").read_text()
         relative = secret.relative_to(tmp_path / "media").as_posix()
-        for path in (f"/media/{relative}", "/media/", f"/media/{secret.name}", f"/{relative}",
-                     f"/static/../media/{relative}", f"/static/%2e%2e/media/{relative}"):
+        for path in (
+            f"/media/{relative}",
+            "/media/",
+            f"/media/{secret.name}",
+            f"/{relative}",
+            f"/static/../media/{relative}",
+            f"/static/%2e%2e/media/{relative}",
+        ):
             answer = requests.get(f"{base}{path}", timeout=10)
             # runserver's static handler answers a traversal under /static/ with a bare 500.
             assert answer.status_code == 404 or "static" in path and answer.status_code >= 400, path
@@ -402,8 +442,9 @@ def _answers(url):
 
 def staff_client(*codenames):
     user = User.objects.create_user(f"staff-{uuid.uuid4().hex[:8]}", password="x", is_staff=True)
-    user.user_permissions.add(*Permission.objects.filter(content_type__app_label="email_service",
-                                                         codename__in=codenames))
+    user.user_permissions.add(
+        *Permission.objects.filter(content_type__app_label="email_service", codename__in=codenames)
+    )
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
     return client
@@ -462,7 +503,9 @@ def test_deleting_a_row_deletes_its_file(media_root):
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("data", [b"line one\nline two\r\nline three\rend", files.pdf_of_size(200_001)])
-def test_the_mailed_attachment_has_the_stored_bytes_even_when_storage_reads_short(data, media_root, monkeypatch):
+def test_the_mailed_attachment_has_the_stored_bytes_even_when_storage_reads_short(
+    data, media_root, monkeypatch
+):
     row = services.create_email_request(
         data=FORM, upload=SimpleUploadedFile("notes.txt", data), content_type="text/plain"
     )
@@ -502,16 +545,24 @@ def test_accepted_corpus_reaches_support_byte_for_byte_with_the_original_names(
     sent = {}
     try:
         for name, data in corpus:
-            response = requests.post(f"{live_server.url}{URL}", data=FORM, timeout=30,
-                                     files={"file_attached": (name, data, "application/octet-stream")})
+            response = requests.post(
+                f"{live_server.url}{URL}",
+                data=FORM,
+                timeout=30,
+                files={"file_attached": (name, data, "application/octet-stream")},
+            )
             assert response.status_code == 201, (name, response.text)
             sent[response.json()["email_request_id"]] = (name, data)
 
-        wait_for(lambda: EmailRequest.objects.filter(pk__in=sent, status=EmailStatus.SENT).count() == len(sent),
-                 timeout=60, message="every request to be SENT")
+        wait_for(
+            lambda: EmailRequest.objects.filter(pk__in=sent, status=EmailStatus.SENT).count() == len(sent),
+            timeout=60,
+            message="every request to be SENT",
+        )
         support = settings.SUPPORT_EMAIL
-        received = wait_for(lambda: len(smtp.to(support)) >= len(sent) and smtp.to(support),
-                            message="every support mail")
+        received = wait_for(
+            lambda: len(smtp.to(support)) >= len(sent) and smtp.to(support), message="every support mail"
+        )
         by_request = {mail["message"]["X-Email-Request-ID"]: mail["message"] for mail in received}
         for pk, (name, data) in sent.items():
             [attachment] = list(by_request[pk].iter_attachments())

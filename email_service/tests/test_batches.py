@@ -3,6 +3,7 @@
 These run in-process against the real SMTP server of the test session and the configured database
 (PostgreSQL in CI, where the claim uses SKIP LOCKED and the outcome is written in one statement).
 """
+
 import threading
 import uuid
 from datetime import timedelta
@@ -22,8 +23,13 @@ def make_rows(count, **fields):
     for number in range(count):
         rows.append(
             services.create_email_request(
-                data={"full_name": f"Patient {number}", "email": f"p{number}-{uuid.uuid4().hex[:6]}@example.org",
-                      "subject": f"Batch {number}", "message": "Hello", **fields},
+                data={
+                    "full_name": f"Patient {number}",
+                    "email": f"p{number}-{uuid.uuid4().hex[:6]}@example.org",
+                    "subject": f"Batch {number}",
+                    "message": "Hello",
+                    **fields,
+                },
                 dispatch_on_commit=False,
             )
         )
@@ -73,7 +79,11 @@ def test_after_a_slow_send_a_task_gives_back_the_rest_of_its_batch_for_other_wor
     assert published == [rows[1].pk]  # the task for the rest; this one stopped
     for row in EmailRequest.objects.filter(pk__in=[rows[1].pk, rows[2].pk]):
         assert (row.status, row.claim_token, row.dispatched_at, row.attempts.count()) == (
-            EmailStatus.PENDING, None, None, 0)
+            EmailStatus.PENDING,
+            None,
+            None,
+            0,
+        )
 
     # The published task, at the slow pace, claims one row at a time and sends both.
     limits = []
@@ -120,9 +130,18 @@ def test_one_call_sends_its_own_row_first_then_every_due_row_in_batches_over_one
     assert EmailRequest.objects.get(pk=cancelled.pk).status == EmailStatus.CANCELLED
     for row in EmailRequest.objects.filter(pk__in=[row.pk for row in rows]):
         assert (row.status, row.claim_token, row.lease_expires_at, row.sent_at is not None) == (
-            EmailStatus.SENT, None, None, True)
+            EmailStatus.SENT,
+            None,
+            None,
+            True,
+        )
         [attempt] = row.attempts.all()
-        assert (attempt.number, attempt.outcome, attempt.smtp_code, attempt.worker) == (1, "sent", 250, "test")
+        assert (attempt.number, attempt.outcome, attempt.smtp_code, attempt.worker) == (
+            1,
+            "sent",
+            250,
+            "test",
+        )
         assert attempt.finished_at >= attempt.started_at and attempt.duration_ms is not None
 
 
@@ -178,7 +197,11 @@ def test_when_the_send_window_closes_untried_rows_go_back_and_a_task_is_publishe
     untried = EmailRequest.objects.filter(pk__in=[rows[1].pk, rows[2].pk])
     for row in untried:
         assert (row.status, row.claim_token, row.retry_count, row.dispatched_at) == (
-            EmailStatus.PENDING, None, 0, None)
+            EmailStatus.PENDING,
+            None,
+            0,
+            None,
+        )
         assert row.next_attempt_at <= timezone.now()
     assert EmailAttempt.objects.filter(request__in=untried).count() == 0
     assert len(published) == 1 and published[0] in {rows[1].pk, rows[2].pk}
@@ -207,7 +230,12 @@ def test_the_sent_outcome_is_one_write_even_when_the_claim_was_lost(smtp, db, qu
     [row] = make_rows(1)
     token, [claimed] = EmailRequest.objects.claim_batch(worker="test", first=row.pk, limit=1)
     attempt = EmailAttempt.objects.create(request=claimed, number=1, started_at=timezone.now(), worker="test")
-    attempt.finished_at, attempt.outcome, attempt.smtp_code, attempt.duration_ms = timezone.now(), "sent", 250, 5
+    attempt.finished_at, attempt.outcome, attempt.smtp_code, attempt.duration_ms = (
+        timezone.now(),
+        "sent",
+        250,
+        5,
+    )
 
     assert EmailRequest.objects.complete(row.pk, uuid.uuid4(), attempt=attempt) is False
     assert EmailRequest.objects.get(pk=row.pk).status == EmailStatus.PROCESSING
@@ -271,8 +299,10 @@ def test_a_claim_skips_its_own_row_while_another_worker_holds_it_instead_of_wait
         assert locked.wait(10)
         result = []
         claimer = threading.Thread(
-            target=lambda: (result.append(EmailRequest.objects.claim_batch(worker="w", first=held.pk, limit=2)),
-                            connection.close())
+            target=lambda: (
+                result.append(EmailRequest.objects.claim_batch(worker="w", first=held.pk, limit=2)),
+                connection.close(),
+            )
         )
         claimer.start()
         claimer.join(5)

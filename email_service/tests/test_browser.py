@@ -2,6 +2,7 @@
 
 Set MEDCOR_SCREENSHOTS=docs to rewrite the README's screenshots (docs/contact-*.png) while testing.
 """
+
 import functools
 import os
 import re

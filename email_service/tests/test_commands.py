@@ -1,4 +1,5 @@
 """The operators' management commands: test_email, purge_emails, seed_demo."""
+
 import os
 import re
 import subprocess
@@ -26,17 +27,33 @@ def media_root(settings, tmp_path):
 
 
 def manage(*args, env, timeout=90):
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # --- test_email ---------------------------------------------------------------------------------
 
 
 @pytest.mark.integration
-def test_test_email_waits_for_sent_and_exits_0_with_the_mail_delivered(celery_worker, smtp, smtp_server, settings):
-    result = manage("test_email", "--email", "operator@example.org", "--name", "Ops Check", "--wait", "30",
-                    env=service_env(smtp_server.port))
+def test_test_email_waits_for_sent_and_exits_0_with_the_mail_delivered(
+    celery_worker, smtp, smtp_server, settings
+):
+    result = manage(
+        "test_email",
+        "--email",
+        "operator@example.org",
+        "--name",
+        "Ops Check",
+        "--wait",
+        "30",
+        env=service_env(smtp_server.port),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     pk = re.search(r"Created email request ([0-9a-f-]{36})", result.stdout).group(1)
     assert "Final status: SENT" in result.stdout
@@ -96,8 +113,12 @@ def test_test_email_without_a_worker_says_it_is_still_pending(smtp_server, trans
 def old_request(status, *, days, attachment=False):
     created = timezone.now() - timedelta(days=days)
     row = services.create_email_request(
-        data={"full_name": "Old Row", "email": "old@example.org", "created_at": created,
-              "next_attempt_at": created},
+        data={
+            "full_name": "Old Row",
+            "email": "old@example.org",
+            "created_at": created,
+            "next_attempt_at": created,
+        },
         upload=ContentFile(pdf_bytes(), name="letter.pdf") if attachment else None,
         content_type="application/pdf" if attachment else "",
         dispatch_on_commit=False,
@@ -132,7 +153,9 @@ def retention_scene(media_root, settings):
         "old_pending": old_request(EmailStatus.PENDING, days=100),
         "recent_sent": old_request(EmailStatus.SENT, days=10, attachment=True),
     }
-    scene["files"] = {key: media_root / row.file_attached.name for key, row in scene.items() if row.file_attached}
+    scene["files"] = {
+        key: media_root / row.file_attached.name for key, row in scene.items() if row.file_attached
+    }
     scene["old_orphan"] = orphan_file(media_root, "orphan.pdf", hours_old=5)
     scene["fresh_orphan"] = orphan_file(media_root, "uploading.pdf", hours_old=0)
     return scene

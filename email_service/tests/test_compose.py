@@ -1,4 +1,5 @@
 """docker-compose.yml, read as docker compose reads it: the stack, its health checks, its secrets."""
+
 import re
 
 import pytest
@@ -46,7 +47,9 @@ def test_every_service_has_a_health_check_and_the_app_waits_for_healthy_backends
     for name in APP_SERVICES:
         depends = compose["services"][name]["depends_on"]
         assert {backend: depends[backend]["condition"] for backend in ("postgres", "rabbitmq", "redis")} == {
-            "postgres": "service_healthy", "rabbitmq": "service_healthy", "redis": "service_healthy"
+            "postgres": "service_healthy",
+            "rabbitmq": "service_healthy",
+            "redis": "service_healthy",
         }
 
 

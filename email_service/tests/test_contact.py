@@ -1,4 +1,5 @@
 """The /contact/ page, its POST without JavaScript, and cross-origin use of the API from a browser."""
+
 import re
 import uuid
 
@@ -87,9 +88,7 @@ def test_page_sends_a_content_security_policy_without_inline_script_and_refuses_
     assert response["X-Frame-Options"] == "DENY"
     html = response.content.decode()
     # Every script is an external file: the policy would block an inline one.
-    assert re.findall(r"<script\b[^>]*>", html) == [
-        '<script src="/static/email_service/contact.js" defer>'
-    ]
+    assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/static/email_service/contact.js" defer>']
     assert not re.search(r"<[^>]+\son[a-z]+=", html), "an inline event handler"
 
 
@@ -220,7 +219,9 @@ def test_post_from_an_allowed_origin_is_readable_without_credentials(client, set
 def test_a_disallowed_origin_gets_no_cors_headers(client, settings, allowed):
     settings.CORS_ALLOWED_ORIGINS = allowed
     preflight = client.options(
-        API, HTTP_ORIGIN=WEBSITE, HTTP_ACCESS_CONTROL_REQUEST_METHOD="POST",
+        API,
+        HTTP_ORIGIN=WEBSITE,
+        HTTP_ACCESS_CONTROL_REQUEST_METHOD="POST",
         HTTP_ACCESS_CONTROL_REQUEST_HEADERS="idempotency-key",
     )
     post = client.post(API, FORM, content_type="application/json", HTTP_ORIGIN=WEBSITE)

@@ -1,4 +1,5 @@
 """Building the mails and classifying what an SMTP server answers."""
+
 import smtplib
 import socket
 from email import message_from_bytes
@@ -16,8 +17,12 @@ from .files import pdf_bytes
 @pytest.fixture
 def email_request(db):
     return EmailRequest.objects.create(
-        full_name="Ana Lima", email="ana@example.com", phone="+55 11 5555-0000",
-        job_profession="Physiotherapist", subject="Lab results", message="Attached are my results.",
+        full_name="Ana Lima",
+        email="ana@example.com",
+        phone="+55 11 5555-0000",
+        job_profession="Physiotherapist",
+        subject="Lab results",
+        message="Attached are my results.",
         message_id=delivery.new_message_id(),
     )
 
@@ -43,8 +48,9 @@ def test_support_message_carries_every_field_in_both_parts(email_request):
 
 
 def test_html_part_escapes_form_text(db):
-    row = EmailRequest.objects.create(full_name="<script>x</script>", email="a@example.com",
-                                      message="<b>bold</b>")
+    row = EmailRequest.objects.create(
+        full_name="<script>x</script>", email="a@example.com", message="<b>bold</b>"
+    )
     html = delivery.build_support_message(row).alternatives[0].content
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "<b>bold</b>" not in html
@@ -84,7 +90,7 @@ def test_confirmation_quotes_nothing_from_the_form(email_request):
         (smtplib.SMTPConnectError(421, b"Busy"), delivery.TRANSIENT, 421),
         (smtplib.SMTPServerDisconnected("gone"), delivery.TRANSIENT, None),
         (ConnectionRefusedError(111, "Connection refused"), delivery.TRANSIENT, None),
-        (socket.timeout("timed out"), delivery.TRANSIENT, None),
+        (TimeoutError("timed out"), delivery.TRANSIENT, None),
         (ValueError("Header values may not contain linefeed"), delivery.PERMANENT, None),
     ],
 )
@@ -95,7 +101,9 @@ def test_classify(exc, outcome, code):
 
 
 def test_authentication_failure_tells_the_operator_what_to_fix():
-    result = delivery.classify(smtplib.SMTPAuthenticationError(535, b"5.7.8 Username and Password not accepted"))
+    result = delivery.classify(
+        smtplib.SMTPAuthenticationError(535, b"5.7.8 Username and Password not accepted")
+    )
     assert result.outcome == delivery.PERMANENT
     assert "535" in result.error_message
     assert "EMAIL_HOST_PASSWORD" in result.error_message
@@ -115,9 +123,7 @@ def test_send_reuses_one_connection(email_request, smtp, smtp_server):
     assert smtp.connections == 1
 
 
-def test_an_idle_connection_the_server_dropped_is_replaced_before_sending(
-    email_request, smtp, monkeypatch
-):
+def test_an_idle_connection_the_server_dropped_is_replaced_before_sending(email_request, smtp, monkeypatch):
     monkeypatch.setattr(delivery, "IDLE_CHECK_SECONDS", 0)
     assert delivery.send(delivery.build_support_message(email_request)).outcome == delivery.SENT
     assert delivery.send(delivery.build_support_message(email_request)).outcome == delivery.SENT
@@ -136,8 +142,10 @@ def test_a_failed_send_is_not_repeated_on_a_new_connection(email_request, smtp, 
     assert smtp.data_commands == 2  # the timed-out DATA was not sent again
 
 
-@pytest.mark.parametrize(("reply", "outcome"), [("421 4.7.0 Try again later", delivery.TRANSIENT),
-                                                ("550 5.1.1 No such mailbox", delivery.PERMANENT)])
+@pytest.mark.parametrize(
+    ("reply", "outcome"),
+    [("421 4.7.0 Try again later", delivery.TRANSIENT), ("550 5.1.1 No such mailbox", delivery.PERMANENT)],
+)
 def test_send_classifies_server_replies(email_request, smtp, reply, outcome):
     smtp.script = [reply]
     result = delivery.send(delivery.build_support_message(email_request))
@@ -167,7 +175,9 @@ def test_an_unreadable_reply_is_recorded_without_a_code(email_request):
     from email_service import services
     from email_service.models import EmailAttempt
 
-    attempt = EmailAttempt.objects.create(request=email_request, number=1, started_at=email_request.created_at)
+    attempt = EmailAttempt.objects.create(
+        request=email_request, number=1, started_at=email_request.created_at
+    )
     services._fill_attempt(attempt, delivery.classify(smtplib.SMTPResponseException(-1, b"garbled")))
     attempt.save()
     attempt.refresh_from_db()

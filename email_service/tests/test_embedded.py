@@ -1,4 +1,5 @@
 """The `make run` stack on embedded defaults: SQLite, the filesystem broker, the SMTP sink."""
+
 import os
 import signal
 import subprocess
@@ -23,16 +24,33 @@ def embedded_stack(tmp_path):
     web_port, smtp_port = free_port(), free_port()
     env = {key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES}
     env.update(
-        DJANGO_DEBUG="true", EMAIL_HOST="127.0.0.1", EMAIL_PORT=str(smtp_port), EMAIL_USE_TLS="false",
-        WEB_PORT=str(web_port), MEDCOR_VAR_DIR=str(tmp_path / "var"), MEDIA_ROOT=str(tmp_path / "media"),
-        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}", PYTHONUNBUFFERED="1",
+        DJANGO_DEBUG="true",
+        EMAIL_HOST="127.0.0.1",
+        EMAIL_PORT=str(smtp_port),
+        EMAIL_USE_TLS="false",
+        WEB_PORT=str(web_port),
+        MEDCOR_VAR_DIR=str(tmp_path / "var"),
+        MEDIA_ROOT=str(tmp_path / "media"),
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        PYTHONUNBUFFERED="1",
         PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
     )
-    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     log = open(tmp_path / "honcho.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "honcho", "-f", "Procfile.dev", "start"], cwd=ROOT,
-                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "honcho", "-f", "Procfile.dev", "start"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{web_port}"
 
     def up():
@@ -58,22 +76,41 @@ def embedded_stack(tmp_path):
 
 def test_make_run_stack_delivers_json_and_multipart_forms_to_the_sink(embedded_stack):
     url = f"{embedded_stack['url']}/api/email/emails/"
-    first = requests.post(url, json={"full_name": "John Doe", "email": "john.doe@example.com",
-                                     "subject": "General Inquiry", "message": "Hello"}, timeout=10)
-    second = requests.post(url, data={"full_name": "John Doe", "email": "john.doe@example.com",
-                                      "subject": "Document Review", "message": "See attached"},
-                           files={"file_attached": ("document.pdf", pdf_bytes(), "application/pdf")},
-                           timeout=10)
+    first = requests.post(
+        url,
+        json={
+            "full_name": "John Doe",
+            "email": "john.doe@example.com",
+            "subject": "General Inquiry",
+            "message": "Hello",
+        },
+        timeout=10,
+    )
+    second = requests.post(
+        url,
+        data={
+            "full_name": "John Doe",
+            "email": "john.doe@example.com",
+            "subject": "Document Review",
+            "message": "See attached",
+        },
+        files={"file_attached": ("document.pdf", pdf_bytes(), "application/pdf")},
+        timeout=10,
+    )
     assert first.status_code == second.status_code == 201, (first.text, second.text)
     ids = {first.json()["email_request_id"], second.json()["email_request_id"]}
 
     def support_mails():
-        mails = [message_from_bytes(path.read_bytes(), policy=default_policy)
-                 for path in embedded_stack["mailbox"].glob("*.eml")]
+        mails = [
+            message_from_bytes(path.read_bytes(), policy=default_policy)
+            for path in embedded_stack["mailbox"].glob("*.eml")
+        ]
         found = [m for m in mails if m["X-Email-Request-ID"] in ids and m["To"] == "support@tcall.ai"]
         return found if len(found) == 2 else None
 
-    mails = wait_for(support_mails, timeout=20, message=f"two mails in the sink; log: {embedded_stack['log']}")
+    mails = wait_for(
+        support_mails, timeout=20, message=f"two mails in the sink; log: {embedded_stack['log']}"
+    )
     by_subject = {m["Subject"]: m for m in mails}
     document = by_subject["[MedCor contact] Document Review"]
     [attachment] = list(document.iter_attachments())

@@ -1,5 +1,6 @@
 """Delivery guarantees under faults: a real worker and beat on the configured broker (RabbitMQ in
 CI), PostgreSQL, and an SMTP server each test scripts."""
+
 import os
 import signal
 import subprocess
@@ -24,19 +25,31 @@ FINAL = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
 
 def submit(**fields):
     """Create a request the way the API does, dispatching after commit."""
-    data = {"full_name": "Test Patient", "email": f"p-{uuid.uuid4().hex[:10]}@example.org",
-            "subject": "Guarantee test", "message": "Hello", **fields}
+    data = {
+        "full_name": "Test Patient",
+        "email": f"p-{uuid.uuid4().hex[:10]}@example.org",
+        "subject": "Guarantee test",
+        "message": "Hello",
+        **fields,
+    }
     return services.create_email_request(data=data)
 
 
 def final_row(pk, timeout=40):
-    return wait_for(lambda: EmailRequest.objects.filter(pk=pk, status__in=FINAL).first(),
-                    timeout=timeout, message=f"request {pk} to reach a final status")
+    return wait_for(
+        lambda: EmailRequest.objects.filter(pk=pk, status__in=FINAL).first(),
+        timeout=timeout,
+        message=f"request {pk} to reach a final status",
+    )
 
 
 def support_copies(smtp, pk):
-    return [m for m in smtp.messages if m["message"]["X-Email-Request-ID"] == str(pk)
-            and m["message"]["Subject"].startswith("[MedCor contact]")]
+    return [
+        m
+        for m in smtp.messages
+        if m["message"]["X-Email-Request-ID"] == str(pk)
+        and m["message"]["Subject"].startswith("[MedCor contact]")
+    ]
 
 
 def test_421_twice_then_accepted_is_sent_once_after_three_attempts(celery_worker, smtp, settings):
@@ -48,7 +61,10 @@ def test_421_twice_then_accepted_is_sent_once_after_three_attempts(celery_worker
     assert len(support_copies(smtp, row.pk)) == 1
     attempts = list(row.attempts.order_by("number"))
     assert [(a.number, a.outcome, a.smtp_code) for a in attempts] == [
-        (1, "transient", 421), (2, "transient", 421), (3, "sent", 250)]
+        (1, "transient", 421),
+        (2, "transient", 421),
+        (3, "sent", 250),
+    ]
     assert all(a.worker and a.finished_at and a.duration_ms is not None for a in attempts)
     # Backoff: each retry waited at least half the configured delay.
     assert (attempts[1].started_at - attempts[0].finished_at).total_seconds() >= 0.9
@@ -73,7 +89,9 @@ def test_a_server_that_never_answers_is_retried_then_failed_and_the_worker_survi
     # Each DATA hangs past EMAIL_TIMEOUT (2 s in the worker), then would refuse.
     smtp.script = [("hang", 3, "451 too slow")] * 4
     row = final_row(submit().pk, timeout=60)
-    assert row.status == EmailStatus.FAILED, list(row.attempts.values_list("outcome", "error_class", "error_text", "duration_ms"))
+    assert row.status == EmailStatus.FAILED, list(
+        row.attempts.values_list("outcome", "error_class", "error_text", "duration_ms")
+    )
     assert row.retry_count == 3
     assert [a.outcome for a in row.attempts.order_by("number")] == ["transient"] * 4
     assert support_copies(smtp, row.pk) == []
@@ -99,8 +117,12 @@ def test_cancel_while_waiting_for_a_retry_is_never_sent(celery_worker, smtp, set
     settings.EMAIL_SEND_CONFIRMATION = False
     smtp.script = ["421 4.3.2 Try later"]
     pk = submit().pk
-    wait_for(lambda: EmailRequest.objects.filter(pk=pk, status=EmailStatus.PENDING, retry_count=1).exists(),
-             timeout=20, interval=0.02, message="the first deferral")
+    wait_for(
+        lambda: EmailRequest.objects.filter(pk=pk, status=EmailStatus.PENDING, retry_count=1).exists(),
+        timeout=20,
+        interval=0.02,
+        message="the first deferral",
+    )
     services.cancel_email_request(EmailRequest.objects.get(pk=pk))
     time.sleep(6)  # past the longest first backoff and several beat ticks
     row = EmailRequest.objects.get(pk=pk)
@@ -113,8 +135,12 @@ def test_a_worker_killed_mid_send_is_delivered_after_its_lease(celery_worker, sm
     settings.EMAIL_SEND_CONFIRMATION = False
     smtp.script = [("hang", 4)]
     pk = submit().pk
-    row = wait_for(lambda: EmailRequest.objects.filter(pk=pk, status=EmailStatus.PROCESSING).first(),
-                   timeout=20, interval=0.05, message="the claim")
+    row = wait_for(
+        lambda: EmailRequest.objects.filter(pk=pk, status=EmailStatus.PROCESSING).first(),
+        timeout=20,
+        interval=0.05,
+        message="the claim",
+    )
     wait_for(lambda: smtp.data_commands >= 1, timeout=10, interval=0.05, message="DATA on the wire")
     pool_pid = int(row.claimed_by.rsplit(":", 1)[1])
     os.kill(pool_pid, signal.SIGKILL)
@@ -142,24 +168,45 @@ def test_post_answers_fast_with_the_broker_unreachable_and_beat_delivers_later(
     silent.listen(16)  # accepts connections and never says a word
     dead_port = free_port() if broker == "closed port" else silent.getsockname()[1]
     web_port = free_port()
-    env = service_env(smtp_server.port,
-                      CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{dead_port}//",
-                      DJANGO_ALLOWED_HOSTS="127.0.0.1")
+    env = service_env(
+        smtp_server.port,
+        CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{dead_port}//",
+        DJANGO_ALLOWED_HOSTS="127.0.0.1",
+    )
     log = open(tmp_path / "web.log", "wb")
     web = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "medcor_backend2.wsgi:application", "--bind",
-         f"127.0.0.1:{web_port}", "--workers", "1", "--threads", "4"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "medcor_backend2.wsgi:application",
+            "--bind",
+            f"127.0.0.1:{web_port}",
+            "--workers",
+            "1",
+            "--threads",
+            "4",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
+
         def up():
             try:
                 return requests.get(f"http://127.0.0.1:{web_port}/api/email/emails/statistics/", timeout=2).ok
             except requests.RequestException:
                 return False
+
         wait_for(up, timeout=30, message="gunicorn")
         started = time.monotonic()
-        response = requests.post(f"http://127.0.0.1:{web_port}/api/email/emails/", timeout=10,
-                                 json={"full_name": "Outage Test", "email": "outage@example.org"})
+        response = requests.post(
+            f"http://127.0.0.1:{web_port}/api/email/emails/",
+            timeout=10,
+            json={"full_name": "Outage Test", "email": "outage@example.org"},
+        )
         elapsed = time.monotonic() - started
         assert response.status_code == 201, response.text
         assert response.json()["status"] == "PENDING"

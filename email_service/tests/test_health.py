@@ -1,4 +1,5 @@
 """What operators watch: /healthz, `celery inspect` against a running worker, and the log lines."""
+
 import json
 import logging
 import subprocess
@@ -14,15 +15,25 @@ from medcor_backend2.logs import JsonFormatter
 
 from .conftest import ROOT, free_port, service_env
 
-PERSONAL = {"full_name": "Ingrid Larsen", "email": "ingrid.larsen@example.org", "phone": "+47 912 34 567",
-            "job_profession": "Radiographer", "subject": "Sensitive subject line",
-            "message": "Body text that must never reach a log."}
+PERSONAL = {
+    "full_name": "Ingrid Larsen",
+    "email": "ingrid.larsen@example.org",
+    "phone": "+47 912 34 567",
+    "job_profession": "Radiographer",
+    "subject": "Sensitive subject line",
+    "message": "Body text that must never reach a log.",
+}
 
 
 def test_healthz_is_200_with_database_and_broker_up(client, db):
     response = client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "database": "ok", "broker": "ok", "oldest_pending_seconds": None}
+    assert response.json() == {
+        "status": "ok",
+        "database": "ok",
+        "broker": "ok",
+        "oldest_pending_seconds": None,
+    }
 
 
 def test_healthz_is_503_when_the_broker_does_not_answer(client, db, monkeypatch):
@@ -50,7 +61,11 @@ def test_celery_inspect_ping_stats_and_active_are_answered_by_the_running_worker
     def inspect(*command):
         return subprocess.run(
             [sys.executable, "-m", "celery", "-A", "medcor_backend2", "inspect", *command, "--timeout", "10"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     ping = inspect("ping")
@@ -111,7 +126,13 @@ def test_json_log_lines_carry_the_exception_on_the_same_line():
         raise ConnectionRefusedError("broker down")
     except ConnectionRefusedError:
         record = logging.getLogger("email_service").makeRecord(
-            "email_service", logging.ERROR, __file__, 1, "Dispatch failed for %s", ("abc",), sys.exc_info(),
+            "email_service",
+            logging.ERROR,
+            __file__,
+            1,
+            "Dispatch failed for %s",
+            ("abc",),
+            sys.exc_info(),
             extra={"email_request_id": "abc"},
         )
     line = JsonFormatter().format(record)

@@ -1,4 +1,5 @@
 """End to end over HTTP: a real worker on the configured broker, a real SMTP server."""
+
 import uuid
 
 import pytest
@@ -62,8 +63,14 @@ def test_multipart_form_with_pdf_reaches_support(celery_worker, live_server, smt
     html = mail.get_body(("html",)).get_content()
     for value in FORM.values():
         assert value in text
-    for value in ("Amelia Hartmann", "amelia.hartmann@example.org", "+49 (30) 1234-5678",
-                  "Cardiology nurse", "Question about my referral", "My GP referred me for an ECG."):
+    for value in (
+        "Amelia Hartmann",
+        "amelia.hartmann@example.org",
+        "+49 (30) 1234-5678",
+        "Cardiology nurse",
+        "Question about my referral",
+        "My GP referred me for an ECG.",
+    ):
         assert value in html
 
     [attachment] = list(mail.iter_attachments())

@@ -1,12 +1,13 @@
 """The OpenAPI document is exact: schemathesis finds no server error, no response outside the
 schema, and no invalid input accepted, over every operation, as anonymous caller and as staff."""
+
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
 from django.contrib.auth.models import User
 from django.core.signals import request_finished, request_started
 from django.core.wsgi import get_wsgi_application
 from django.db import close_old_connections
+from hypothesis import HealthCheck, settings
 from rest_framework.authtoken.models import Token
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance

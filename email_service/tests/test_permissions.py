@@ -1,4 +1,5 @@
 """Who may do what: every operation for every kind of caller."""
+
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.core.files.base import ContentFile
@@ -123,8 +124,9 @@ def test_cancel_of_an_unknown_id_is_404():
 @pytest.mark.django_db
 def test_cancel_pending_and_retry_failed():
     pending = EmailRequest.objects.create(full_name="A", email="a@example.com")
-    failed = EmailRequest.objects.create(full_name="B", email="b@example.com", status=EmailStatus.FAILED,
-                                         retry_count=3, error_message="550 no")
+    failed = EmailRequest.objects.create(
+        full_name="B", email="b@example.com", status=EmailStatus.FAILED, retry_count=3, error_message="550 no"
+    )
     client = client_for("changer")
     assert client.post(f"{URL}{pending.pk}/cancel/").json()["status"] == "CANCELLED"
     response = client.post(f"{URL}retry_failed/")
@@ -146,8 +148,12 @@ def test_delete_removes_the_row_and_its_file(tmp_path):
 
 @pytest.mark.django_db
 def test_staff_download_is_an_attachment_with_nosniff():
-    row = EmailRequest.objects.create(full_name="Jane Roe", email="jane@example.com",
-                                      attachment_name="Lab results.pdf", attachment_content_type="application/pdf")
+    row = EmailRequest.objects.create(
+        full_name="Jane Roe",
+        email="jane@example.com",
+        attachment_name="Lab results.pdf",
+        attachment_content_type="application/pdf",
+    )
     row.file_attached.save("x.pdf", ContentFile(pdf_bytes()), save=True)
     response = client_for("viewer").get(f"{URL}{row.pk}/attachment/")
     assert response.status_code == 200
@@ -159,7 +165,9 @@ def test_staff_download_is_an_attachment_with_nosniff():
 
 @pytest.mark.django_db
 def test_staff_see_every_field_and_the_attempt_log():
-    row = EmailRequest.objects.create(full_name="Jane Roe", email="jane@example.com", error_message="421 busy")
+    row = EmailRequest.objects.create(
+        full_name="Jane Roe", email="jane@example.com", error_message="421 busy"
+    )
     row.attempts.create(number=1, started_at=row.created_at, outcome="transient", smtp_code=421)
     viewer = client_for("viewer")
     body = viewer.get(f"{URL}{row.pk}/").json()

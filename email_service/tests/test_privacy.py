@@ -1,4 +1,5 @@
 """Health data stays private: no anonymous answer carries anything a submitter wrote."""
+
 import json
 import uuid
 
@@ -34,8 +35,9 @@ def submitted(markers, monkeypatch, settings, tmp_path):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     upload = SimpleUploadedFile(f"File{markers['subject']}.pdf", pdf_bytes(), content_type="application/pdf")
-    response = APIClient().post(URL, {**markers, "file_attached": upload}, format="multipart",
-                                REMOTE_ADDR="203.0.113.77")
+    response = APIClient().post(
+        URL, {**markers, "file_attached": upload}, format="multipart", REMOTE_ADDR="203.0.113.77"
+    )
     assert response.status_code == 201, response.content
     row = EmailRequest.objects.get(pk=response.json()["email_request_id"])
     EmailRequest.objects.filter(pk=row.pk).update(error_message=f"550 rejected {markers['email']}")
@@ -46,10 +48,17 @@ def anonymous_answers(row, markers):
     """Every answer an anonymous caller can get about the row, as raw bytes."""
     client = APIClient()
     paths = [
-        URL, f"{URL}?page_size=1", f"{URL}?status=PENDING&has_attachment=true&ordering=-created_at",
-        f"{URL}{row.pk}/", f"{URL}statistics/", f"{URL}{row.pk}/attachment/",
-        f"{URL}?email={markers['email']}", f"{URL}?search={markers['subject']}",
-        f"{URL}{row.pk}/cancel/", f"{URL}retry_failed/", f"{URL}00000000-0000-0000-0000-000000000000/",
+        URL,
+        f"{URL}?page_size=1",
+        f"{URL}?status=PENDING&has_attachment=true&ordering=-created_at",
+        f"{URL}{row.pk}/",
+        f"{URL}statistics/",
+        f"{URL}{row.pk}/attachment/",
+        f"{URL}?email={markers['email']}",
+        f"{URL}?search={markers['subject']}",
+        f"{URL}{row.pk}/cancel/",
+        f"{URL}retry_failed/",
+        f"{URL}00000000-0000-0000-0000-000000000000/",
         "/api/schema/",
     ]
     answers = {f"GET {path}": client.get(path) for path in paths}
@@ -61,8 +70,13 @@ def anonymous_answers(row, markers):
 
 @pytest.mark.django_db
 def test_no_marker_appears_in_any_anonymous_answer(submitted, markers):
-    secrets = [*markers.values(), submitted.attachment_name, submitted.file_attached.name, "203.0.113.77",
-               "550 rejected"]
+    secrets = [
+        *markers.values(),
+        submitted.attachment_name,
+        submitted.file_attached.name,
+        "203.0.113.77",
+        "550 rejected",
+    ]
     for label, response in anonymous_answers(submitted, markers).items():
         body = b"".join(response.streaming_content) if response.streaming else response.content
         text = body.decode(errors="replace") + json.dumps(dict(response.items()))

@@ -1,4 +1,5 @@
 """Field rules of the contact form."""
+
 import pytest
 
 from email_service.serializers import EmailRequestCreateSerializer
@@ -29,7 +30,9 @@ def test_malformed_email_is_refused(value):
 
 
 def test_fields_are_trimmed():
-    serializer = EmailRequestCreateSerializer(data={"full_name": "  Jane Roe ", "email": " jane@example.com "})
+    serializer = EmailRequestCreateSerializer(
+        data={"full_name": "  Jane Roe ", "email": " jane@example.com "}
+    )
     assert serializer.is_valid(), serializer.errors
     assert serializer.validated_data["full_name"] == "Jane Roe"
     assert serializer.validated_data["email"] == "jane@example.com"
@@ -59,8 +62,10 @@ def test_invalid_phones(phone):
     assert "phone" in errors_for(phone=phone)
 
 
-@pytest.mark.parametrize(("field", "limit"), [("full_name", 200), ("subject", 200), ("phone", 32),
-                                              ("job_profession", 200), ("message", 10000)])
+@pytest.mark.parametrize(
+    ("field", "limit"),
+    [("full_name", 200), ("subject", 200), ("phone", 32), ("job_profession", 200), ("message", 10000)],
+)
 def test_lengths_follow_the_model(field, limit):
     filler = "1" if field == "phone" else "a"
     assert field not in errors_for(**{field: filler * limit})

@@ -1,4 +1,5 @@
 """A month of made-up contact requests in every status, for trying the admin and its statistics."""
+
 import random
 from collections import Counter
 from datetime import timedelta
@@ -13,12 +14,62 @@ from email_service import services
 from email_service.models import AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus
 
 WORKER = "celery@demo-worker:4242"
-FIRST_NAMES = ("Amelia", "Jonas", "Priya", "Mateo", "Chen", "Fatima", "Oliver", "Sofia", "Kwame", "Ingrid",
-               "Lucas", "Aisha", "Hannah", "Tomasz", "Yuki", "Carmen", "Noah", "Leila", "Emeka", "Greta")
-LAST_NAMES = ("Hartmann", "Okafor", "Nair", "García", "Wei", "Haddad", "Brown", "Rossi", "Mensah", "Larsen",
-              "Dubois", "Khan", "Schmidt", "Nowak", "Tanaka", "López", "Miller", "Farah", "Eze", "Berg")
-PROFESSIONS = ("Cardiology nurse", "General practitioner", "Practice manager", "Patient", "Pharmacist",
-               "Physiotherapist", "Radiographer", "Clinic receptionist", "Medical student", "")
+FIRST_NAMES = (
+    "Amelia",
+    "Jonas",
+    "Priya",
+    "Mateo",
+    "Chen",
+    "Fatima",
+    "Oliver",
+    "Sofia",
+    "Kwame",
+    "Ingrid",
+    "Lucas",
+    "Aisha",
+    "Hannah",
+    "Tomasz",
+    "Yuki",
+    "Carmen",
+    "Noah",
+    "Leila",
+    "Emeka",
+    "Greta",
+)
+LAST_NAMES = (
+    "Hartmann",
+    "Okafor",
+    "Nair",
+    "García",
+    "Wei",
+    "Haddad",
+    "Brown",
+    "Rossi",
+    "Mensah",
+    "Larsen",
+    "Dubois",
+    "Khan",
+    "Schmidt",
+    "Nowak",
+    "Tanaka",
+    "López",
+    "Miller",
+    "Farah",
+    "Eze",
+    "Berg",
+)
+PROFESSIONS = (
+    "Cardiology nurse",
+    "General practitioner",
+    "Practice manager",
+    "Patient",
+    "Pharmacist",
+    "Physiotherapist",
+    "Radiographer",
+    "Clinic receptionist",
+    "Medical student",
+    "",
+)
 TOPICS = (
     ("Question about my referral", "My GP referred me for an ECG. Could you confirm the appointment date?"),
     ("Billing question", "I was charged twice for the consultation on the 3rd. Could you check?"),
@@ -86,8 +137,11 @@ def _age_in_days(rng, days):
 
 
 def _office_hours(rng, day, now):
-    moment = day.replace(hour=rng.choice((7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 19, 21)),
-                         minute=rng.randrange(60), second=rng.randrange(60))
+    moment = day.replace(
+        hour=rng.choice((7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 19, 21)),
+        minute=rng.randrange(60),
+        second=rng.randrange(60),
+    )
     # Today's requests cannot come from the future; squeeze them into the hours gone by.
     return moment if moment < now else now - timedelta(minutes=rng.uniform(1, 240))
 
@@ -171,8 +225,16 @@ def _play(story, email_request, created, now, rng):
 
 _ERRORS = {
     "421": (421, "SMTPDataError", "421 4.7.0 Try again later, closing connection."),
-    "550": (550, "SMTPRecipientsRefused", "550 5.1.1 The email account that you tried to reach does not exist."),
-    "refused": (None, "ConnectionRefusedError", "Could not connect to smtp.gmail.com:587: connection refused."),
+    "550": (
+        550,
+        "SMTPRecipientsRefused",
+        "550 5.1.1 The email account that you tried to reach does not exist.",
+    ),
+    "refused": (
+        None,
+        "ConnectionRefusedError",
+        "Could not connect to smtp.gmail.com:587: connection refused.",
+    ),
 }
 
 
@@ -183,8 +245,15 @@ def _record_attempt(email_request, number, started, finished, outcome):
         code, error_class, error_text = _ERRORS[outcome]
         kind = AttemptOutcome.PERMANENT if outcome == "550" else AttemptOutcome.TRANSIENT
     EmailAttempt.objects.create(
-        request=email_request, number=number, started_at=started, finished_at=finished, outcome=kind,
-        smtp_code=code, error_class=error_class, error_text=error_text, worker=WORKER,
+        request=email_request,
+        number=number,
+        started_at=started,
+        finished_at=finished,
+        outcome=kind,
+        smtp_code=code,
+        error_class=error_class,
+        error_text=error_text,
+        worker=WORKER,
         duration_ms=int((finished - started).total_seconds() * 1000),
     )
 

@@ -14,7 +14,10 @@ class Command(BaseCommand):
         parser.add_argument("--email", default="test@example.com", help="The submitter's address.")
         parser.add_argument("--name", default="Test User", help="The submitter's name.")
         parser.add_argument(
-            "--wait", type=float, default=0, metavar="SECONDS",
+            "--wait",
+            type=float,
+            default=0,
+            metavar="SECONDS",
             help="Wait up to this long for a final status; exit 0 only if it is SENT.",
         )
 
@@ -49,7 +52,9 @@ class Command(BaseCommand):
             seen = (row.status, row.retry_count, row.error_message)
             if seen != last:
                 error = f" (last error: {row.error_message})" if row.error_message else ""
-                self.stdout.write(f"[{elapsed:4.1f}s] Status: {row.status}, retries: {row.retry_count}{error}")
+                self.stdout.write(
+                    f"[{elapsed:4.1f}s] Status: {row.status}, retries: {row.retry_count}{error}"
+                )
                 last, last_report = seen, time.monotonic()
             elif time.monotonic() - last_report >= 5:
                 # Something every few seconds, so that a long wait does not look like a hang.
