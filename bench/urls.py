@@ -6,11 +6,9 @@ from django.http import JsonResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 
-from email_service.models import EmailRequest, EmailStatus
+from email_service.models import CONTACT_FIELDS, EmailRequest, EmailStatus
 from medcor_backend2.urls import handler400, handler403, handler404, handler500  # noqa: F401
 from medcor_backend2.urls import urlpatterns as service_urlpatterns
-
-FIELDS = ("full_name", "email", "phone", "job_profession", "subject", "message")
 
 
 @csrf_exempt
@@ -19,7 +17,7 @@ def baseline_insert(request):
     data = json.loads(request.body)
     # Stored CANCELLED so that the outbox relay leaves it alone: the baseline must not make mail.
     row = EmailRequest.objects.create(
-        **{key: data.get(key, "") for key in FIELDS}, status=EmailStatus.CANCELLED
+        **{key: data.get(key, "") for key in CONTACT_FIELDS}, status=EmailStatus.CANCELLED
     )
     return JsonResponse({"email_request_id": str(row.pk), "status": row.status}, status=201)
 

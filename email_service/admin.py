@@ -1,12 +1,11 @@
 """The admin support staff work in: the outbox with its attempt log, operator actions, statistics.
 
-Every write goes through the same functions as the API (`services`, the QuerySet transitions);
+Every write goes through the same functions as the API (`actions`, the QuerySet transitions);
 the admin never assigns a status or saves a whole row over a worker's changes.
 """
 
 import csv
 from collections import Counter
-from datetime import datetime, time, timedelta
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
@@ -17,17 +16,10 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from . import services
-from .models import EmailAttempt, EmailRequest, EmailStatus
+from . import actions, reports
+from .models import CONTACT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
+from .reports import STATUS_COLOURS
 
-STATUS_COLOURS = {
-    EmailStatus.PENDING: "#b45309",
-    EmailStatus.PROCESSING: "#1d4ed8",
-    EmailStatus.SENT: "#15803d",
-    EmailStatus.FAILED: "#b91c1c",
-    EmailStatus.CANCELLED: "#6b7280",
-}
-CONTACT_FIELDS = ("full_name", "email", "phone", "job_profession", "subject", "message")
 CSV_COLUMNS = (
     "id",
     "created_at",
@@ -48,12 +40,6 @@ CSV_COLUMNS = (
 )
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-REPORT_DAYS = 30
-# A due PENDING row is normally claimed within a dispatch interval; this long means nothing consumes.
-STUCK_AFTER_SECONDS = 10 * 60
-
-# The admin index links to the statistics page (see templates/admin/email_service/index.html).
-admin.site.index_template = "admin/email_service/index.html"
 
 
 class EmailAttemptInline(admin.TabularInline):
@@ -215,12 +201,7 @@ class EmailRequestAdmin(admin.ModelAdmin):
         fields = {name: getattr(obj, name) for name in form.changed_data}
         obj.edit_refused = False
         if fields:
-            updated = (
-                EmailRequest.objects.filter(pk=obj.pk)
-                .exclude(status=EmailStatus.SENT)
-                .update(**fields, updated_at=timezone.now())
-            )
-            obj.edit_refused = not updated
+            obj.edit_refused = not EmailRequest.objects.filter(pk=obj.pk).edit_unsent(**fields)
 
     def response_change(self, request, obj):
         if getattr(obj, "edit_refused", False):
@@ -237,7 +218,7 @@ class EmailRequestAdmin(admin.ModelAdmin):
     @admin.action(description="Retry selected failed requests", permissions=["change"])
     def retry_selected(self, request, queryset):
         statuses = Counter(queryset.values_list("status", flat=True))
-        changed = services.retry_failed(queryset)
+        changed = actions.retry_failed(queryset)
         skipped = {status: count for status, count in statuses.items() if status != EmailStatus.FAILED}
         self._report(
             request,
@@ -252,9 +233,9 @@ class EmailRequestAdmin(admin.ModelAdmin):
         changed, skipped = 0, Counter()
         for email_request in queryset.only("pk", "status"):
             try:
-                services.cancel_email_request(email_request)
+                actions.cancel_email_request(email_request)
                 changed += 1
-            except services.TransitionNotAllowed:
+            except actions.TransitionNotAllowed:
                 # `cancel_email_request` reloaded the status, so the reason is current.
                 skipped[email_request.status] += 1
         self._report(
@@ -297,16 +278,16 @@ class EmailRequestAdmin(admin.ModelAdmin):
         """Show whether mail is flowing: counts, the last 30 days, delivery times, the oldest PENDING."""
         if not self.has_view_permission(request):
             raise PermissionDenied
-        report = delivery_report()
+        report = reports.delivery_report()
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,
             "title": "Email delivery statistics",
             **report,
-            "verdict": _verdict(report),
-            "median_delivery": _duration(report["median_delivery_seconds"]),
-            "p95_delivery": _duration(report["p95_delivery_seconds"]),
-            "oldest_pending": _duration(report["oldest_pending_seconds"]),
+            "verdict": reports.verdict(report),
+            "median_delivery": reports.duration(report["median_delivery_seconds"]),
+            "p95_delivery": reports.duration(report["p95_delivery_seconds"]),
+            "oldest_pending": reports.duration(report["oldest_pending_seconds"]),
         }
         return TemplateResponse(request, "admin/email_service/emailrequest/statistics.html", context)
 
@@ -326,115 +307,3 @@ def _csv_cell(value):
     if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
         return "'" + value
     return "" if value is None else value
-
-
-# --- the report behind the statistics page ----------------------------------------------------
-
-
-def delivery_report(now=None, days=REPORT_DAYS):
-    """Gather the statistics page's numbers: all-time counts, the last `days` days, delivery times."""
-    now = now or timezone.now()
-    first_day = timezone.localdate(now) - timedelta(days=days - 1)
-    start = timezone.make_aware(datetime.combine(first_day, time.min))
-    window = EmailRequest.objects.filter(created_at__gte=start)
-    series = window.daily_counts(first_day, days)
-    sent = sum(day["sent"] for day in series)
-    failed = sum(day["failed"] for day in series)
-    window_stats = window.statistics(now)
-    oldest_due = (
-        EmailRequest.objects.due(now)
-        .order_by("next_attempt_at")
-        .values_list("next_attempt_at", flat=True)
-        .first()
-    )
-    counts = EmailRequest.objects.statistics(now)
-    return {
-        "counts": counts,
-        "by_status": _status_rows(counts),
-        "days": days,
-        "series": series,
-        "chart": _chart(series),
-        "window_submitted": sum(day["submitted"] for day in series),
-        "window_sent": sent,
-        "window_failed": failed,
-        "success_rate": round(100.0 * sent / (sent + failed), 1) if sent + failed else None,
-        "median_delivery_seconds": window_stats["median_delivery_seconds"],
-        "p95_delivery_seconds": window_stats["p95_delivery_seconds"],
-        "oldest_pending_seconds": EmailRequest.objects.oldest_pending_age(now),
-        "overdue_seconds": (now - oldest_due).total_seconds() if oldest_due else None,
-    }
-
-
-def _verdict(report):
-    counts, overdue = report["counts"], report["overdue_seconds"]
-    if overdue is not None and overdue > STUCK_AFTER_SECONDS:
-        return {
-            "state": "stuck",
-            "title": "Mail is not moving.",
-            "text": f"A request has been due for {_duration(overdue)} without being sent: check the worker "
-            "and the broker (/healthz, celery inspect ping).",
-        }
-    if counts["failed_last_24h"] and counts["failed_last_24h"] >= counts["sent_last_24h"]:
-        return {
-            "state": "failing",
-            "title": "Mail is failing.",
-            "text": "As many requests failed as were sent in the last 24 hours: check the SMTP settings and "
-            "the attempt log of a failed request.",
-        }
-    return {
-        "state": "ok",
-        "title": "Mail is flowing.",
-        "text": "No request is waiting past its time.",
-    }
-
-
-def _duration(seconds):
-    """Say `seconds` the way a person reads a duration: 4.2 s, 3 min 5 s, 2 h 10 min, 3 d 4 h."""
-    if seconds is None:
-        return "–"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, seconds = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds} s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours} h {minutes} min"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h"
-
-
-def _status_rows(counts):
-    return [
-        {"status": status, "count": counts[f"{status.lower()}_requests"], "colour": STATUS_COLOURS[status]}
-        for status in EmailStatus
-    ]
-
-
-def _chart(series, width=24, gap=6, height=160):
-    """Lay out one bar per day (submissions, with the failed part in red) for an inline SVG."""
-    top = max([day["submitted"] for day in series] + [2])
-    top += top % 2  # even, so that the middle grid line has a whole number
-    bars = []
-    for index, day in enumerate(series):
-        submitted_height = round(height * day["submitted"] / top, 1)
-        failed_height = round(height * day["failed"] / top, 1)
-        bars.append(
-            {
-                **day,
-                "x": index * (width + gap),
-                "y": round(height - submitted_height, 1),
-                "height": submitted_height,
-                "failed_y": round(height - failed_height, 1),
-                "failed_height": failed_height,
-                "label": day["day"].day if index % 5 == 0 or index == len(series) - 1 else "",
-            }
-        )
-    return {
-        "bars": bars,
-        "bar_width": width,
-        "plot_width": len(series) * (width + gap) - gap,
-        "height": height,
-        "top": top,
-        "middle": top // 2,
-    }

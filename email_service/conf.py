@@ -31,6 +31,11 @@ def attachment_max_bytes():
     return settings.EMAIL_ATTACHMENT_MAX_BYTES
 
 
+def allowed_attachment_types():
+    """The attachment allow-list set in settings (MIME type -> extensions), or None for the default."""
+    return settings.EMAIL_ALLOWED_ATTACHMENT_TYPES
+
+
 def retention_days():
     return settings.EMAIL_RETENTION_DAYS
 
@@ -96,3 +101,13 @@ def statistics_cache_seconds():
 def list_count_cache_seconds():
     """Seconds a large list count may be shared: one full count per filter per period at most."""
     return settings.EMAIL_LIST_COUNT_CACHE_SECONDS
+
+
+def trusted_proxies():
+    """How many proxies of ours stand in front of the service, each adding to X-Forwarded-For."""
+    return settings.RATELIMIT_TRUSTED_PROXIES
+
+
+def mailbox_dir():
+    """Where the local SMTP sink keeps the mails it receives, by default."""
+    return settings.VAR_DIR / "mailbox"

@@ -24,19 +24,16 @@ from django.core.mail.message import sanitize_address
 from django.template.loader import render_to_string
 
 from . import conf
+from .outcomes import AttemptOutcome
 
 logger = logging.getLogger(__name__)
-
-SENT = "sent"
-TRANSIENT = "transient"
-PERMANENT = "permanent"
 
 
 @dataclass(frozen=True)
 class DeliveryResult:
     """What became of one SMTP attempt."""
 
-    outcome: str
+    outcome: AttemptOutcome
     smtp_code: int | None = None
     error_class: str = ""
     error_text: str = ""
@@ -44,7 +41,7 @@ class DeliveryResult:
     @property
     def error_message(self):
         """The operator-facing summary kept on the row: code and text of the last failure."""
-        if self.outcome == SENT:
+        if self.outcome == AttemptOutcome.SENT:
             return ""
         code = f"{self.smtp_code} " if self.smtp_code else ""
         return f"{code}{self.error_class}: {self.error_text}".strip()
@@ -216,7 +213,7 @@ def send(message):
         return classify(exc)
     finally:
         _shared.last_used = time.monotonic()
-    return DeliveryResult(SENT, smtp_code=250)
+    return DeliveryResult(AttemptOutcome.SENT, smtp_code=250)
 
 
 _LEADING_DOT = re.compile(rb"(?m)^\.")
@@ -285,7 +282,11 @@ def _reset(smtp):
 
 
 def _by_code(code):
-    return TRANSIENT if code is None or code < 0 or 400 <= code < 500 else PERMANENT
+    return (
+        AttemptOutcome.TRANSIENT
+        if code is None or code < 0 or 400 <= code < 500
+        else AttemptOutcome.PERMANENT
+    )
 
 
 def _text(value):
@@ -297,7 +298,7 @@ def classify(exc):
     name = type(exc).__name__
     if isinstance(exc, smtplib.SMTPAuthenticationError):
         return DeliveryResult(
-            PERMANENT,
+            AttemptOutcome.PERMANENT,
             exc.smtp_code,
             name,
             f"The SMTP server refused the login ({_text(exc.smtp_error)}). Check EMAIL_HOST_USER "
@@ -312,18 +313,20 @@ def classify(exc):
         return DeliveryResult(_by_code(exc.smtp_code), exc.smtp_code, name, _text(exc.smtp_error))
     if isinstance(exc, smtplib.SMTPNotSupportedError):
         return DeliveryResult(
-            PERMANENT, None, name, f"{exc}. Check EMAIL_USE_TLS, EMAIL_USE_SSL and EMAIL_PORT."
+            AttemptOutcome.PERMANENT, None, name, f"{exc}. Check EMAIL_USE_TLS, EMAIL_USE_SSL and EMAIL_PORT."
         )
     if isinstance(exc, SoftTimeLimitExceeded):
-        return DeliveryResult(TRANSIENT, None, name, "The send took longer than its time limit.")
+        return DeliveryResult(
+            AttemptOutcome.TRANSIENT, None, name, "The send took longer than its time limit."
+        )
     if isinstance(exc, FileNotFoundError):
-        return DeliveryResult(PERMANENT, None, name, "The attachment is missing from storage.")
+        return DeliveryResult(AttemptOutcome.PERMANENT, None, name, "The attachment is missing from storage.")
     if isinstance(exc, (smtplib.SMTPServerDisconnected, socket.timeout, TimeoutError, ssl.SSLError)):
-        return DeliveryResult(TRANSIENT, None, name, str(exc) or "Connection lost")
+        return DeliveryResult(AttemptOutcome.TRANSIENT, None, name, str(exc) or "Connection lost")
     if isinstance(exc, OSError):
-        return DeliveryResult(TRANSIENT, None, name, str(exc))
+        return DeliveryResult(AttemptOutcome.TRANSIENT, None, name, str(exc))
     if isinstance(exc, (ValueError, UnicodeError)):
         # A header that cannot be encoded, or another malformed message: retrying cannot help.
-        return DeliveryResult(PERMANENT, None, name, str(exc))
+        return DeliveryResult(AttemptOutcome.PERMANENT, None, name, str(exc))
     logger.exception("Unexpected error while sending mail")
-    return DeliveryResult(TRANSIENT, None, name, str(exc))
+    return DeliveryResult(AttemptOutcome.TRANSIENT, None, name, str(exc))

@@ -12,6 +12,7 @@ nothing else in the app assigns `status`.
 """
 
 import functools
+import logging
 import uuid
 from datetime import timedelta
 
@@ -23,7 +24,10 @@ from django.utils.translation import gettext_lazy as _
 
 from . import conf
 from .aggregates import SecondsBetweenPercentile
+from .outcomes import AttemptOutcome
 from .storage import attachment_upload_to
+
+logger = logging.getLogger(__name__)
 
 
 class EmailStatus(models.TextChoices):
@@ -35,6 +39,8 @@ class EmailStatus(models.TextChoices):
 
 
 FINAL_STATUSES = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
+# What the submitter wrote: editable by staff until the request is SENT.
+CONTACT_FIELDS = ("full_name", "email", "phone", "job_profession", "subject", "message")
 # Seconds of clock difference between web and worker hosts that a claim tolerates.
 CLAIM_CLOCK_TOLERANCE = 5
 
@@ -101,8 +107,7 @@ class EmailRequestQuerySet(models.QuerySet):
         for key in ("median_delivery_seconds", "p95_delivery_seconds"):
             if counts[key] is not None:
                 counts[key] = round(counts[key], 3)
-        finished = counts["sent_requests"] + counts["failed_requests"]
-        counts["success_rate"] = round(100.0 * counts["sent_requests"] / finished, 2) if finished else 0.0
+        counts["success_rate"] = success_rate(counts["sent_requests"], counts["failed_requests"])
         return counts
 
     def daily_counts(self, first_day, days):
@@ -164,14 +169,21 @@ class EmailRequestQuerySet(models.QuerySet):
             return None, []
         # In the order claimed: `first` first, then the longest waiting.
         position = {str(pk): index for index, pk in enumerate(candidates)}
-        rows = self.filter(pk__in=candidates, claim_token=token)
-        return token, sorted(rows, key=lambda row: position.get(str(row.pk), len(position)))
+        rows = sorted(
+            self.filter(pk__in=candidates, claim_token=token),
+            key=lambda row: position.get(str(row.pk), len(position)),
+        )
+        for row in rows:
+            _log_transition(row.pk, EmailStatus.PENDING, EmailStatus.PROCESSING, f"by {row.claimed_by}")
+        return token, rows
 
     def release_untried(self, pks, token):
         """Give claimed rows whose send never started back to PENDING, due now, for the relay."""
         now = timezone.now()
-        return self.filter(pk__in=pks, status=EmailStatus.PROCESSING, claim_token=token).update(
-            status=EmailStatus.PENDING,
+        return self.filter(pk__in=pks, claim_token=token)._move(
+            EmailStatus.PROCESSING,
+            EmailStatus.PENDING,
+            "never tried",
             claim_token=None,
             lease_expires_at=None,
             next_attempt_at=now,
@@ -179,15 +191,38 @@ class EmailRequestQuerySet(models.QuerySet):
             updated_at=now,
         )
 
-    def _release(self, pk, token, **fields):
+    def _move(self, source, target, note="", **fields):
+        """Move the rows among these that are in `source` to `target`; log each, return how many.
+
+        The rows are locked first, so that the log names exactly the rows this call moved.
+        """
+        with transaction.atomic(using=self.db):
+            pks = list(
+                self.model._default_manager.using(self.db)
+                .filter(pk__in=self.values("pk"), status=source)
+                .select_for_update()
+                .values_list("pk", flat=True)
+            )
+            if pks:
+                self.model._default_manager.using(self.db).filter(pk__in=pks, status=source).update(
+                    status=target, **fields
+                )
+        for pk in pks:
+            _log_transition(pk, source, target, note)
+        return len(pks)
+
+    def _release(self, pk, token, note="", **fields):
         fields.setdefault("updated_at", timezone.now())
-        return bool(
+        released = bool(
             self.filter(pk=pk, status=EmailStatus.PROCESSING, claim_token=token).update(
                 claim_token=None, lease_expires_at=None, **fields
             )
         )
+        if released:
+            _log_transition(pk, EmailStatus.PROCESSING, fields["status"], note)
+        return released
 
-    def complete(self, pk, token, *, now=None, attempt=None):
+    def complete(self, pk, token, *, now=None, attempt=None, note=""):
         """Mark a claimed row SENT, and save `attempt` (already filled in) in the same transaction.
 
         This runs once per mail sent, so on PostgreSQL both writes go in one statement: the ORM's
@@ -196,11 +231,11 @@ class EmailRequestQuerySet(models.QuerySet):
         now = now or timezone.now()
         fields = {"status": EmailStatus.SENT, "sent_at": now, "error_message": "", "updated_at": now}
         if attempt is None:
-            return self._release(pk, token, **fields)
+            return self._release(pk, token, note, **fields)
         if connections[self.db].vendor != "postgresql":
             with transaction.atomic(using=self.db):
                 attempt.save(using=self.db, update_fields=ATTEMPT_RESULT_FIELDS)
-                return self._release(pk, token, **fields)
+                return self._release(pk, token, note, **fields)
         fields.update(claim_token=None, lease_expires_at=None)
         with connections[self.db].cursor() as cursor:
             cursor.execute(
@@ -214,13 +249,17 @@ class EmailRequestQuerySet(models.QuerySet):
                     token,
                 ],
             )
-            return cursor.rowcount == 1
+            completed = cursor.rowcount == 1
+        if completed:
+            _log_transition(pk, EmailStatus.PROCESSING, EmailStatus.SENT, note)
+        return completed
 
-    def defer(self, pk, token, *, error, retry_count, next_attempt_at):
+    def defer(self, pk, token, *, error, retry_count, next_attempt_at, note=""):
         """Put a claimed row back to PENDING to be tried again at `next_attempt_at`."""
         return self._release(
             pk,
             token,
+            note,
             status=EmailStatus.PENDING,
             error_message=error,
             retry_count=retry_count,
@@ -228,26 +267,26 @@ class EmailRequestQuerySet(models.QuerySet):
             dispatched_at=None,
         )
 
-    def fail(self, pk, token, *, error, retry_count=None):
+    def fail(self, pk, token, *, error, retry_count=None, note=""):
         """Mark a claimed row FAILED."""
         fields = {"status": EmailStatus.FAILED, "error_message": error}
         if retry_count is not None:
             fields["retry_count"] = retry_count
-        return self._release(pk, token, **fields)
+        return self._release(pk, token, note, **fields)
 
     def cancel(self):
         """Cancel the PENDING rows among these (also those waiting for a retry); return how many."""
-        return self.filter(status=EmailStatus.PENDING).update(
-            status=EmailStatus.CANCELLED,
-            claim_token=None,
-            updated_at=timezone.now(),
+        return self._move(
+            EmailStatus.PENDING, EmailStatus.CANCELLED, claim_token=None, updated_at=timezone.now()
         )
 
     def requeue_failed(self, *, now=None):
         """Move FAILED rows back to PENDING with a fresh retry budget; return how many."""
         now = now or timezone.now()
-        return self.filter(status=EmailStatus.FAILED).update(
-            status=EmailStatus.PENDING,
+        return self._move(
+            EmailStatus.FAILED,
+            EmailStatus.PENDING,
+            "requeued",
             retry_count=0,
             max_retries=conf.max_retries(),
             next_attempt_at=now,
@@ -256,11 +295,15 @@ class EmailRequestQuerySet(models.QuerySet):
             updated_at=now,
         )
 
+    def edit_unsent(self, **fields):
+        """Write `fields` on the rows among these not yet SENT; return how many were changed."""
+        return self.exclude(status=EmailStatus.SENT).update(**fields, updated_at=timezone.now())
+
     def reclaim(self, row, *, now=None):
         """Take back a row whose worker lost its lease: PENDING again, or FAILED once out of retries."""
         now = now or timezone.now()
         error = f"Worker {row.claimed_by or 'unknown'} stopped before finishing the send."
-        if row.retry_count < row.max_retries:
+        if row.has_retries_left():
             fields = {
                 "status": EmailStatus.PENDING,
                 "retry_count": row.retry_count + 1,
@@ -269,11 +312,21 @@ class EmailRequestQuerySet(models.QuerySet):
             }
         else:
             fields = {"status": EmailStatus.FAILED}
-        return bool(
+        reclaimed = bool(
             self.stale_claims(now)
             .filter(pk=row.pk, claim_token=row.claim_token)
             .update(claim_token=None, lease_expires_at=None, error_message=error, updated_at=now, **fields)
         )
+        if reclaimed:
+            _log_transition(
+                row.pk,
+                EmailStatus.PROCESSING,
+                fields["status"],
+                f"reclaimed from lost worker {row.claimed_by or 'unknown'}",
+                level=logging.WARNING,
+                worker=row.claimed_by,
+            )
+        return reclaimed
 
     def mark_dispatched(self, pks, *, now=None):
         return self.filter(pk__in=pks, status=EmailStatus.PENDING).update(dispatched_at=now or timezone.now())
@@ -281,6 +334,25 @@ class EmailRequestQuerySet(models.QuerySet):
     def forget_dispatch(self, pk):
         """Note that a dispatch did not reach the broker, so the next periodic run sends it."""
         return self.filter(pk=pk, status=EmailStatus.PENDING).update(dispatched_at=None)
+
+
+def success_rate(sent, failed):
+    """Percent of finished requests (SENT or FAILED) that were SENT, to 2 places; 0.0 when none."""
+    finished = sent + failed
+    return round(100.0 * sent / finished, 2) if finished else 0.0
+
+
+def _log_transition(pk, source, target, note="", *, level=logging.INFO, **extra):
+    """Log one row's move between two statuses, with the fields that JSON logs index."""
+    logger.log(
+        level,
+        "Email request %s: %s -> %s%s",
+        pk,
+        source,
+        target,
+        f" ({note})" if note else "",
+        extra={"email_request_id": str(pk), "status": target, **extra},
+    )
 
 
 @functools.cache
@@ -356,14 +428,12 @@ class EmailRequest(models.Model):
         return bool(self.file_attached)
 
     def is_editable(self):
+        """Say whether staff may still edit the contact fields (see `edit_unsent`)."""
         return self.status != EmailStatus.SENT
 
-
-class AttemptOutcome(models.TextChoices):
-    SENT = "sent", _("Sent")
-    TRANSIENT = "transient", _("Transient failure")
-    PERMANENT = "permanent", _("Permanent failure")
-    CRASHED = "crashed", _("Worker lost")
+    def has_retries_left(self):
+        """Say whether a transient failure or a lost worker may still lead to another attempt."""
+        return self.retry_count < self.max_retries
 
 
 # What an attempt learns when it ends; the rest is set when it starts.

@@ -6,7 +6,7 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from .models import EmailAttempt, EmailRequest, EmailStatus
+from .models import CONTACT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
 from .validators import (
     validate_attachment,
     validate_email_shape,
@@ -16,7 +16,6 @@ from .validators import (
     validate_phone,
 )
 
-CONTACT_FIELDS = ["full_name", "email", "phone", "job_profession", "subject", "message"]
 # One-line text fields: they end up in mail headers (Subject) or beside them, so no line breaks.
 TEXT_LINE_FIELDS = ["full_name", "job_profession", "subject"]
 # A field hidden from people by the contact form; only bots fill it in.
@@ -84,7 +83,7 @@ class EmailRequestCreateSerializer(ContactFieldsSerializer):
     )
 
     class Meta(ContactFieldsSerializer.Meta):
-        fields = CONTACT_FIELDS + ["file_attached", HONEYPOT_FIELD]
+        fields = [*CONTACT_FIELDS, "file_attached", HONEYPOT_FIELD]
 
     def validate_file_attached(self, upload):
         self.context["attachment_content_type"] = validate_attachment(upload)
@@ -98,7 +97,7 @@ class EmailRequestJSONSerializer(EmailRequestCreateSerializer):
     """The submission as JSON: the same fields without the file, which only multipart can carry."""
 
     class Meta(EmailRequestCreateSerializer.Meta):
-        fields = CONTACT_FIELDS + [HONEYPOT_FIELD]
+        fields = [*CONTACT_FIELDS, HONEYPOT_FIELD]
 
 
 class EmailRequestUpdateSerializer(ContactFieldsSerializer):

@@ -7,6 +7,8 @@ import uuid
 from django.utils import timezone
 
 MAX_NAME_BYTES = 255
+# The storage folder every attachment is written under, and that the orphan purge walks.
+ATTACHMENT_FOLDER = "email_attachments"
 
 
 def attachment_upload_to(instance, filename):
@@ -14,7 +16,7 @@ def attachment_upload_to(instance, filename):
     ext = os.path.splitext(filename)[1].lower()
     if not (ext[1:].isascii() and ext[1:].isalnum()) or len(ext) > 10:
         ext = ""
-    return f"email_attachments/{timezone.now():%Y/%m/%d}/{uuid.uuid4().hex}{ext}"
+    return f"{ATTACHMENT_FOLDER}/{timezone.now():%Y/%m/%d}/{uuid.uuid4().hex}{ext}"
 
 
 def clean_filename(name):

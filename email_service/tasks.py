@@ -7,7 +7,7 @@ from celery import shared_task
 from celery.signals import worker_process_shutdown
 from django.core.exceptions import ValidationError
 
-from . import conf, delivery, services
+from . import conf, delivery, outbox, retention, sending
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def send_email_task(self, email_request_id):
         # The time limits came with the message, from the publisher's settings; the claim must
         # outlive the hard one whatever this worker's own settings say.
         hard_limit = (self.request.timelimit or (None, None))[0] or 0
-        statuses = services.send_due_emails(
+        statuses = sending.send_due_emails(
             email_request_id,
             worker=f"{self.request.hostname or 'worker'}:{os.getpid()}",
             lease=max(conf.lease_seconds(), hard_limit + 10),
@@ -39,13 +39,13 @@ def send_email_task(self, email_request_id):
 @shared_task(name="email_service.tasks.dispatch_due_emails", ignore_result=True)
 def dispatch_due_emails():
     """Publish due PENDING rows whose message was lost or never sent (the outbox relay)."""
-    return services.dispatch_due()
+    return outbox.dispatch_due()
 
 
 @shared_task(name="email_service.tasks.purge_old_emails", ignore_result=True)
 def purge_old_emails():
     """Delete rows and files past the retention period."""
-    return services.purge_expired()
+    return retention.purge_expired()
 
 
 @worker_process_shutdown.connect

@@ -5,7 +5,6 @@ import re
 import zipfile
 
 import magic
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.template.defaultfilters import filesizeformat
@@ -34,6 +33,8 @@ DEFAULT_ALLOWED_ATTACHMENT_TYPES = {
     "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": [".xlsx"],
     "application/vnd.oasis.opendocument.text": [".odt"],
 }
+# The default allow-list's types, for the OpenAPI schema's list of attachment media types.
+ALLOWED_CONTENT_TYPES = tuple(DEFAULT_ALLOWED_ATTACHMENT_TYPES)
 # Zip containers among them, whose unpacked size is checked against bombs.
 ZIP_TYPES = {
     "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
@@ -53,7 +54,13 @@ ACTIVE_MARKUP = re.compile(rb"<\s*(html|script|svg|iframe|object|embed|body|!doc
 
 def allowed_attachment_types():
     """Return the allow-list: sniffed MIME type -> the extensions a file of that type may carry."""
-    return getattr(settings, "EMAIL_ALLOWED_ATTACHMENT_TYPES", DEFAULT_ALLOWED_ATTACHMENT_TYPES)
+    configured = conf.allowed_attachment_types()
+    return DEFAULT_ALLOWED_ATTACHMENT_TYPES if configured is None else configured
+
+
+def allowed_content_types():
+    """Return the MIME types the allow-list in force accepts, in its order."""
+    return tuple(allowed_attachment_types())
 
 
 def allowed_extensions():

@@ -25,7 +25,7 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
-from . import conf, services
+from . import actions, conf, outbox, reports
 from .exceptions import Conflict, SizeLimitedJSONParser
 from .filters import EmailRequestFilter
 from .idempotency import Replay, idempotent
@@ -226,7 +226,7 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         data = dict(serializer.validated_data)
         data.pop("website", None)
         upload = data.pop("file_attached", None)
-        email_request = services.create_email_request(
+        email_request = outbox.create_email_request(
             data=data,
             upload=upload,
             content_type=serializer.context.get("attachment_content_type", ""),
@@ -269,7 +269,7 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
     @action(detail=False, methods=["get"])
     @rate_limited("email-read", _read_rate)
     def statistics(self, request):
-        return Response(services.cached_statistics())
+        return Response(reports.cached_statistics())
 
     @extend_schema(
         summary="Requeue every FAILED request",
@@ -278,7 +278,7 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
     )
     @action(detail=False, methods=["post"])
     def retry_failed(self, request):
-        count = services.retry_failed()
+        count = actions.retry_failed()
         return Response({"message": f"{count} failed request(s) requeued.", "count": count})
 
     @extend_schema(
@@ -290,8 +290,8 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
     def cancel(self, request, pk=None):
         email_request = self.get_object()
         try:
-            services.cancel_email_request(email_request)
-        except services.TransitionNotAllowed as exc:
+            actions.cancel_email_request(email_request)
+        except actions.TransitionNotAllowed as exc:
             raise Conflict(str(exc)) from exc
         email_request.refresh_from_db()
         return Response(EmailRequestPublicSerializer(email_request).data)

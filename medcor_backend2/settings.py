@@ -62,7 +62,8 @@ WSGI_APPLICATION = "medcor_backend2.wsgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        # Project-level overrides of other apps' templates (the admin index), found before theirs.
+        "DIRS": [BASE_DIR / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -152,12 +153,14 @@ EMAIL_MAX_RETRIES = env.int("EMAIL_MAX_RETRIES", default=3)
 EMAIL_RETRY_DELAY = env.float("EMAIL_RETRY_DELAY", default=60)
 EMAIL_RETRY_BACKOFF_MAX = env.float("EMAIL_RETRY_BACKOFF_MAX", default=3600)
 EMAIL_ATTACHMENT_MAX_BYTES = env.int("EMAIL_ATTACHMENT_MAX_BYTES", default=10 * 1024 * 1024)
+# JSON {"MIME type": [".ext", ...]}; unset: the allow-list in email_service/validators.py.
+EMAIL_ALLOWED_ATTACHMENT_TYPES = env.json("EMAIL_ALLOWED_ATTACHMENT_TYPES", default=None)
 EMAIL_RETENTION_DAYS = env.int("EMAIL_RETENTION_DAYS", default=90)
 EMAIL_DISPATCH_INTERVAL = env.float("EMAIL_DISPATCH_INTERVAL", default=15)
 # Limits of one send; by default derived from EMAIL_TIMEOUT (see email_service/conf.py).
 EMAIL_SEND_TIME_LIMIT = env.float("EMAIL_SEND_TIME_LIMIT", default=None)
 EMAIL_CLAIM_LEASE = env.float("EMAIL_CLAIM_LEASE", default=None)
-# Due rows one task claims and sends over one SMTP connection (see email_service/services.py).
+# Due rows one task claims and sends over one SMTP connection (see email_service/sending.py).
 EMAIL_SEND_BATCH_SIZE = env.int("EMAIL_SEND_BATCH_SIZE", default=20)
 EMAIL_DISPATCH_STALE_AFTER = env.float("EMAIL_DISPATCH_STALE_AFTER", default=120)
 EMAIL_CONFIRMATION_INTERVAL = env.float("EMAIL_CONFIRMATION_INTERVAL", default=3600)
@@ -167,7 +170,7 @@ EMAIL_LIST_COUNT_CACHE_SECONDS = env.float("EMAIL_LIST_COUNT_CACHE_SECONDS", def
 EMAIL_RATELIMIT_CREATE = env("EMAIL_RATELIMIT_CREATE", default="5/m")
 EMAIL_RATELIMIT_READ = env("EMAIL_RATELIMIT_READ", default="60/m")
 RATELIMIT_ENABLE = env.bool("RATELIMIT_ENABLE", default=True)
-# How many proxies of ours stand in front of the service (see email_service/ratelimits.py).
+# How many proxies of ours stand in front of the service (see email_service/conf.py).
 RATELIMIT_TRUSTED_PROXIES = env.int("RATELIMIT_TRUSTED_PROXIES", default=0)
 
 # --- Celery ----------------------------------------------------------------------------

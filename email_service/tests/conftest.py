@@ -154,10 +154,10 @@ def smtp(smtp_server, settings):
 @pytest.fixture
 def dispatched(monkeypatch):
     """Record the requests create_email_request would publish, instead of publishing them."""
-    from email_service import services
+    from email_service import outbox
 
     calls = []
-    monkeypatch.setattr(services, "dispatch", calls.append)
+    monkeypatch.setattr(outbox, "dispatch", calls.append)
     return calls
 
 

@@ -7,7 +7,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
-from email_service import services
+from email_service import outbox, reports
 from email_service.models import EmailRequest
 
 from .files import pdf_bytes
@@ -164,16 +164,16 @@ def test_statistics_are_shared_for_the_cache_period(client, media_root, settings
     from django.core.cache import cache
 
     settings.EMAIL_STATISTICS_CACHE_SECONDS = 60
-    cache.delete(services.STATISTICS_CACHE_KEY)
+    cache.delete(reports.STATISTICS_CACHE_KEY)
     try:
         first = client.get(f"{URL}statistics/").json()
         client.post(URL, VALID, format="json")
         second = client.get(f"{URL}statistics/").json()
         assert second == first  # one aggregate per period, whoever asks
-        cache.delete(services.STATISTICS_CACHE_KEY)
+        cache.delete(reports.STATISTICS_CACHE_KEY)
         assert client.get(f"{URL}statistics/").json()["total_requests"] == first["total_requests"] + 1
     finally:
-        cache.delete(services.STATISTICS_CACHE_KEY)
+        cache.delete(reports.STATISTICS_CACHE_KEY)
 
 
 @pytest.mark.django_db
@@ -208,7 +208,7 @@ def test_a_failing_dispatch_after_commit_keeps_the_row_and_its_file(client, medi
     def broken_dispatch(email_request):
         raise RuntimeError("broker and database both hiccuped")
 
-    monkeypatch.setattr(services, "dispatch", broken_dispatch)
+    monkeypatch.setattr(outbox, "dispatch", broken_dispatch)
     upload = SimpleUploadedFile("scan.pdf", pdf_bytes(), content_type="application/pdf")
     response = client.post(URL, {**VALID, "file_attached": upload}, format="multipart")
     assert response.status_code == 201

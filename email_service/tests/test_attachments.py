@@ -20,7 +20,7 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from email_service import delivery, services
+from email_service import delivery, outbox
 from email_service.models import EmailRequest, EmailStatus
 from email_service.storage import MAX_NAME_BYTES, attachment_upload_to, clean_filename
 from email_service.validators import validate_attachment
@@ -78,7 +78,7 @@ def dispatched(request, monkeypatch):
     """Record dispatches instead of publishing, except for the tests with a real worker."""
     calls = []
     if "celery_worker" not in request.fixturenames:
-        monkeypatch.setattr(services, "dispatch", calls.append)
+        monkeypatch.setattr(outbox, "dispatch", calls.append)
     return calls
 
 
@@ -229,13 +229,13 @@ def test_a_file_one_byte_over_the_limit_is_refused_and_one_at_the_limit_accepted
 @pytest.mark.django_db
 def test_a_large_upload_goes_to_a_temporary_file_not_memory(client, media_root, settings, monkeypatch):
     seen = []
-    create = services.create_email_request
+    create = outbox.create_email_request
 
     def spy(**kwargs):
         seen.append(kwargs["upload"])
         return create(**kwargs)
 
-    monkeypatch.setattr(services, "create_email_request", spy)
+    monkeypatch.setattr(outbox, "create_email_request", spy)
     assert settings.FILE_UPLOAD_MAX_MEMORY_SIZE <= 2 * MiB
     response = post_file(client, "scan.pdf", files.pdf_of_size(3 * MiB))
     assert response.status_code == 201
@@ -486,7 +486,7 @@ def test_deleting_a_row_deletes_its_file(media_root):
     rows = []
     for index in range(3):
         upload = SimpleUploadedFile(f"scan{index}.pdf", files.pdf_bytes())
-        rows.append(services.create_email_request(data=FORM, upload=upload, content_type="application/pdf"))
+        rows.append(outbox.create_email_request(data=FORM, upload=upload, content_type="application/pdf"))
     paths = [media_root / row.file_attached.name for row in rows]
     assert all(path.exists() for path in paths)
 
@@ -506,7 +506,7 @@ def test_deleting_a_row_deletes_its_file(media_root):
 def test_the_mailed_attachment_has_the_stored_bytes_even_when_storage_reads_short(
     data, media_root, monkeypatch
 ):
-    row = services.create_email_request(
+    row = outbox.create_email_request(
         data=FORM, upload=SimpleUploadedFile("notes.txt", data), content_type="text/plain"
     )
     open_file = delivery.default_storage.open

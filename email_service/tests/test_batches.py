@@ -12,7 +12,7 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
-from email_service import services
+from email_service import actions, outbox, sending
 from email_service.models import EmailAttempt, EmailRequest, EmailStatus
 
 from .conftest import require_postgresql
@@ -22,7 +22,7 @@ def make_rows(count, **fields):
     rows = []
     for number in range(count):
         rows.append(
-            services.create_email_request(
+            outbox.create_email_request(
                 data={
                     "full_name": f"Patient {number}",
                     "email": f"p{number}-{uuid.uuid4().hex[:6]}@example.org",
@@ -45,14 +45,14 @@ def quiet(settings, monkeypatch):
     """No acknowledgements, batches of 3, and a pace as of a fast server (full batches)."""
     settings.EMAIL_SEND_CONFIRMATION = False
     settings.EMAIL_SEND_BATCH_SIZE = 3
-    pace = services.SendPace()
+    pace = sending.SendPace()
     pace.record(0.001)
-    monkeypatch.setattr(services, "send_pace", pace)
+    monkeypatch.setattr(sending, "send_pace", pace)
     return pace
 
 
 def test_the_pace_sizes_batches_to_a_quarter_second_between_1_and_the_setting():
-    pace = services.SendPace()
+    pace = sending.SendPace()
     assert pace.batch_size(20) == 1  # nothing sent yet: one at a time
     pace.record(0.002)
     assert pace.batch_size(20) == 20
@@ -71,9 +71,9 @@ def test_after_a_slow_send_a_task_gives_back_the_rest_of_its_batch_for_other_wor
     rows = make_rows(3)
     smtp.script = [("hang", 0.6)]  # two rows waiting behind a 0.6 s send: over a second
     published = []
-    monkeypatch.setattr(services, "_publish_or_forget", lambda pk, task_id: published.append(pk))
+    monkeypatch.setattr(outbox, "publish_or_forget", lambda pk, task_id: published.append(pk))
 
-    statuses = services.send_due_emails(rows[0].pk, worker="test")
+    statuses = sending.send_due_emails(rows[0].pk, worker="test")
 
     assert statuses == {str(rows[0].pk): EmailStatus.SENT}
     assert published == [rows[1].pk]  # the task for the rest; this one stopped
@@ -94,7 +94,7 @@ def test_after_a_slow_send_a_task_gives_back_the_rest_of_its_batch_for_other_wor
         return claim_batch(**kwargs)
 
     monkeypatch.setattr(EmailRequest.objects, "claim_batch", recording_claim)
-    assert set(services.send_due_emails(published[0], worker="test").values()) == {EmailStatus.SENT}
+    assert set(sending.send_due_emails(published[0], worker="test").values()) == {EmailStatus.SENT}
     assert limits[:2] == [1, 1]
     assert len(smtp.messages) == 3 and published == [rows[1].pk]
 
@@ -104,10 +104,10 @@ def test_at_a_slow_pace_a_task_sends_one_row_per_claim_and_never_gives_back_a_si
 ):
     quiet.record(2.0)  # this process last saw a slow server
     published = []
-    monkeypatch.setattr(services, "_publish_or_forget", lambda pk, task_id: published.append(pk))
+    monkeypatch.setattr(outbox, "publish_or_forget", lambda pk, task_id: published.append(pk))
     rows = make_rows(3)
 
-    statuses = services.send_due_emails(rows[0].pk, worker="test")
+    statuses = sending.send_due_emails(rows[0].pk, worker="test")
 
     assert list(statuses) == [str(row.pk) for row in rows]
     assert published == []
@@ -118,9 +118,9 @@ def test_one_call_sends_its_own_row_first_then_every_due_row_in_batches_over_one
     waiting = make_rows(1)[0]
     EmailRequest.objects.filter(pk=waiting.pk).update(next_attempt_at=timezone.now() + timedelta(hours=1))
     cancelled = make_rows(1)[0]
-    services.cancel_email_request(cancelled)
+    actions.cancel_email_request(cancelled)
 
-    statuses = services.send_due_emails(str(rows[4].pk), worker="test")  # as the task gets it
+    statuses = sending.send_due_emails(str(rows[4].pk), worker="test")  # as the task gets it
 
     assert statuses == {str(row.pk): EmailStatus.SENT for row in rows}
     assert subjects(smtp)[0] == "[MedCor contact] Batch 4"
@@ -147,10 +147,10 @@ def test_one_call_sends_its_own_row_first_then_every_due_row_in_batches_over_one
 
 def test_a_message_whose_row_was_already_sent_sends_nothing_twice_but_takes_other_due_rows(smtp, db, quiet):
     first, second = make_rows(2)
-    assert services.send_email_request(first.pk, worker="test") == EmailStatus.SENT
+    assert sending.send_email_request(first.pk, worker="test") == EmailStatus.SENT
     assert len(smtp.messages) == 1
 
-    statuses = services.send_due_emails(first.pk, worker="test")
+    statuses = sending.send_due_emails(first.pk, worker="test")
 
     assert statuses == {str(second.pk): EmailStatus.SENT}
     assert subjects(smtp) == ["[MedCor contact] Batch 0", "[MedCor contact] Batch 1"]
@@ -159,7 +159,7 @@ def test_a_message_whose_row_was_already_sent_sends_nothing_twice_but_takes_othe
 
 def test_send_email_request_sends_only_its_own_row(smtp, db, quiet):
     first, second = make_rows(2)
-    assert services.send_email_request(second.pk, worker="test") == EmailStatus.SENT
+    assert sending.send_email_request(second.pk, worker="test") == EmailStatus.SENT
     assert subjects(smtp) == ["[MedCor contact] Batch 1"]
     assert EmailRequest.objects.get(pk=first.pk).status == EmailStatus.PENDING
 
@@ -168,7 +168,7 @@ def test_outcomes_in_one_batch_are_recorded_row_by_row(smtp, db, quiet):
     rows = make_rows(3)
     smtp.script = ["accept", "421 4.3.2 Busy", "550 5.1.1 No such mailbox"]
 
-    statuses = services.send_due_emails(rows[0].pk, worker="test")
+    statuses = sending.send_due_emails(rows[0].pk, worker="test")
 
     assert list(statuses.values()) == [EmailStatus.SENT, EmailStatus.PENDING, EmailStatus.FAILED]
     by_pk = {row.pk: row for row in EmailRequest.objects.filter(pk__in=[row.pk for row in rows])}
@@ -187,10 +187,10 @@ def test_when_the_send_window_closes_untried_rows_go_back_and_a_task_is_publishe
     # A soft limit that leaves no window after the first mail: 2 x EMAIL_TIMEOUT (2 s) + 10 s.
     settings.EMAIL_SEND_TIME_LIMIT = 14
     published = []
-    monkeypatch.setattr(services, "_publish_or_forget", lambda pk, task_id: published.append(pk))
+    monkeypatch.setattr(outbox, "publish_or_forget", lambda pk, task_id: published.append(pk))
     rows = make_rows(3)
 
-    statuses = services.send_due_emails(rows[0].pk, worker="test")
+    statuses = sending.send_due_emails(rows[0].pk, worker="test")
 
     assert statuses == {str(rows[0].pk): EmailStatus.SENT}
     assert len(smtp.messages) == 1
@@ -208,7 +208,7 @@ def test_when_the_send_window_closes_untried_rows_go_back_and_a_task_is_publishe
 
     # The next task picks them up.
     settings.EMAIL_SEND_TIME_LIMIT = None
-    assert set(services.send_due_emails(published[0], worker="test").values()) == {EmailStatus.SENT}
+    assert set(sending.send_due_emails(published[0], worker="test").values()) == {EmailStatus.SENT}
     assert len(smtp.messages) == 3
 
 
@@ -219,7 +219,7 @@ def test_a_worker_lost_mid_batch_loses_no_row(db, quiet):
     for row in claimed:
         EmailAttempt.objects.create(request=row, number=1, started_at=timezone.now(), worker="dead")
 
-    assert services.reclaim_stale_claims(now=timezone.now() + timedelta(seconds=2)) == 3
+    assert outbox.reclaim_stale_claims(now=timezone.now() + timedelta(seconds=2)) == 3
 
     for row in EmailRequest.objects.filter(pk__in=[row.pk for row in rows]):
         assert (row.status, row.retry_count, row.claim_token) == (EmailStatus.PENDING, 1, None)

@@ -14,7 +14,7 @@ import pytest
 import requests
 from django.conf import settings as django_settings
 
-from email_service import services
+from email_service import outbox
 from email_service.contact import wait_text
 from email_service.models import EmailRequest, EmailStatus
 
@@ -86,7 +86,7 @@ def page(context):
 @pytest.fixture
 def no_dispatch(monkeypatch):
     """Keep rows PENDING instead of publishing them: the first test covers the worker."""
-    monkeypatch.setattr(services, "dispatch", lambda email_request: None)
+    monkeypatch.setattr(outbox, "dispatch", lambda email_request: None)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from django.core.files.base import ContentFile
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from email_service import services
+from email_service import outbox
 from email_service.models import EmailRequest, EmailStatus
 
 from .conftest import ROOT, free_port, service_env, start_worker, wait_for
@@ -112,7 +112,7 @@ def test_test_email_without_a_worker_says_it_is_still_pending(smtp_server, trans
 
 def old_request(status, *, days, attachment=False):
     created = timezone.now() - timedelta(days=days)
-    row = services.create_email_request(
+    row = outbox.create_email_request(
         data={
             "full_name": "Old Row",
             "email": "old@example.org",

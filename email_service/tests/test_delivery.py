@@ -10,6 +10,7 @@ from django.core.files.base import ContentFile
 
 from email_service import delivery
 from email_service.models import EmailRequest
+from email_service.outcomes import AttemptOutcome
 
 from .files import pdf_bytes
 
@@ -81,17 +82,17 @@ def test_confirmation_quotes_nothing_from_the_form(email_request):
 @pytest.mark.parametrize(
     ("exc", "outcome", "code"),
     [
-        (smtplib.SMTPDataError(421, b"Try again later"), delivery.TRANSIENT, 421),
-        (smtplib.SMTPDataError(451, b"Local error"), delivery.TRANSIENT, 451),
-        (smtplib.SMTPDataError(550, b"Mailbox unavailable"), delivery.PERMANENT, 550),
-        (smtplib.SMTPSenderRefused(553, b"Sender refused", "a@b"), delivery.PERMANENT, 553),
-        (smtplib.SMTPRecipientsRefused({"x@y": (550, b"No such user")}), delivery.PERMANENT, 550),
-        (smtplib.SMTPRecipientsRefused({"x@y": (450, b"Greylisted")}), delivery.TRANSIENT, 450),
-        (smtplib.SMTPConnectError(421, b"Busy"), delivery.TRANSIENT, 421),
-        (smtplib.SMTPServerDisconnected("gone"), delivery.TRANSIENT, None),
-        (ConnectionRefusedError(111, "Connection refused"), delivery.TRANSIENT, None),
-        (TimeoutError("timed out"), delivery.TRANSIENT, None),
-        (ValueError("Header values may not contain linefeed"), delivery.PERMANENT, None),
+        (smtplib.SMTPDataError(421, b"Try again later"), AttemptOutcome.TRANSIENT, 421),
+        (smtplib.SMTPDataError(451, b"Local error"), AttemptOutcome.TRANSIENT, 451),
+        (smtplib.SMTPDataError(550, b"Mailbox unavailable"), AttemptOutcome.PERMANENT, 550),
+        (smtplib.SMTPSenderRefused(553, b"Sender refused", "a@b"), AttemptOutcome.PERMANENT, 553),
+        (smtplib.SMTPRecipientsRefused({"x@y": (550, b"No such user")}), AttemptOutcome.PERMANENT, 550),
+        (smtplib.SMTPRecipientsRefused({"x@y": (450, b"Greylisted")}), AttemptOutcome.TRANSIENT, 450),
+        (smtplib.SMTPConnectError(421, b"Busy"), AttemptOutcome.TRANSIENT, 421),
+        (smtplib.SMTPServerDisconnected("gone"), AttemptOutcome.TRANSIENT, None),
+        (ConnectionRefusedError(111, "Connection refused"), AttemptOutcome.TRANSIENT, None),
+        (TimeoutError("timed out"), AttemptOutcome.TRANSIENT, None),
+        (ValueError("Header values may not contain linefeed"), AttemptOutcome.PERMANENT, None),
     ],
 )
 def test_classify(exc, outcome, code):
@@ -104,20 +105,20 @@ def test_authentication_failure_tells_the_operator_what_to_fix():
     result = delivery.classify(
         smtplib.SMTPAuthenticationError(535, b"5.7.8 Username and Password not accepted")
     )
-    assert result.outcome == delivery.PERMANENT
+    assert result.outcome == AttemptOutcome.PERMANENT
     assert "535" in result.error_message
     assert "EMAIL_HOST_PASSWORD" in result.error_message
 
 
 def test_send_over_real_smtp(email_request, smtp):
     result = delivery.send(delivery.build_support_message(email_request))
-    assert result.outcome == delivery.SENT
+    assert result.outcome == AttemptOutcome.SENT
     assert len(smtp.messages) == 1
 
 
 def test_send_reuses_one_connection(email_request, smtp, smtp_server):
     for _ in range(3):
-        assert delivery.send(delivery.build_support_message(email_request)).outcome == delivery.SENT
+        assert delivery.send(delivery.build_support_message(email_request)).outcome == AttemptOutcome.SENT
     assert len(smtp.messages) == 3
     assert delivery._shared.backend is not None and delivery._shared.backend.connection is not None
     assert smtp.connections == 1
@@ -125,26 +126,29 @@ def test_send_reuses_one_connection(email_request, smtp, smtp_server):
 
 def test_an_idle_connection_the_server_dropped_is_replaced_before_sending(email_request, smtp, monkeypatch):
     monkeypatch.setattr(delivery, "IDLE_CHECK_SECONDS", 0)
-    assert delivery.send(delivery.build_support_message(email_request)).outcome == delivery.SENT
-    assert delivery.send(delivery.build_support_message(email_request)).outcome == delivery.SENT
+    assert delivery.send(delivery.build_support_message(email_request)).outcome == AttemptOutcome.SENT
+    assert delivery.send(delivery.build_support_message(email_request)).outcome == AttemptOutcome.SENT
     assert smtp.connections == 1  # NOOP found it alive
     delivery._shared.backend.connection.sock.shutdown(socket.SHUT_RDWR)  # as if the server hung up
-    assert delivery.send(delivery.build_support_message(email_request)).outcome == delivery.SENT
+    assert delivery.send(delivery.build_support_message(email_request)).outcome == AttemptOutcome.SENT
     assert (smtp.connections, len(smtp.messages)) == (2, 3)
 
 
 def test_a_failed_send_is_not_repeated_on_a_new_connection(email_request, smtp, settings):
     settings.EMAIL_TIMEOUT = 0.5
-    assert delivery.send(delivery.build_support_message(email_request)).outcome == delivery.SENT
+    assert delivery.send(delivery.build_support_message(email_request)).outcome == AttemptOutcome.SENT
     smtp.script = [("hang", 1.5)]
     result = delivery.send(delivery.build_support_message(email_request))
-    assert result.outcome == delivery.TRANSIENT
+    assert result.outcome == AttemptOutcome.TRANSIENT
     assert smtp.data_commands == 2  # the timed-out DATA was not sent again
 
 
 @pytest.mark.parametrize(
     ("reply", "outcome"),
-    [("421 4.7.0 Try again later", delivery.TRANSIENT), ("550 5.1.1 No such mailbox", delivery.PERMANENT)],
+    [
+        ("421 4.7.0 Try again later", AttemptOutcome.TRANSIENT),
+        ("550 5.1.1 No such mailbox", AttemptOutcome.PERMANENT),
+    ],
 )
 def test_send_classifies_server_replies(email_request, smtp, reply, outcome):
     smtp.script = [reply]
@@ -158,7 +162,7 @@ def test_send_times_out_as_transient(email_request, smtp, settings):
     settings.EMAIL_TIMEOUT = 0.5
     smtp.script = [("hang", 1.5)]
     result = delivery.send(delivery.build_support_message(email_request))
-    assert result.outcome == delivery.TRANSIENT
+    assert result.outcome == AttemptOutcome.TRANSIENT
 
 
 def test_send_to_a_closed_port_is_transient(email_request, smtp, settings):
@@ -167,18 +171,18 @@ def test_send_to_a_closed_port_is_transient(email_request, smtp, settings):
     settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_USE_TLS = "127.0.0.1", free_port(), False
     delivery.close_connection()
     result = delivery.send(delivery.build_support_message(email_request))
-    assert result.outcome == delivery.TRANSIENT
+    assert result.outcome == AttemptOutcome.TRANSIENT
     assert result.error_class == "ConnectionRefusedError"
 
 
 def test_an_unreadable_reply_is_recorded_without_a_code(email_request):
-    from email_service import services
+    from email_service import sending
     from email_service.models import EmailAttempt
 
     attempt = EmailAttempt.objects.create(
         request=email_request, number=1, started_at=email_request.created_at
     )
-    services._fill_attempt(attempt, delivery.classify(smtplib.SMTPResponseException(-1, b"garbled")))
+    sending._fill_attempt(attempt, delivery.classify(smtplib.SMTPResponseException(-1, b"garbled")))
     attempt.save()
     attempt.refresh_from_db()
-    assert attempt.smtp_code is None and attempt.outcome == delivery.TRANSIENT
+    assert attempt.smtp_code is None and attempt.outcome == AttemptOutcome.TRANSIENT

@@ -11,7 +11,7 @@ import uuid
 import pytest
 import requests
 
-from email_service import services
+from email_service import actions, outbox
 from email_service.models import EmailAttempt, EmailRequest, EmailStatus
 from email_service.tasks import send_email_task
 from medcor_backend2.celery import app as celery_app
@@ -32,7 +32,7 @@ def submit(**fields):
         "message": "Hello",
         **fields,
     }
-    return services.create_email_request(data=data)
+    return outbox.create_email_request(data=data)
 
 
 def final_row(pk, timeout=40):
@@ -123,7 +123,7 @@ def test_cancel_while_waiting_for_a_retry_is_never_sent(celery_worker, smtp, set
         interval=0.02,
         message="the first deferral",
     )
-    services.cancel_email_request(EmailRequest.objects.get(pk=pk))
+    actions.cancel_email_request(EmailRequest.objects.get(pk=pk))
     time.sleep(6)  # past the longest first backoff and several beat ticks
     row = EmailRequest.objects.get(pk=pk)
     assert row.status == EmailStatus.CANCELLED

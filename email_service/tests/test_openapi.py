@@ -12,7 +12,7 @@ from rest_framework.authtoken.models import Token
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from email_service import services
+from email_service import outbox
 
 schema = schemathesis.openapi.from_wsgi("/api/schema/", get_wsgi_application())
 schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=15)
@@ -40,7 +40,7 @@ def keep_test_connection():
 
 @pytest.fixture(autouse=True)
 def quiet_dispatch(monkeypatch, settings, tmp_path):
-    monkeypatch.setattr(services, "dispatch", lambda email_request: None)
+    monkeypatch.setattr(outbox, "dispatch", lambda email_request: None)
     settings.MEDIA_ROOT = str(tmp_path)
 
 

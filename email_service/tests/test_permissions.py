@@ -6,7 +6,7 @@ from django.core.files.base import ContentFile
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from email_service import services
+from email_service import outbox
 from email_service.models import EmailRequest, EmailStatus
 
 from .files import pdf_bytes
@@ -37,7 +37,7 @@ ALLOWED = {
 
 @pytest.fixture(autouse=True)
 def no_dispatch(monkeypatch, settings, tmp_path):
-    monkeypatch.setattr(services, "dispatch", lambda email_request: None)
+    monkeypatch.setattr(outbox, "dispatch", lambda email_request: None)
     settings.MEDIA_ROOT = str(tmp_path)
 
 

@@ -6,7 +6,7 @@ import uuid
 import pytest
 from rest_framework.test import APIClient
 
-from email_service import services
+from email_service import outbox
 from email_service.models import EmailRequest
 
 from .files import pdf_bytes
@@ -30,7 +30,7 @@ def markers():
 
 @pytest.fixture
 def submitted(markers, monkeypatch, settings, tmp_path):
-    monkeypatch.setattr(services, "dispatch", lambda email_request: None)
+    monkeypatch.setattr(outbox, "dispatch", lambda email_request: None)
     settings.MEDIA_ROOT = str(tmp_path)
     from django.core.files.uploadedfile import SimpleUploadedFile
 

@@ -2,9 +2,9 @@ import signal
 import threading
 
 from aiosmtpd.controller import Controller
-from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from email_service import conf
 from email_service.mailsink import MailboxHandler
 
 
@@ -14,7 +14,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=1025)
-        parser.add_argument("--dir", default=str(settings.VAR_DIR / "mailbox"))
+        parser.add_argument("--dir", default=str(conf.mailbox_dir()))
 
     def handle(self, *args, host, port, dir, **options):
         controller = Controller(

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from email_service import conf, services
+from email_service import conf, retention
 
 
 class Command(BaseCommand):
@@ -13,7 +13,7 @@ class Command(BaseCommand):
         parser.add_argument("--dry-run", action="store_true", help="Count what would go; delete nothing.")
 
     def handle(self, *args, dry_run, **options):
-        counts = services.purge_expired(dry_run=dry_run)
+        counts = retention.purge_expired(dry_run=dry_run)
         verb = "Would delete" if dry_run else "Deleted"
         self.stdout.write(
             f"{verb} {counts['rows']} request(s) older than {conf.retention_days()} days "

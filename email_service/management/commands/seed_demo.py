@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils import timezone
 
-from email_service import services
+from email_service import outbox, sending
 from email_service.models import AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus
 
 WORKER = "celery@demo-worker:4242"
@@ -162,7 +162,7 @@ def _create(rng, created):
     upload = None
     if rng.random() < 0.18:
         upload = ContentFile(_demo_pdf(subject), name=rng.choice(ATTACHMENTS))
-    return services.create_email_request(
+    return outbox.create_email_request(
         data=data, upload=upload, content_type="application/pdf" if upload else "", dispatch_on_commit=False
     )
 
@@ -216,7 +216,7 @@ def _play(story, email_request, created, now, rng):
         if outcome == "550" or number == len(attempts) and story != "waiting-retry":
             EmailRequest.objects.fail(pk, token, error=error, retry_count=number - 1)
             return EmailStatus.FAILED, finished
-        moment = finished + timedelta(seconds=services.retry_backoff(number))
+        moment = finished + timedelta(seconds=sending.retry_backoff(number))
         if story == "waiting-retry":
             moment = max(moment, now + timedelta(minutes=2))
         EmailRequest.objects.defer(pk, token, error=error, retry_count=number, next_attempt_at=moment)

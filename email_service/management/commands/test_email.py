@@ -3,7 +3,7 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from email_service import services
+from email_service import outbox
 from email_service.models import FINAL_STATUSES, EmailRequest, EmailStatus
 
 
@@ -22,7 +22,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, email, name, wait, **options):
-        email_request = services.create_email_request(
+        email_request = outbox.create_email_request(
             data={
                 "full_name": name,
                 "email": email,
@@ -33,7 +33,7 @@ class Command(BaseCommand):
         )
         self.stdout.write(f"Created email request {email_request.pk}")
         try:
-            services.publish(email_request)
+            outbox.publish(email_request)
         except Exception as exc:
             raise CommandError(
                 f"Could not reach the broker ({type(exc).__name__}: {exc}). The request stays "

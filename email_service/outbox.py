@@ -1,0 +1,171 @@
+"""The outbox: store a request, then publish its send task after commit, and relay what was missed.
+
+Tasks are published by name, so this module never imports `tasks` (which imports the services).
+"""
+
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from celery import current_app
+from django.core.files.storage import default_storage
+from django.db import connection, transaction
+from django.utils import timezone
+
+from . import conf, delivery
+from .models import EmailRequest
+from .outcomes import AttemptOutcome
+from .storage import clean_filename
+
+logger = logging.getLogger(__name__)
+
+SEND_TASK = "email_service.tasks.send_email_task"
+DISPATCH_TASK = "email_service.tasks.dispatch_due_emails"
+
+_executor = None
+
+
+def dispatch_executor():
+    """Return this process's one background thread for publishing."""
+    # Created lazily, so that each process forked by gunicorn gets its own thread.
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="email-dispatch")
+    return _executor
+
+
+def worker_name():
+    """Name this process as a claimer: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def create_email_request(*, data, upload=None, content_type="", client_ip=None, dispatch_on_commit=True):
+    """Store a submission and queue its delivery once the row is committed."""
+    email_request = EmailRequest(
+        **data,
+        client_ip=client_ip,
+        message_id=delivery.new_message_id(),
+        celery_task_id=str(uuid.uuid4()),
+        # Counted as dispatched from the start: the periodic run only picks it up if the
+        # publish after commit fails or its message goes unclaimed.
+        dispatched_at=timezone.now(),
+    )
+    try:
+        # A row alone is one INSERT, atomic by itself; a file and its row commit or go together.
+        with transaction.atomic() if upload is not None else contextlib.nullcontext():
+            if upload is not None:
+                email_request.attachment_name = clean_filename(upload.name or "")
+                email_request.attachment_size = upload.size
+                email_request.attachment_content_type = content_type
+                email_request.file_attached.save(upload.name or "attachment", upload, save=False)
+            email_request.save(force_insert=True)
+            if dispatch_on_commit:
+                # robust: this runs after COMMIT, so a failure here must not look like a rollback
+                # (the except below would delete the committed row's file); the relay retries.
+                transaction.on_commit(lambda: dispatch(email_request), robust=True)
+    except BaseException:
+        # The row is gone with the rollback; its file must go too.
+        if email_request.file_attached:
+            default_storage.delete(email_request.file_attached.name)
+        raise
+    logger.info(
+        "Email request %s created: %s",
+        email_request.pk,
+        email_request.status,
+        extra={"email_request_id": str(email_request.pk), "status": email_request.status},
+    )
+    return email_request
+
+
+def dispatch(email_request):
+    """Publish the send task without ever making the caller wait for the broker."""
+    if conf.dispatch_async():
+        dispatch_executor().submit(publish_or_forget, email_request.pk, email_request.celery_task_id)
+    else:
+        publish_or_forget(email_request.pk, email_request.celery_task_id)
+
+
+def publish(email_request):
+    """Publish the send task now, raising if the broker cannot be reached."""
+    _publish(email_request.pk, email_request.celery_task_id)
+
+
+def _publish(pk, task_id):
+    current_app.send_task(
+        SEND_TASK,
+        args=[str(pk)],
+        task_id=task_id or None,
+        soft_time_limit=conf.soft_time_limit(),
+        time_limit=conf.hard_time_limit(),
+        retry=False,
+    )
+
+
+def publish_or_forget(pk, task_id):
+    """Publish the send task for `pk`; if the broker is down, leave the row to the periodic relay."""
+    try:
+        _publish(pk, task_id)
+    except Exception as exc:
+        logger.warning(
+            "Email request %s not published: Broker unavailable, the periodic dispatch will send it: %s",
+            pk,
+            exc,
+            extra={"email_request_id": str(pk)},
+        )
+        try:
+            EmailRequest.objects.forget_dispatch(pk)
+        finally:
+            if not connection.in_atomic_block:
+                connection.close()
+
+
+def dispatch_due_soon():
+    """Ask a worker, in the background, to run the relay now rather than at its next period."""
+
+    def publish_relay():
+        try:
+            current_app.send_task(DISPATCH_TASK, retry=False)
+        except Exception as exc:
+            logger.warning("Broker unavailable, the periodic dispatch will send them: %s", exc)
+
+    dispatch_executor().submit(publish_relay)
+
+
+def dispatch_due(*, limit=500):
+    """Reclaim dead workers' rows, then publish every due row with no live message; return counts."""
+    reclaimed = reclaim_stale_claims()
+    # Oldest due first; each republish gets a task id of its own, so that revoking one message
+    # (celery revoke) never silences every later attempt at the same row.
+    rows = list(
+        EmailRequest.objects.undispatched().order_by("next_attempt_at").values_list("pk", flat=True)[:limit]
+    )
+    published = []
+    for pk in rows:
+        try:
+            _publish(pk, str(uuid.uuid4()))
+        except Exception as exc:
+            logger.warning("Dispatch stopped, broker unavailable: %s", exc)
+            break
+        published.append(pk)
+    EmailRequest.objects.mark_dispatched(published)
+    if published or reclaimed:
+        logger.info("Dispatched %d due emails, reclaimed %d", len(published), reclaimed)
+    return {"dispatched": len(published), "reclaimed": reclaimed}
+
+
+def reclaim_stale_claims(now=None):
+    """Hand rows whose worker died back to PENDING (or FAILED); return how many."""
+    now = now or timezone.now()
+    count = 0
+    for row in EmailRequest.objects.stale_claims(now):
+        if EmailRequest.objects.reclaim(row, now=now):
+            count += 1
+            row.attempts.filter(finished_at__isnull=True).update(
+                finished_at=now,
+                outcome=AttemptOutcome.CRASHED,
+                error_text="Worker lost before the send finished.",
+            )
+    return count

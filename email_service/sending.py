@@ -1,0 +1,233 @@
+"""The send loop: claim due requests a batch at a time, send each once, and record the outcome."""
+
+import functools
+import logging
+import random
+import time
+import uuid
+from datetime import timedelta
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.db import OperationalError, transaction
+from django.db.models import Count
+from django.utils import timezone
+
+from . import conf, delivery, outbox
+from .acknowledgements import send_confirmation
+from .models import ATTEMPT_RESULT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
+from .outcomes import AttemptOutcome
+
+logger = logging.getLogger(__name__)
+
+
+def retry_backoff(retry_number):
+    """Seconds to wait before retry `retry_number` (1-based): exponential, capped, jittered."""
+    delay = min(conf.retry_backoff_max(), conf.retry_delay() * 2 ** (retry_number - 1))
+    # Half fixed, half random, so a burst of failures does not come back all at once.
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+def send_email_request(pk, *, worker=None, lease=None):
+    """Claim one due request, send it once, and record the outcome; return the new status or None."""
+    return send_due_emails(pk, worker=worker, lease=lease, batch_size=1, more=False).get(str(pk))
+
+
+class SendPace:
+    """How long this process's recent sends took, to size its next batch.
+
+    A batch is sent one mail after another by one process, so its size is a trade: against a
+    fast relay, 20 mails in one claim save 19 claims; against a server that takes half a second
+    per mail (Gmail), they would wait in line while other workers sit idle. A batch is sized to
+    take about BATCH_SECONDS at the recent pace, between 1 and EMAIL_SEND_BATCH_SIZE; a process
+    that has sent nothing yet starts with 1.
+    """
+
+    BATCH_SECONDS = 0.25
+    # Rows of a claimed batch that would wait longer than this at the pace just seen are given
+    # back, for any idle worker to take.
+    WAIT_SECONDS = 1.0
+
+    def __init__(self):
+        self.seconds = None
+
+    def record(self, seconds):
+        # A slow send counts at once; a return to speed is believed over a few sends.
+        self.seconds = (
+            seconds
+            if self.seconds is None or seconds > self.seconds
+            else (0.8 * self.seconds + 0.2 * seconds)
+        )
+
+    def batch_size(self, largest):
+        if self.seconds is None:
+            return 1
+        return max(1, min(largest, int(self.BATCH_SECONDS / max(self.seconds, 1e-4))))
+
+
+send_pace = SendPace()
+
+
+def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, more=True):
+    """Claim due requests a batch at a time, `first` first, and send each once over this worker's
+    SMTP connection; return {id: new status} for the rows tried.
+
+    One task thus drains a backlog: it claims a batch of rows in one statement (`batch_size`, or
+    as many as `send_pace` says fit in a quarter second) and goes on while rows are due (`more`)
+    and its send window lasts; the messages of the rows it took find nothing to claim. Each
+    outcome is committed right after its send, so a crash repeats one mail at most.
+    """
+    worker = (worker or outbox.worker_name())[:255]
+    window_ends = time.monotonic() + conf.send_window()
+    statuses = {}
+    while True:
+        limit = batch_size or send_pace.batch_size(conf.send_batch_size())
+        token, rows = _insist(
+            functools.partial(
+                EmailRequest.objects.claim_batch, worker=worker, first=first, limit=limit, lease=lease
+            )
+        )
+        if first is not None and str(first) not in {str(row.pk) for row in rows}:
+            logger.info(
+                "Email request %s not claimed (sent, cancelled, not due or taken)",
+                first,
+                extra={"email_request_id": str(first)},
+            )
+        first = None
+        if not rows:
+            return statuses
+        sent, gave_back = _send_batch(rows, token, worker, window_ends=window_ends, started=bool(statuses))
+        statuses.update(sent)
+        # Rows given back went with a task of their own: this one stops rather than take them again.
+        if gave_back or not more or len(rows) < limit or time.monotonic() > window_ends:
+            return statuses
+
+
+def _send_batch(rows, token, worker, *, window_ends, started):
+    """Send claimed rows in order until the window closes; give the untried ones back."""
+    numbers = dict(
+        EmailAttempt.objects.filter(request__in=rows)
+        .values_list("request")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    now = timezone.now()
+    attempts = EmailAttempt.objects.bulk_create(
+        EmailAttempt(request=row, number=numbers.get(row.pk, 0) + 1, started_at=now, worker=worker)
+        for row in rows
+    )
+    statuses = {}
+    tried = 0
+    try:
+        for row, attempt in zip(rows, attempts, strict=True):
+            # The first mail of a task always goes; each later one only while another send fits.
+            if (started or tried) and time.monotonic() > window_ends:
+                break
+            # Once one of this batch has gone: the rest only if they would not wait long at the
+            # server's present pace (other workers may be idle: they get them).
+            if tried and (send_pace.seconds or 0) * (len(rows) - tried) > SendPace.WAIT_SECONDS:
+                break
+            tried += 1
+            statuses[str(row.pk)] = _send_claimed(row, attempt, token)
+    finally:
+        untried = rows[tried:]
+        if untried:
+            _give_back(untried, attempts[tried:], token)
+    return statuses, bool(untried)
+
+
+def _send_claimed(email_request, attempt, token):
+    attempt.started_at = timezone.now()
+    started = time.monotonic()
+    try:
+        result = delivery.send(delivery.build_support_message(email_request))
+    except Exception as exc:
+        result = delivery.classify(exc)
+    send_pace.record(time.monotonic() - started)
+    # The outcome is written first and insistently: once SMTP has accepted the mail, a row left
+    # PROCESSING would be reclaimed and sent again when its lease runs out.
+    status = _insist(lambda: _record_outcome(email_request, attempt, token, result))
+    if status == EmailStatus.SENT:
+        send_confirmation(email_request)
+    return status
+
+
+def _record_outcome(email_request, attempt, token, result):
+    """Record the row's new status and the finished attempt together."""
+    _fill_attempt(attempt, result)
+    if result.outcome == AttemptOutcome.SENT:
+        # The common case, one statement where the database allows (see EmailRequestQuerySet.complete).
+        return _record_result(email_request, token, result, attempt=attempt)
+    with transaction.atomic():
+        attempt.save(update_fields=ATTEMPT_RESULT_FIELDS)
+        return _record_result(email_request, token, result, attempt=attempt)
+
+
+def _give_back(rows, attempts, token):
+    """Release claimed rows that were never tried, and publish a task to carry on with them."""
+    try:
+        with transaction.atomic():
+            EmailAttempt.objects.filter(pk__in=[attempt.pk for attempt in attempts]).delete()
+            released = EmailRequest.objects.release_untried([row.pk for row in rows], token)
+    except Exception:
+        # Their lease runs out and the relay reclaims them; nothing is lost.
+        logger.exception("%d claimed email requests not released", len(rows))
+        return
+    logger.info(
+        "Released %d claimed email requests untried: the send window closed or sends slowed", released
+    )
+    if released:
+        outbox.publish_or_forget(rows[0].pk, str(uuid.uuid4()))
+
+
+def _insist(write, tries=4):
+    """Run a database write, again after a passing database error or the soft time limit."""
+    for attempt in range(tries):
+        try:
+            return write()
+        except (OperationalError, SoftTimeLimitExceeded):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+
+
+def _fill_attempt(attempt, result):
+    attempt.finished_at = timezone.now()
+    attempt.outcome = result.outcome
+    # smtplib reports -1 for a reply it could not read; that is no SMTP code.
+    attempt.smtp_code = result.smtp_code if result.smtp_code and result.smtp_code > 0 else None
+    attempt.error_class = result.error_class
+    attempt.error_text = result.error_text
+    attempt.duration_ms = int((attempt.finished_at - attempt.started_at).total_seconds() * 1000)
+
+
+def _record_result(email_request, token, result, *, attempt):
+    pk = email_request.pk
+    # Said on the transition's log line: which attempt this was, how it ended, the server's code.
+    note = f"attempt {attempt.number} {result.outcome}, smtp code {result.smtp_code or '-'}"
+    if result.outcome == AttemptOutcome.SENT:
+        changed = EmailRequest.objects.complete(
+            pk, token, now=attempt.finished_at, attempt=attempt, note=note
+        )
+        new_status = EmailStatus.SENT
+    elif result.outcome == AttemptOutcome.TRANSIENT and email_request.has_retries_left():
+        retry_number = email_request.retry_count + 1
+        changed = EmailRequest.objects.defer(
+            pk,
+            token,
+            error=result.error_message,
+            retry_count=retry_number,
+            next_attempt_at=timezone.now() + timedelta(seconds=retry_backoff(retry_number)),
+            note=note,
+        )
+        new_status = EmailStatus.PENDING
+    else:
+        changed = EmailRequest.objects.fail(pk, token, error=result.error_message, note=note)
+        new_status = EmailStatus.FAILED
+    if not changed:
+        logger.error(
+            "Email request %s lost its claim before recording the outcome",
+            pk,
+            extra={"email_request_id": str(pk), "smtp_code": result.smtp_code},
+        )
+        return None
+    return new_status
