@@ -23,7 +23,7 @@ from rest_framework.test import APIClient
 from email_service import delivery, outbox
 from email_service.models import EmailRequest, EmailStatus
 from email_service.storage import MAX_NAME_BYTES, attachment_upload_to, clean_filename
-from email_service.validators import validate_attachment
+from email_service.validators import ALLOWED_CONTENT_TYPES, allowed_content_types, validate_attachment
 
 from . import files
 from .conftest import ROOT, free_port, wait_for
@@ -165,6 +165,14 @@ def test_the_allow_list_comes_from_settings(settings):
     assert validate_attachment(SimpleUploadedFile("scan.png", files.png_bytes())) == "image/png"
     with pytest.raises(Exception, match="application/pdf, which is not accepted. Allowed: .png, up to"):
         validate_attachment(SimpleUploadedFile("letter.pdf", files.pdf_bytes()))
+    assert allowed_content_types() == ("image/png",)
+
+
+def test_the_default_allow_list_names_every_type_it_accepts(settings):
+    settings.EMAIL_ALLOWED_ATTACHMENT_TYPES = None
+    assert allowed_content_types() == ALLOWED_CONTENT_TYPES
+    assert {"application/pdf", "image/jpeg", "text/plain"} <= set(ALLOWED_CONTENT_TYPES)
+    assert len(ALLOWED_CONTENT_TYPES) == len(set(ALLOWED_CONTENT_TYPES)) == 18
 
 
 def test_the_size_is_refused_before_anything_is_read():
