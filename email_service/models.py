@@ -2,7 +2,8 @@
 
 The state machine has one owner: the QuerySet methods below. Each transition is one guarded
 `UPDATE ... WHERE status = <expected>`, so two processes racing on a row cannot both win, and
-nothing else in the app assigns `status`.
+nothing else in the app assigns `status`. Each logs the rows it moved, with both statuses, in
+one line per row (`_log_transition`).
 
     PENDING --claim--> PROCESSING --complete--> SENT
        ^                  |  |
@@ -211,7 +212,7 @@ class EmailRequestQuerySet(models.QuerySet):
             _log_transition(pk, source, target, note)
         return len(pks)
 
-    def _release(self, pk, token, note="", **fields):
+    def _release(self, pk, token, note="", log_fields=None, **fields):
         fields.setdefault("updated_at", timezone.now())
         released = bool(
             self.filter(pk=pk, status=EmailStatus.PROCESSING, claim_token=token).update(
@@ -219,11 +220,13 @@ class EmailRequestQuerySet(models.QuerySet):
             )
         )
         if released:
-            _log_transition(pk, EmailStatus.PROCESSING, fields["status"], note)
+            _log_transition(pk, EmailStatus.PROCESSING, fields["status"], note, **(log_fields or {}))
         return released
 
-    def complete(self, pk, token, *, now=None, attempt=None, note=""):
+    def complete(self, pk, token, *, now=None, attempt=None, note="", log_fields=None):
         """Mark a claimed row SENT, and save `attempt` (already filled in) in the same transaction.
+
+        `note` and `log_fields` go on the transition's log line (here and in `defer` and `fail`).
 
         This runs once per mail sent, so on PostgreSQL both writes go in one statement: the ORM's
         two updates cost five times its CPU, and the worker's CPU is what bounds delivery.
@@ -231,11 +234,11 @@ class EmailRequestQuerySet(models.QuerySet):
         now = now or timezone.now()
         fields = {"status": EmailStatus.SENT, "sent_at": now, "error_message": "", "updated_at": now}
         if attempt is None:
-            return self._release(pk, token, note, **fields)
+            return self._release(pk, token, note, log_fields, **fields)
         if connections[self.db].vendor != "postgresql":
             with transaction.atomic(using=self.db):
                 attempt.save(using=self.db, update_fields=ATTEMPT_RESULT_FIELDS)
-                return self._release(pk, token, note, **fields)
+                return self._release(pk, token, note, log_fields, **fields)
         fields.update(claim_token=None, lease_expires_at=None)
         with connections[self.db].cursor() as cursor:
             cursor.execute(
@@ -251,15 +254,16 @@ class EmailRequestQuerySet(models.QuerySet):
             )
             completed = cursor.rowcount == 1
         if completed:
-            _log_transition(pk, EmailStatus.PROCESSING, EmailStatus.SENT, note)
+            _log_transition(pk, EmailStatus.PROCESSING, EmailStatus.SENT, note, **(log_fields or {}))
         return completed
 
-    def defer(self, pk, token, *, error, retry_count, next_attempt_at, note=""):
+    def defer(self, pk, token, *, error, retry_count, next_attempt_at, note="", log_fields=None):
         """Put a claimed row back to PENDING to be tried again at `next_attempt_at`."""
         return self._release(
             pk,
             token,
             note,
+            log_fields,
             status=EmailStatus.PENDING,
             error_message=error,
             retry_count=retry_count,
@@ -267,12 +271,12 @@ class EmailRequestQuerySet(models.QuerySet):
             dispatched_at=None,
         )
 
-    def fail(self, pk, token, *, error, retry_count=None, note=""):
+    def fail(self, pk, token, *, error, retry_count=None, note="", log_fields=None):
         """Mark a claimed row FAILED."""
         fields = {"status": EmailStatus.FAILED, "error_message": error}
         if retry_count is not None:
             fields["retry_count"] = retry_count
-        return self._release(pk, token, note, **fields)
+        return self._release(pk, token, note, log_fields, **fields)
 
     def cancel(self):
         """Cancel the PENDING rows among these (also those waiting for a retry); return how many."""

@@ -203,11 +203,12 @@ def _fill_attempt(attempt, result):
 def _record_result(email_request, token, result, *, attempt):
     pk = email_request.pk
     # Said on the transition's log line: which attempt this was, how it ended, the server's code.
-    note = f"attempt {attempt.number} {result.outcome}, smtp code {result.smtp_code or '-'}"
+    log = {
+        "note": f"attempt {attempt.number} {result.outcome}, smtp code {result.smtp_code or '-'}",
+        "log_fields": {"attempt": attempt.number, "outcome": result.outcome, "smtp_code": result.smtp_code},
+    }
     if result.outcome == AttemptOutcome.SENT:
-        changed = EmailRequest.objects.complete(
-            pk, token, now=attempt.finished_at, attempt=attempt, note=note
-        )
+        changed = EmailRequest.objects.complete(pk, token, now=attempt.finished_at, attempt=attempt, **log)
         new_status = EmailStatus.SENT
     elif result.outcome == AttemptOutcome.TRANSIENT and email_request.has_retries_left():
         retry_number = email_request.retry_count + 1
@@ -217,11 +218,11 @@ def _record_result(email_request, token, result, *, attempt):
             error=result.error_message,
             retry_count=retry_number,
             next_attempt_at=timezone.now() + timedelta(seconds=retry_backoff(retry_number)),
-            note=note,
+            **log,
         )
         new_status = EmailStatus.PENDING
     else:
-        changed = EmailRequest.objects.fail(pk, token, error=result.error_message, note=note)
+        changed = EmailRequest.objects.fail(pk, token, error=result.error_message, **log)
         new_status = EmailStatus.FAILED
     if not changed:
         logger.error(

@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from email_service import actions, outbox
+from email_service import actions, outbox, sending
 from email_service.models import EmailRequest, EmailStatus
 
 FORM = {"full_name": "Ada Lovelace", "email": "ada@example.org", "subject": "Hello", "message": "Hi"}
@@ -99,3 +99,16 @@ def test_the_retry_budget_is_one_predicate(row):
     assert row.has_retries_left()
     row.retry_count = 3
     assert not row.has_retries_left()
+
+
+def test_the_outcome_line_carries_the_attempt_its_outcome_and_the_smtp_code(row, smtp, settings, caplog):
+    settings.EMAIL_SEND_CONFIRMATION = False
+    caplog.set_level(logging.INFO, logger="email_service")
+    assert sending.send_email_request(row.pk, worker="w1") == EmailStatus.SENT
+    (record,) = [
+        r for r in caplog.records if r.name == "email_service.models" and "-> SENT" in r.getMessage()
+    ]
+    assert (
+        record.getMessage() == f"Email request {row.pk}: PROCESSING -> SENT (attempt 1 sent, smtp code 250)"
+    )
+    assert (record.status, record.attempt, record.outcome, record.smtp_code) == ("SENT", 1, "sent", 250)
