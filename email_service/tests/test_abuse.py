@@ -145,7 +145,7 @@ def test_read_limit_covers_list_detail_and_statistics(two_web_processes):
 
 @pytest.mark.django_db
 def test_rate_limit_switch_and_client_ip_behind_a_proxy(settings, quiet):
-    from email_service.ratelimits import client_ip
+    from email_service.throttling import client_ip
 
     class Request:
         META = {"REMOTE_ADDR": "10.0.0.5", "HTTP_X_FORWARDED_FOR": "6.6.6.6, 203.0.113.9"}
@@ -308,7 +308,7 @@ def test_too_many_form_fields_is_a_400(quiet, settings):
 
 
 def test_a_forwarded_value_that_is_no_address_is_ignored(settings):
-    from email_service.ratelimits import client_ip
+    from email_service.throttling import client_ip
 
     class Request:
         META = {"REMOTE_ADDR": "10.0.0.5", "HTTP_X_FORWARDED_FOR": "unknown"}
