@@ -44,9 +44,9 @@ def _errors(*codes):
 
 
 def _email_request_view(many=False):
-    # Anonymous callers get the public shape, staff with view permission the full one. The public
-    # shape is closed (see close_public_shape) and the staff shape requires every one of its fields,
-    # so any item the API answers is valid under exactly one of the two.
+    # Anonymous callers get the public shape, staff with view permission the full one. Both are
+    # closed (CLOSED_SHAPES) and the staff shape requires each of its fields, so any item the API
+    # answers is valid under exactly one of the two.
     return PolymorphicProxySerializer(
         component_name="EmailRequestView",
         serializers=[EmailRequestPublicSerializer, EmailRequestStaffSerializer],
@@ -149,9 +149,15 @@ EMAIL_REQUEST_VIEWSET = {
 }
 
 
-def close_public_shape(result, generator, request, public):
-    """Mark the public view of a request as closed, so it and the staff view never both match."""
+# The shapes of what the API answers about requests, closed: an undocumented field is a schema
+# violation, and no staff item can pass for a public one (the public fields are among the staff's).
+CLOSED_SHAPES = ("EmailRequestPublic", "EmailRequestStaff", "EmailAttempt")
+
+
+def close_response_shapes(result, generator, request, public):
+    """Forbid fields beyond the documented ones in each of CLOSED_SHAPES."""
     schemas = result.get("components", {}).get("schemas", {})
-    if "EmailRequestPublic" in schemas:
-        schemas["EmailRequestPublic"]["additionalProperties"] = False
+    for name in CLOSED_SHAPES:
+        if name in schemas:
+            schemas[name]["additionalProperties"] = False
     return result

@@ -240,7 +240,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {"EmailStatusEnum": "email_service.models.EmailStatus"},
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "email_service.schema.close_public_shape",
+        "email_service.schema.close_response_shapes",
     ],
 }
 
