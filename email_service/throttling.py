@@ -55,13 +55,14 @@ def _parse_ip(value):
 
 
 class ClientRateThrottle(BaseThrottle):
-    """Refuse a client past `rate()` calls in the group's window; RATELIMIT_ENABLE switches it off.
+    """Refuse a client past get_rate() calls in the group's window; RATELIMIT_ENABLE switches it off.
 
     django-ratelimit counts with the cache's atomic add and incr, so concurrent calls on every
     process and host are all counted; its windows are fixed, each client's offset by a hash.
     """
 
     group = None
+    seconds_left = None
 
     def get_rate(self):
         """Return the rate as django-ratelimit reads it: "5/m", "60/h"."""
