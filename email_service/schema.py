@@ -1,9 +1,163 @@
-"""OpenAPI adjustments that drf-spectacular cannot express per serializer."""
+"""The OpenAPI description of the API: every drf-spectacular annotation, and the schema's hooks."""
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiParameter,
+    OpenApiRequest,
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema,
+)
+
+from . import validators
+from .serializers import (
+    DetailSerializer,
+    EmailRequestCreatedSerializer,
+    EmailRequestCreateSerializer,
+    EmailRequestJSONSerializer,
+    EmailRequestPublicSerializer,
+    EmailRequestStaffSerializer,
+    RetryFailedSerializer,
+    StatisticsSerializer,
+)
+
+# The attachment types announced for multipart uploads: the validator's allow-list, which decides
+# by the file's content.
+ATTACHMENT_MEDIA_TYPES = list(validators.ALLOWED_CONTENT_TYPES)
+NO_NUL = "^[^\\x00]*$"
+
+_ERRORS = {
+    400: OpenApiResponse(OpenApiTypes.OBJECT, description="Field errors, as {field: [message]}."),
+    401: OpenApiResponse(DetailSerializer, description="Not authenticated."),
+    403: OpenApiResponse(DetailSerializer, description="No permission."),
+    404: OpenApiResponse(DetailSerializer, description="No such request."),
+    409: OpenApiResponse(DetailSerializer, description="The request's status forbids this."),
+    415: OpenApiResponse(DetailSerializer, description="Unsupported content type."),
+    422: OpenApiResponse(DetailSerializer, description="Idempotency-Key reused."),
+    429: OpenApiResponse(DetailSerializer, description="Rate-limited; see Retry-After."),
+}
 
 
-def close_public_shape(result, generator, request, public):
-    """Mark the public view of a request as closed, so it and the staff view never both match."""
+def _errors(*codes):
+    return {code: _ERRORS[code] for code in codes}
+
+
+def _email_request_view(many=False):
+    # Anonymous callers get the public shape, staff with view permission the full one. Both are
+    # closed (CLOSED_SHAPES) and the staff shape requires each of its fields, so any item the API
+    # answers is valid under exactly one of the two.
+    return PolymorphicProxySerializer(
+        component_name="EmailRequestView",
+        serializers=[EmailRequestPublicSerializer, EmailRequestStaffSerializer],
+        resource_type_field_name=None,
+        many=many,
+    )
+
+
+_CONTACT_FORM_EXAMPLE = OpenApiExample(
+    "Contact form",
+    request_only=True,
+    value={
+        "full_name": "John Doe",
+        "email": "john.doe@example.com",
+        "phone": "+1-555-123-4567",
+        "job_profession": "Software Engineer",
+        "subject": "General Inquiry",
+        "message": "I would like to know more about your services.",
+    },
+)
+
+# The annotation of each action of EmailRequestViewSet, for extend_schema_view(**EMAIL_REQUEST_VIEWSET).
+EMAIL_REQUEST_VIEWSET = {
+    "create": extend_schema(
+        summary="Submit the contact form",
+        request={
+            "application/json": EmailRequestJSONSerializer,
+            "multipart/form-data": OpenApiRequest(
+                EmailRequestCreateSerializer,
+                encoding={"file_attached": {"contentType": ", ".join(ATTACHMENT_MEDIA_TYPES)}},
+            ),
+        },
+        responses={
+            201: EmailRequestCreatedSerializer,
+            200: OpenApiResponse(
+                EmailRequestCreatedSerializer, description="A repeat with the same Idempotency-Key."
+            ),
+            **_errors(400, 415, 422, 429),
+        },
+        examples=[_CONTACT_FORM_EXAMPLE],
+    ),
+    "list": extend_schema(
+        summary="List requests (redacted unless staff)",
+        parameters=[
+            OpenApiParameter(
+                "email", str, pattern=NO_NUL, description="Staff only: the submitter's address."
+            ),
+            OpenApiParameter(
+                "search",
+                str,
+                pattern=NO_NUL,
+                description="Staff only: text in name, email, subject or message.",
+            ),
+            OpenApiParameter(
+                "ordering",
+                str,
+                pattern=r"^-?(created_at|sent_at)(,-?(created_at|sent_at))*$",
+                description="Comma-separated fields, `-` for descending: created_at, sent_at.",
+            ),
+        ],
+        responses={200: _email_request_view(many=True), **_errors(400, 403, 404, 429)},
+    ),
+    "retrieve": extend_schema(
+        summary="One request (redacted unless staff)",
+        responses={200: _email_request_view(), **_errors(404, 429)},
+    ),
+    "update": extend_schema(
+        summary="Edit the contact fields of a request not yet SENT",
+        responses={200: EmailRequestStaffSerializer, **_errors(400, 401, 403, 404, 409)},
+    ),
+    "partial_update": extend_schema(
+        summary="Edit some contact fields of a request not yet SENT",
+        responses={200: EmailRequestStaffSerializer, **_errors(400, 401, 403, 404, 409)},
+    ),
+    "destroy": extend_schema(
+        summary="Delete a request and its file",
+        responses={204: None, **_errors(401, 403, 404)},
+    ),
+    "statistics": extend_schema(
+        summary="Delivery statistics",
+        responses={200: StatisticsSerializer, **_errors(429)},
+    ),
+    "retry_failed": extend_schema(
+        summary="Requeue every FAILED request",
+        request=None,
+        responses={200: RetryFailedSerializer, **_errors(401, 403)},
+    ),
+    "cancel": extend_schema(
+        summary="Cancel a PENDING request",
+        request=None,
+        responses={200: EmailRequestPublicSerializer, **_errors(401, 403, 404, 409)},
+    ),
+    "attachment": extend_schema(
+        summary="Download the attachment",
+        responses={
+            (200, "*/*"): OpenApiResponse(OpenApiTypes.BINARY, description="The file, as stored."),
+            **_errors(401, 403, 404),
+        },
+    ),
+}
+
+
+# The shapes of what the API answers about requests, closed: an undocumented field is a schema
+# violation, and no staff item can pass for a public one (the public fields are among the staff's).
+CLOSED_SHAPES = ("EmailRequestPublic", "EmailRequestStaff", "EmailAttempt")
+
+
+def close_response_shapes(result, generator, request, public):
+    """Forbid fields beyond the documented ones in each of CLOSED_SHAPES."""
     schemas = result.get("components", {}).get("schemas", {})
-    if "EmailRequestPublic" in schemas:
-        schemas["EmailRequestPublic"]["additionalProperties"] = False
+    for name in CLOSED_SHAPES:
+        if name in schemas:
+            schemas[name]["additionalProperties"] = False
     return result

@@ -6,7 +6,7 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from .models import CONTACT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
+from .models import CONTACT_FIELDS, AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus
 from .validators import (
     validate_attachment,
     validate_email_shape,
@@ -101,8 +101,13 @@ class EmailRequestJSONSerializer(EmailRequestCreateSerializer):
 
 
 class EmailRequestUpdateSerializer(ContactFieldsSerializer):
+    """The contact fields staff may edit; the edited request is answered in the staff shape."""
+
     class Meta(ContactFieldsSerializer.Meta):
         pass
+
+    def to_representation(self, instance):
+        return EmailRequestStaffSerializer(instance, context=self.context).data
 
 
 class EmailRequestCreatedSerializer(serializers.Serializer):
@@ -126,6 +131,17 @@ class EmailRequestPublicSerializer(serializers.ModelSerializer):
 
 
 class EmailAttemptSerializer(serializers.ModelSerializer):
+    """One delivery attempt; while it runs, `outcome` is "" and `finished_at` null."""
+
+    # Declared rather than derived: ModelSerializer drops allow_blank from read-only fields, and
+    # the schema must let a running attempt's empty outcome through.
+    outcome = serializers.ChoiceField(
+        choices=AttemptOutcome.choices,
+        allow_blank=True,
+        read_only=True,
+        help_text="How the attempt ended; empty while it is still running.",
+    )
+
     class Meta:
         model = EmailAttempt
         fields = [
@@ -140,6 +156,9 @@ class EmailAttemptSerializer(serializers.ModelSerializer):
             "duration_ms",
         ]
         read_only_fields = fields
+        extra_kwargs = {
+            "finished_at": {"help_text": "When the attempt ended; null while it is still running."}
+        }
 
 
 class EmailRequestStaffSerializer(serializers.ModelSerializer):

@@ -170,7 +170,7 @@ EMAIL_LIST_COUNT_CACHE_SECONDS = env.float("EMAIL_LIST_COUNT_CACHE_SECONDS", def
 EMAIL_RATELIMIT_CREATE = env("EMAIL_RATELIMIT_CREATE", default="5/m")
 EMAIL_RATELIMIT_READ = env("EMAIL_RATELIMIT_READ", default="60/m")
 RATELIMIT_ENABLE = env.bool("RATELIMIT_ENABLE", default=True)
-# How many proxies of ours stand in front of the service (see email_service/conf.py).
+# How many proxies of ours stand in front of the service (see email_service/throttling.py).
 RATELIMIT_TRUSTED_PROXIES = env.int("RATELIMIT_TRUSTED_PROXIES", default=0)
 
 # --- Celery ----------------------------------------------------------------------------
@@ -243,7 +243,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {"EmailStatusEnum": "email_service.models.EmailStatus"},
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "email_service.schema.close_public_shape",
+        "email_service.schema.close_response_shapes",
     ],
 }
 

@@ -3,7 +3,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from email_service import contact
-from email_service.views import healthz
+from email_service.health import healthz
 
 # No route serves MEDIA_URL: attachments are private and reached only through the staff API.
 urlpatterns = [
@@ -17,7 +17,7 @@ urlpatterns = [
     path("contact/sent/<uuid:pk>/", contact.contact_sent, name="contact-sent"),
 ]
 
-handler400 = "email_service.views.bad_request"
-handler403 = "email_service.views.permission_denied"
-handler404 = "email_service.views.not_found"
-handler500 = "email_service.views.server_error"
+handler400 = "email_service.errors.bad_request"
+handler403 = "email_service.errors.permission_denied"
+handler404 = "email_service.errors.not_found"
+handler500 = "email_service.errors.server_error"

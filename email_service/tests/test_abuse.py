@@ -2,13 +2,16 @@
 
 import hashlib
 import ipaddress
+import json
 import subprocess
 import sys
 import uuid
 
 import pytest
 import requests
+from django.contrib.auth.models import User
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.urls import get_resolver
 from rest_framework.test import APIClient
 
 from email_service import outbox
@@ -145,7 +148,7 @@ def test_read_limit_covers_list_detail_and_statistics(two_web_processes):
 
 @pytest.mark.django_db
 def test_rate_limit_switch_and_client_ip_behind_a_proxy(settings, quiet):
-    from email_service.ratelimits import client_ip
+    from email_service.throttling import client_ip
 
     class Request:
         META = {"REMOTE_ADDR": "10.0.0.5", "HTTP_X_FORWARDED_FOR": "6.6.6.6, 203.0.113.9"}
@@ -157,6 +160,92 @@ def test_rate_limit_switch_and_client_ip_behind_a_proxy(settings, quiet):
     assert client_ip(Request) == "203.0.113.9"
     settings.RATELIMIT_TRUSTED_PROXIES = 3
     assert client_ip(Request) == "10.0.0.5"  # fewer entries than proxies: nothing to trust
+
+
+@pytest.fixture
+def fresh_limits(settings, quiet):
+    """Rate limits on, counted under keys of this test alone: counts in the shared cache never carry over."""
+    settings.RATELIMIT_ENABLE = True
+    settings.RATELIMIT_CACHE_PREFIX = f"rl-test-{uuid.uuid4().hex}:"
+    return settings
+
+
+@pytest.mark.parametrize(
+    ("address", "counted_as"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:db8:aa:bb:1:2:3:4", "2001:db8:aa:bb::/64"),
+        ("2001:db8:aa:bb:ffff:ffff:ffff:ffff", "2001:db8:aa:bb::/64"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),  # an IPv4 client on a dual-stack socket
+        ("", ""),
+    ],
+)
+def test_clients_are_counted_by_ipv4_address_or_ipv6_64(settings, address, counted_as):
+    from email_service.throttling import client_network
+
+    class Request:
+        META = {"REMOTE_ADDR": address}
+
+    settings.RATELIMIT_TRUSTED_PROXIES = 0
+    assert client_network(Request) == counted_as
+
+
+@pytest.mark.django_db
+def test_one_ipv6_64_shares_one_limit(fresh_limits):
+    fresh_limits.EMAIL_RATELIMIT_CREATE = "3/h"
+    network = ipaddress.IPv6Network((uuid.uuid4().int >> 64 << 64, 64))
+    hosts = [network[1], network[0xFFFF], network[2**63 + 5], network[-1]]
+    codes = [
+        APIClient(REMOTE_ADDR=str(host))
+        .post(URL, {**FORM, "message": f"from {host}"}, format="json")
+        .status_code
+        for host in hosts
+    ]
+    assert codes == [201, 201, 201, 429]
+    # The next /64 is another client.
+    neighbour = ipaddress.IPv6Network((int(network.network_address) + 2**64, 64))[1]
+    assert APIClient(REMOTE_ADDR=str(neighbour)).post(URL, FORM, format="json").status_code == 201
+    assert EmailRequest.objects.count() == 4
+
+
+@pytest.mark.django_db
+def test_ipv4_clients_are_counted_one_address_each(fresh_limits):
+    fresh_limits.EMAIL_RATELIMIT_CREATE = "1/h"
+    first, second = APIClient(REMOTE_ADDR="198.51.100.7"), APIClient(REMOTE_ADDR="198.51.100.8")
+    assert [first.post(URL, FORM, format="json").status_code for _ in range(2)] == [201, 429]
+    assert second.post(URL, FORM, format="json").status_code == 201
+
+
+@pytest.mark.django_db
+def test_reads_share_one_limit_and_staff_actions_have_none(fresh_limits):
+    fresh_limits.EMAIL_RATELIMIT_READ = "3/h"
+    fresh_limits.EMAIL_RATELIMIT_CREATE = "1/h"
+    staff = User.objects.create_superuser("limits", "limits@example.com", "not-used-password-1")
+    client = APIClient(REMOTE_ADDR=fresh_client_ip())
+    client.force_authenticate(staff)
+    row = EmailRequest.objects.create(full_name="Rate Test", email="rate@example.com")
+    reads = [f"{URL}", f"{URL}statistics/", f"{URL}{row.pk}/", f"{URL}"]
+    codes = [client.get(path).status_code for path in reads]
+    assert codes == [200, 200, 200, 429]
+    limited = client.get(f"{URL}statistics/")
+    assert limited.status_code == 429
+    assert "throttled" in limited.json()["detail"].lower()
+    assert 0 < int(limited["Retry-After"]) <= 3600
+    # Actions not listed in the viewset's throttles are never limited.
+    for _ in range(3):
+        assert client.patch(f"{URL}{row.pk}/", {"subject": "Edited"}, format="json").status_code == 200
+        assert client.post(f"{URL}retry_failed/").status_code == 200
+        assert client.post(f"{URL}{uuid.uuid4()}/cancel/").status_code == 404
+
+
+@pytest.mark.django_db
+def test_rate_limit_enable_false_switches_every_limit_off(fresh_limits):
+    fresh_limits.RATELIMIT_ENABLE = False
+    fresh_limits.EMAIL_RATELIMIT_CREATE = "1/h"
+    fresh_limits.EMAIL_RATELIMIT_READ = "1/h"
+    client = APIClient(REMOTE_ADDR="198.51.100.9")
+    assert [client.post(URL, FORM, format="json").status_code for _ in range(3)] == [201] * 3
+    assert [client.get(URL).status_code for _ in range(3)] == [200] * 3
 
 
 # --- Idempotency-Key --------------------------------------------------------------------------
@@ -254,6 +343,19 @@ def test_errors_under_api_are_json(method, path, status, quiet):
     assert "detail" in response.json()
 
 
+@pytest.mark.parametrize("status", [400, 403, 404, 500])
+def test_django_error_handlers_answer_json_under_api_and_django_pages_elsewhere(rf, status):
+    handler = get_resolver().resolve_error_handler(status)
+    # As Django calls them: the 4xx handlers with the exception, the 500 one with the request alone.
+    kwargs = {} if status == 500 else {"exception": Exception("not shown")}
+    api = handler(rf.get("/api/email/emails/x/"), **kwargs)
+    assert (api.status_code, api["Content-Type"]) == (status, "application/json")
+    assert set(json.loads(api.content)) == {"detail"}
+    page = handler(rf.get("/contact/x/"), **kwargs)
+    assert page.status_code == status
+    assert page["Content-Type"].startswith("text/html")
+
+
 @pytest.mark.django_db
 def test_a_429_is_json_with_retry_after(settings, quiet):
     settings.RATELIMIT_ENABLE = True
@@ -308,7 +410,7 @@ def test_too_many_form_fields_is_a_400(quiet, settings):
 
 
 def test_a_forwarded_value_that_is_no_address_is_ignored(settings):
-    from email_service.ratelimits import client_ip
+    from email_service.throttling import client_ip
 
     class Request:
         META = {"REMOTE_ADDR": "10.0.0.5", "HTTP_X_FORWARDED_FOR": "unknown"}

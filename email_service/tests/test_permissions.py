@@ -8,6 +8,8 @@ from rest_framework.test import APIClient
 
 from email_service import outbox
 from email_service.models import EmailRequest, EmailStatus
+from email_service.serializers import EmailRequestStaffSerializer
+from email_service.views import EmailRequestViewSet
 
 from .files import pdf_bytes
 
@@ -102,6 +104,44 @@ def test_update_goes_through_the_same_field_rules():
     response = client_for("changer").patch(f"{URL}{row.pk}/", {"subject": "a\r\nBcc: x@y.z"}, format="json")
     assert response.status_code == 400
     assert list(response.json()) == ["subject"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("method", ["put", "patch"])
+def test_an_edit_answers_the_staff_shape_of_the_edited_row(method):
+    row = EmailRequest.objects.create(
+        full_name="Jane Roe", email="jane@example.com", status=EmailStatus.FAILED
+    )
+    body = {"full_name": "Jane Smith", "email": "jane.smith@example.com", "subject": "Corrected"}
+    response = getattr(client_for("changer"), method)(f"{URL}{row.pk}/", body, format="json")
+    assert response.status_code == 200
+    answer = response.json()
+    assert set(answer) == set(EmailRequestStaffSerializer.Meta.fields)
+    assert (answer["id"], answer["full_name"], answer["subject"]) == (str(row.pk), "Jane Smith", "Corrected")
+    assert answer["status"] == EmailStatus.FAILED and answer["attempts"] == []
+    row.refresh_from_db()
+    assert (row.full_name, row.email, row.subject) == ("Jane Smith", "jane.smith@example.com", "Corrected")
+
+
+@pytest.mark.django_db
+def test_an_edit_racing_the_send_is_409_and_writes_nothing(monkeypatch):
+    row = EmailRequest.objects.create(
+        full_name="Jane Roe", email="jane@example.com", status=EmailStatus.PROCESSING
+    )
+    fetch = EmailRequestViewSet.get_object
+
+    def fetch_then_sent(view):
+        instance = fetch(view)
+        # The worker finishes the send between the read and the write.
+        EmailRequest.objects.filter(pk=instance.pk).update(status=EmailStatus.SENT)
+        return instance
+
+    monkeypatch.setattr(EmailRequestViewSet, "get_object", fetch_then_sent)
+    response = client_for("changer").patch(f"{URL}{row.pk}/", {"subject": "Late edit"}, format="json")
+    assert response.status_code == 409
+    assert response.json() == {"detail": "A SENT request can no longer be edited."}
+    row.refresh_from_db()
+    assert (row.status, row.subject) == (EmailStatus.SENT, "")
 
 
 @pytest.mark.django_db
