@@ -11,7 +11,6 @@ import requests
 from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
-from email_service import services
 from email_service.models import EmailRequest
 
 from .conftest import ROOT, free_port, require_redis, service_env, wait_for
@@ -29,9 +28,8 @@ FORM = {"full_name": "Rate Test", "email": "rate@example.com", "message": "Hello
 
 
 @pytest.fixture
-def quiet(monkeypatch, settings, tmp_path):
-    monkeypatch.setattr(services, "dispatch", lambda email_request: None)
-    settings.MEDIA_ROOT = str(tmp_path)
+def quiet(dispatched, media_root):
+    """Record dispatches instead of publishing, and keep files in this test's folder."""
 
 
 # --- rate limits across processes ---------------------------------------------------------

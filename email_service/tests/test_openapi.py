@@ -12,8 +12,6 @@ from rest_framework.authtoken.models import Token
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from email_service import services
-
 schema = schemathesis.openapi.from_wsgi("/api/schema/", get_wsgi_application())
 schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=15)
 # The coverage phase enumerates its cases while pytest collects (over a minute here); the fuller
@@ -38,10 +36,7 @@ def keep_test_connection():
     request_finished.connect(close_old_connections)
 
 
-@pytest.fixture(autouse=True)
-def quiet_dispatch(monkeypatch, settings, tmp_path):
-    monkeypatch.setattr(services, "dispatch", lambda email_request: None)
-    settings.MEDIA_ROOT = str(tmp_path)
+pytestmark = pytest.mark.usefixtures("dispatched", "media_root")
 
 
 @pytest.mark.django_db
