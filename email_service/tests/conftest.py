@@ -152,13 +152,27 @@ def smtp(smtp_server, settings):
 
 
 @pytest.fixture
-def dispatched(monkeypatch):
-    """Record the requests create_email_request would publish, instead of publishing them."""
+def dispatched(request, monkeypatch):
+    """Record the requests create_email_request would publish, instead of publishing them.
+
+    A test that also runs the real worker keeps the real dispatch: it needs its message on the
+    broker, so its list stays empty.
+    """
     from email_service import outbox
 
     calls = []
-    monkeypatch.setattr(outbox, "dispatch", calls.append)
+    if "celery_worker" not in request.fixturenames:
+        monkeypatch.setattr(outbox, "dispatch", calls.append)
     return calls
+
+
+@pytest.fixture
+def media_root(settings, tmp_path):
+    """Give this test its own folders for stored attachments and uploads; return the former."""
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+    settings.FILE_UPLOAD_TEMP_DIR = str(tmp_path / "uploads")
+    (tmp_path / "uploads").mkdir(exist_ok=True)
+    return tmp_path / "media"
 
 
 # --- a real Celery worker and beat ----------------------------------------------------------
@@ -264,6 +278,8 @@ def start_worker(tmp_path, smtp_port, name="worker", **env):
         ],
     )
     worker.wait_ready("ready.")
+    # Its node name, as `--hostname` expands it, for remote control addressed to it alone.
+    worker.node = f"{name}@{socket.gethostname()}"
     return worker
 
 
@@ -286,7 +302,7 @@ def celery_services(smtp_server, django_db_setup, django_db_blocker, tmp_path_fa
         celery_app.control.purge()
     worker = start_worker(tmp_path, smtp_server.port)
     beat = start_beat(tmp_path, smtp_server.port)
-    _session_worker.update(node=f"worker@{socket.gethostname()}", consuming=True)
+    _session_worker.update(node=worker.node, consuming=True)
     yield {"worker": worker, "beat": beat, "tmp_path": tmp_path}
     _session_worker.clear()
     beat.stop()

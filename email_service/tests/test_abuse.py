@@ -14,7 +14,6 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import get_resolver
 from rest_framework.test import APIClient
 
-from email_service import outbox
 from email_service.models import EmailRequest
 
 from .conftest import ROOT, free_port, require_redis, service_env, wait_for
@@ -32,9 +31,8 @@ FORM = {"full_name": "Rate Test", "email": "rate@example.com", "message": "Hello
 
 
 @pytest.fixture
-def quiet(monkeypatch, settings, tmp_path):
-    monkeypatch.setattr(outbox, "dispatch", lambda email_request: None)
-    settings.MEDIA_ROOT = str(tmp_path)
+def quiet(dispatched, media_root):
+    """Record dispatches instead of publishing, and keep files in this test's folder."""
 
 
 # --- rate limits across processes ---------------------------------------------------------

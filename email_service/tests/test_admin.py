@@ -23,11 +23,7 @@ from .files import pdf_bytes
 CHANGELIST = reverse("admin:email_service_emailrequest_changelist")
 STATISTICS = reverse("admin:email_service_emailrequest_statistics")
 
-
-@pytest.fixture(autouse=True)
-def media_root(settings, tmp_path):
-    settings.MEDIA_ROOT = str(tmp_path / "media")
-    return tmp_path / "media"
+pytestmark = pytest.mark.usefixtures("media_root")
 
 
 def make_request(

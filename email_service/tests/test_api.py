@@ -30,12 +30,6 @@ def assert_nothing_stored(media_root):
     assert not [p for p in media_root.rglob("*") if p.is_file()]
 
 
-@pytest.fixture
-def media_root(settings, tmp_path):
-    settings.MEDIA_ROOT = str(tmp_path)
-    return tmp_path
-
-
 @pytest.mark.django_db(transaction=True)
 def test_json_create_answers_201_and_dispatches_after_commit(client, media_root, dispatched):
     response = client.post(URL, VALID, format="json")

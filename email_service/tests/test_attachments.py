@@ -68,26 +68,13 @@ HOSTILE = [
 ]
 
 
+# Dispatches are recorded, except in the tests with a real worker (see conftest.dispatched).
+pytestmark = pytest.mark.usefixtures("dispatched")
+
+
 @pytest.fixture
 def client():
     return APIClient()
-
-
-@pytest.fixture(autouse=True)
-def dispatched(request, monkeypatch):
-    """Record dispatches instead of publishing, except for the tests with a real worker."""
-    calls = []
-    if "celery_worker" not in request.fixturenames:
-        monkeypatch.setattr(outbox, "dispatch", calls.append)
-    return calls
-
-
-@pytest.fixture
-def media_root(settings, tmp_path):
-    settings.MEDIA_ROOT = str(tmp_path / "media")
-    settings.FILE_UPLOAD_TEMP_DIR = str(tmp_path / "uploads")
-    (tmp_path / "uploads").mkdir()
-    return tmp_path / "media"
 
 
 def stored_files(root):

@@ -14,7 +14,6 @@ import pytest
 import requests
 from django.conf import settings as django_settings
 
-from email_service import outbox
 from email_service.contact import wait_text
 from email_service.models import EmailRequest, EmailStatus
 
@@ -81,18 +80,6 @@ def page(context):
     page = context.new_page()
     page.add_init_script(RECORDER)
     return page
-
-
-@pytest.fixture
-def no_dispatch(monkeypatch):
-    """Keep rows PENDING instead of publishing them: the first test covers the worker."""
-    monkeypatch.setattr(outbox, "dispatch", lambda email_request: None)
-
-
-@pytest.fixture
-def media_root(settings, tmp_path):
-    settings.MEDIA_ROOT = str(tmp_path / "media")
-    return tmp_path / "media"
 
 
 def screenshot(page, name):
@@ -167,7 +154,7 @@ def test_pdf_submission_shows_progress_reference_and_status_until_sent_and_the_m
 
 
 def test_bad_email_and_disallowed_file_show_errors_next_to_their_fields_and_store_nothing(
-    live_server, page, no_dispatch, media_root
+    live_server, page, dispatched, media_root
 ):
     from playwright.sync_api import expect
 
@@ -197,7 +184,7 @@ def test_bad_email_and_disallowed_file_show_errors_next_to_their_fields_and_stor
     expect(email_error).to_be_hidden()
 
 
-def test_double_click_on_submit_creates_one_request(live_server, page, no_dispatch, media_root):
+def test_double_click_on_submit_creates_one_request(live_server, page, dispatched, media_root):
     posts = []
     page.on("request", lambda request: posts.append(request) if request.method == "POST" else None)
     page.goto(f"{live_server.url}/contact/")
@@ -211,7 +198,7 @@ def test_double_click_on_submit_creates_one_request(live_server, page, no_dispat
 
 
 def test_retry_after_a_lost_answer_reuses_the_key_and_creates_one_request(
-    live_server, page, no_dispatch, media_root
+    live_server, page, dispatched, media_root
 ):
     from playwright.sync_api import expect
 
@@ -239,7 +226,7 @@ def test_retry_after_a_lost_answer_reuses_the_key_and_creates_one_request(
     assert [str(value) for value in EmailRequest.objects.values_list("pk", flat=True)] == [pk]
 
 
-def test_429_is_shown_with_the_time_to_wait(live_server, page, settings, no_dispatch, media_root):
+def test_429_is_shown_with_the_time_to_wait(live_server, page, settings, dispatched, media_root):
     from playwright.sync_api import expect
 
     settings.RATELIMIT_ENABLE = True
@@ -290,7 +277,7 @@ def website(live_server, tmp_path):
 
 
 def test_snippet_on_an_allowed_origin_posts_cross_origin_without_cookies(
-    live_server, website, context, settings, no_dispatch, media_root
+    live_server, website, context, settings, dispatched, media_root
 ):
     from playwright.sync_api import expect
 
@@ -316,7 +303,7 @@ def test_snippet_on_an_allowed_origin_posts_cross_origin_without_cookies(
 
 
 def test_snippet_on_a_disallowed_origin_is_blocked_by_the_browser(
-    live_server, website, page, settings, no_dispatch, media_root
+    live_server, website, page, settings, dispatched, media_root
 ):
     from playwright.sync_api import expect
 
@@ -341,7 +328,7 @@ def page_without_javascript(browser):
     context.close()
 
 
-def test_form_works_with_javascript_disabled(live_server, page_without_javascript, no_dispatch, media_root):
+def test_form_works_with_javascript_disabled(live_server, page_without_javascript, dispatched, media_root):
     from playwright.sync_api import expect
 
     page = page_without_javascript
@@ -358,7 +345,7 @@ def test_form_works_with_javascript_disabled(live_server, page_without_javascrip
 
 
 def test_errors_are_shown_next_to_their_fields_with_javascript_disabled(
-    live_server, page_without_javascript, no_dispatch, media_root
+    live_server, page_without_javascript, dispatched, media_root
 ):
     from playwright.sync_api import expect
 

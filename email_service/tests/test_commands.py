@@ -20,12 +20,6 @@ from .conftest import ROOT, free_port, service_env, start_worker, wait_for
 from .files import pdf_bytes
 
 
-@pytest.fixture
-def media_root(settings, tmp_path):
-    settings.MEDIA_ROOT = str(tmp_path / "media")
-    return tmp_path / "media"
-
-
 def manage(*args, env, timeout=90):
     return subprocess.run(
         [sys.executable, "manage.py", *args],

@@ -32,13 +32,7 @@ def client():
 
 
 # Dispatches are recorded instead of published: the integration and browser tests cover the broker.
-pytestmark = pytest.mark.usefixtures("dispatched")
-
-
-@pytest.fixture(autouse=True)
-def media_root(settings, tmp_path):
-    settings.MEDIA_ROOT = str(tmp_path)
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("dispatched", "media_root")
 
 
 def field(html, name):

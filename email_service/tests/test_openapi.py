@@ -19,7 +19,6 @@ from rest_framework.authtoken.models import Token
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from email_service import outbox
 from email_service.models import AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus
 
 from .files import pdf_bytes
@@ -48,10 +47,7 @@ def keep_test_connection():
     request_finished.connect(close_old_connections)
 
 
-@pytest.fixture(autouse=True)
-def quiet_dispatch(monkeypatch, settings, tmp_path):
-    monkeypatch.setattr(outbox, "dispatch", lambda email_request: None)
-    settings.MEDIA_ROOT = str(tmp_path)
+pytestmark = pytest.mark.usefixtures("dispatched", "media_root")
 
 
 def _attempt(row, number, outcome="", **fields):

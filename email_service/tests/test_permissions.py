@@ -6,7 +6,6 @@ from django.core.files.base import ContentFile
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from email_service import outbox
 from email_service.models import EmailRequest, EmailStatus
 from email_service.serializers import EmailRequestStaffSerializer
 from email_service.views import EmailRequestViewSet
@@ -37,10 +36,7 @@ ALLOWED = {
 }
 
 
-@pytest.fixture(autouse=True)
-def no_dispatch(monkeypatch, settings, tmp_path):
-    monkeypatch.setattr(outbox, "dispatch", lambda email_request: None)
-    settings.MEDIA_ROOT = str(tmp_path)
+pytestmark = pytest.mark.usefixtures("dispatched", "media_root")
 
 
 def client_for(role):
@@ -176,10 +172,10 @@ def test_cancel_pending_and_retry_failed():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_delete_removes_the_row_and_its_file(tmp_path):
+def test_delete_removes_the_row_and_its_file(media_root):
     row = EmailRequest.objects.create(full_name="Jane Roe", email="jane@example.com")
     row.file_attached.save("scan.pdf", ContentFile(pdf_bytes()), save=True)
-    path = tmp_path / row.file_attached.name
+    path = media_root / row.file_attached.name
     assert path.exists()
     assert client_for("deleter").delete(f"{URL}{row.pk}/").status_code == 204
     assert not EmailRequest.objects.filter(pk=row.pk).exists()

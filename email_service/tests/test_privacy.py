@@ -6,7 +6,6 @@ import uuid
 import pytest
 from rest_framework.test import APIClient
 
-from email_service import outbox
 from email_service.models import EmailRequest
 
 from .files import pdf_bytes
@@ -29,9 +28,7 @@ def markers():
 
 
 @pytest.fixture
-def submitted(markers, monkeypatch, settings, tmp_path):
-    monkeypatch.setattr(outbox, "dispatch", lambda email_request: None)
-    settings.MEDIA_ROOT = str(tmp_path)
+def submitted(markers, dispatched, media_root):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     upload = SimpleUploadedFile(f"File{markers['subject']}.pdf", pdf_bytes(), content_type="application/pdf")
