@@ -96,3 +96,12 @@ def statistics_cache_seconds():
 def list_count_cache_seconds():
     """Seconds a large list count may be shared: one full count per filter per period at most."""
     return settings.EMAIL_LIST_COUNT_CACHE_SECONDS
+
+
+def audit_hmac_key():
+    """The key of the audit trail's HMAC chain."""
+    return settings.AUDIT_HMAC_KEY
+
+
+def audit_retention_days():
+    return settings.AUDIT_RETENTION_DAYS
