@@ -276,10 +276,10 @@ def _normal_ip(value):
 
 
 def _normal_request_ids(values):
-    if isinstance(values, (str, uuid.UUID)):
+    if isinstance(values, (str, uuid.UUID)) or hasattr(values, "pk"):
         values = [values]
-    # Validated as UUIDs, so nothing else can travel in this field.
-    return list(dict.fromkeys(str(uuid.UUID(str(value))) for value in values))
+    # Validated as UUIDs, so nothing else can travel in this field; a row stands for its pk.
+    return list(dict.fromkeys(str(uuid.UUID(str(getattr(value, "pk", value)))) for value in values))
 
 
 def _counts(detail):

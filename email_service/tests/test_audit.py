@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from email_service import audit, tasks
 from email_service.audit import AuditAction, AuditChannel, AuditEntry
+from email_service.models import EmailRequest
 
 from .conftest import ROOT, database_url, require_postgresql
 
@@ -95,6 +96,17 @@ def test_record_takes_actor_and_ip_from_the_request_and_export_prints_the_contra
     # A username tried at a failed login is kept without an id; the IP in its normal form.
     assert second["actor"] == "someone.else" and second["ip"] == "2001:db8::1"
     assert AuditEntry.objects.get(pk=entry.pk).actor_user_id == staff.pk
+
+
+def test_request_ids_may_be_given_as_rows_strings_or_uuids_and_are_kept_once(db):
+    row = EmailRequest.objects.create(full_name="Amelia Hartmann", email="amelia@example.org")
+    other = uuid.uuid4()
+    entry = audit.record(AuditAction.VIEW, channel=AuditChannel.API, request_ids=[row, str(row.pk), other])
+    assert entry.request_ids == [str(row.pk), str(other)]
+    assert audit.record(AuditAction.VIEW, channel=AuditChannel.API, request_ids=row).request_ids == [
+        str(row.pk)
+    ]
+    assert audit.verify().ok
 
 
 def test_anonymous_callers_and_commands_have_no_actor_and_bad_addresses_no_ip(db):
