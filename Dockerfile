@@ -9,7 +9,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 COPY . .
-RUN DJANGO_SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput \
+RUN DJANGO_SECRET_KEY=collectstatic-only AUDIT_HMAC_KEY=collectstatic-only python manage.py collectstatic --noinput \
     && useradd --create-home --uid 1000 medcor \
     && mkdir -p /app/media /app/var && chown -R medcor /app/media /app/var
 USER medcor

@@ -125,6 +125,7 @@ def main():
     env = dict(os.environ)
     env.update(
         DJANGO_SECRET_KEY="chaos-run",
+        AUDIT_HMAC_KEY="chaos-run",
         DJANGO_ALLOWED_HOSTS="127.0.0.1",
         DATABASE_URL=f"{PG}/{database}",
         CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{proxy_port}//",

@@ -106,6 +106,7 @@ class Bench:
         env = {key: value for key, value in os.environ.items() if key != "DJANGO_SETTINGS_MODULE"}
         env.update(
             DJANGO_SECRET_KEY="bench-run",
+            AUDIT_HMAC_KEY="bench-run",
             DJANGO_ALLOWED_HOSTS="127.0.0.1",
             DJANGO_DEBUG="false",
             DATABASE_URL=f"{PG}/{DATABASE}",

@@ -111,3 +111,12 @@ def trusted_proxies():
 def mailbox_dir():
     """Where the local SMTP sink keeps the mails it receives, by default."""
     return settings.VAR_DIR / "mailbox"
+
+
+def audit_hmac_key():
+    """The key of the audit trail's HMAC chain."""
+    return settings.AUDIT_HMAC_KEY
+
+
+def audit_retention_days():
+    return settings.AUDIT_RETENTION_DAYS

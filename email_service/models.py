@@ -472,3 +472,7 @@ class EmailAttempt(models.Model):
 
     def __str__(self):
         return f"attempt {self.number} of {self.request_id}: {self.outcome or 'running'}"
+
+
+# The audit trail's model lives in its own module; imported here so the app registry finds it.
+from .audit import AuditEntry  # noqa: E402, F401

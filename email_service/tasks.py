@@ -51,3 +51,11 @@ def purge_old_emails():
 @worker_process_shutdown.connect
 def _close_smtp_connection(**kwargs):
     delivery.close_connection()
+
+
+@shared_task(name="email_service.tasks.purge_audit_trail", ignore_result=True)
+def purge_audit_trail():
+    """Delete audit entries past AUDIT_RETENTION_DAYS."""
+    from . import audit
+
+    return audit.purge_audit()

@@ -172,6 +172,14 @@ EMAIL_RATELIMIT_READ = env("EMAIL_RATELIMIT_READ", default="60/m")
 RATELIMIT_ENABLE = env.bool("RATELIMIT_ENABLE", default=True)
 # How many proxies of ours stand in front of the service (see email_service/throttling.py).
 RATELIMIT_TRUSTED_PROXIES = env.int("RATELIMIT_TRUSTED_PROXIES", default=0)
+# The audit trail (email_service/audit.py): its chain key, required like the secret key, and
+# how long entries are kept (six years, as HIPAA asks for its documentation).
+AUDIT_HMAC_KEY = env("AUDIT_HMAC_KEY", default="")
+if not AUDIT_HMAC_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("AUDIT_HMAC_KEY is required when DJANGO_DEBUG is false.")
+    AUDIT_HMAC_KEY = "insecure-audit-key-only-for-debug"
+AUDIT_RETENTION_DAYS = env.int("AUDIT_RETENTION_DAYS", default=2190)
 
 # --- Celery ----------------------------------------------------------------------------
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
@@ -216,6 +224,10 @@ CELERY_BEAT_SCHEDULE = {
     },
     "purge-old-emails": {
         "task": "email_service.tasks.purge_old_emails",
+        "schedule": 24 * 60 * 60,
+    },
+    "purge-audit-trail": {
+        "task": "email_service.tasks.purge_audit_trail",
         "schedule": 24 * 60 * 60,
     },
 }
