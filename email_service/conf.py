@@ -96,3 +96,13 @@ def statistics_cache_seconds():
 def list_count_cache_seconds():
     """Seconds a large list count may be shared: one full count per filter per period at most."""
     return settings.EMAIL_LIST_COUNT_CACHE_SECONDS
+
+
+def encryption_keys():
+    """The keys of encryption at rest, newest first: the first encrypts, every one decrypts."""
+    return settings.MEDCOR_ENCRYPTION_KEYS
+
+
+def index_key():
+    """The key of the address index; it never rotates with the encryption keys."""
+    return settings.MEDCOR_INDEX_KEY
