@@ -582,10 +582,22 @@ def s3(s3_endpoint, keys):
     return storage, client, bucket
 
 
-def test_s3_objects_are_sealed_in_the_bucket_and_stream_back_intact(s3):
+def test_s3_objects_are_sealed_in_the_bucket_and_stream_back_intact(s3, tmp_path):
     storage, client, bucket = s3
     data = MARKER + os.urandom(6 * 1024 * 1024) + MARKER  # two parts of a multipart upload
-    name = storage.save("email_attachments/2026/12/01/scan.pdf", ContentFile(data))
+    source = tmp_path / "upload.pdf"
+    source.write_bytes(data)
+    storage.save("warm-up.bin", ContentFile(b"x"))  # botocore loads its models on first use
+    tracemalloc.start()
+    try:
+        with open(source, "rb") as upload:
+            name = storage.save("email_attachments/2026/12/01/scan.pdf", File(upload))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Spooled to disk sealed, then sent from there: bounded by the part size, under the file's.
+    assert peak < len(data), f"peak {peak} bytes while saving {len(data)}"
+    print(f"\nS3, {len(data) / 1e6:.1f} MB saved: peak {peak / 1024:.0f} KiB")
     stored = client.get_object(Bucket=bucket, Key=name)["Body"].read()
     assert stored.startswith(b"MCEF") and MARKER not in stored
     assert storage.size(name) == len(data)
@@ -594,6 +606,32 @@ def test_s3_objects_are_sealed_in_the_bucket_and_stream_back_intact(s3):
         for piece in iter(lambda: handle.read(57 * 1024), b""):
             digest.update(piece)
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_s3_reads_stream_in_bounded_memory_and_seek(s3):
+    storage, _, _ = s3
+    data = os.urandom(4 * 1024 * 1024 + 123)
+    name = storage.save("big.bin", ContentFile(data))
+    digest = hashlib.sha256()
+    tracemalloc.start()
+    try:
+        with storage.open(name) as handle:
+            for piece in iter(partial(handle.read, 57 * 1024), b""):
+                digest.update(piece)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert peak < 1024 * 1024, f"peak {peak} bytes while reading a 4 MB object"
+    print(f"\nS3, 4 MB object read as a stream: peak {peak / 1024:.0f} KiB")
+    response = FileResponse(storage.open(name), as_attachment=True, filename="big.bin")
+    assert response["Content-Length"] == str(len(data))
+    response.close()
+    with storage.open(name) as handle:
+        handle.seek(3 * CHUNK_BYTES + 7)
+        assert handle.read(CHUNK_BYTES) == data[3 * CHUNK_BYTES + 7 : 4 * CHUNK_BYTES + 7]
+    with pytest.raises(FileNotFoundError):
+        storage.open("missing.bin")
 
 
 def test_s3_rotation_and_a_changed_object(s3, keys):
