@@ -15,6 +15,7 @@ import pytest
 from django.core.exceptions import FieldError, ImproperlyConfigured, ValidationError
 from django.core.files.base import ContentFile, File
 from django.db import connection, models
+from django.db.models.functions import Cast
 from django.http import FileResponse
 from django.test.utils import isolate_apps
 
@@ -425,6 +426,21 @@ def test_a_changed_value_in_the_database_raises_when_read(secret_model):
         cursor.execute("UPDATE test_encryption_secret SET body = %s WHERE id = %s", [changed, row.pk])
     with pytest.raises(DecryptionError, match="failed authentication"):
         secret_model.objects.get(pk=row.pk)
+
+
+def test_rotation_reads_the_stored_values_and_rewrites_them_under_the_first_key(secret_model, keys):
+    row = secret_model.objects.create(name="x", body="under A")
+    keys(KEY_B, KEY_A)
+    # What a rotation reads: the stored value, cast so that no field decrypts it on the way.
+    stored = secret_model.objects.annotate(stored=Cast("body", models.TextField())).values_list(
+        "stored", flat=True
+    )
+    assert [key_index(value) for value in stored] == [1]
+    row = secret_model.objects.get(pk=row.pk)
+    row.save()
+    assert [key_index(value) for value in stored.all()] == [0]
+    keys(KEY_B)
+    assert secret_model.objects.get(pk=row.pk).body == "under A"
 
 
 def test_fields_deconstruct_and_make_form_fields_like_their_plain_kinds():
