@@ -14,6 +14,7 @@ from functools import partial
 import pytest
 from django.core.exceptions import FieldError, ImproperlyConfigured, ValidationError
 from django.core.files.base import ContentFile, File
+from django.core.files.uploadedfile import TemporaryUploadedFile
 from django.db import connection, models
 from django.db.models.functions import Cast
 from django.http import FileResponse
@@ -485,6 +486,18 @@ def test_a_large_upload_from_disk_is_sealed_while_it_is_copied(storage, tmp_path
         name = storage.save("big.bin", File(handle))
     with storage.open(name) as handle:
         assert hashlib.sha256(handle.read()).digest() == hashlib.sha256(source.read_bytes()).digest()
+
+
+def test_an_upload_spooled_to_a_temporary_file_is_sealed_not_moved(storage, tmp_path):
+    # FileSystemStorage moves a TemporaryUploadedFile into place: that would store the plaintext.
+    upload = TemporaryUploadedFile("scan.pdf", "application/pdf", 0, None)
+    upload.write(MARKER * 1000)
+    upload.flush()
+    name = storage.save("scan.pdf", upload)
+    assert MARKER not in (tmp_path / "media" / name).read_bytes()
+    assert os.path.exists(upload.temporary_file_path())
+    assert storage.open(name).read() == MARKER * 1000
+    upload.close()
 
 
 def test_file_response_streams_plaintext_with_its_length(storage):
