@@ -9,7 +9,11 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 COPY . .
-RUN DJANGO_SECRET_KEY=collectstatic-only AUDIT_HMAC_KEY=collectstatic-only python manage.py collectstatic --noinput \
+# Throwaway keys: collectstatic loads the settings, which need keys outside debug; none is kept.
+RUN DJANGO_SECRET_KEY=collectstatic-only AUDIT_HMAC_KEY=collectstatic-only \
+    MEDCOR_ENCRYPTION_KEYS="$(python -c 'from medcor_backend2.keys import generate_key; print(generate_key())')" \
+    MEDCOR_INDEX_KEY="$(python -c 'from medcor_backend2.keys import generate_key; print(generate_key())')" \
+    python manage.py collectstatic --noinput \
     && useradd --create-home --uid 1000 medcor \
     && mkdir -p /app/media /app/var && chown -R medcor /app/media /app/var
 USER medcor

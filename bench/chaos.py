@@ -31,6 +31,7 @@ from aiosmtpd.controller import Controller
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.stack import PG, ROOT, Processes, create_database, free_port, manage
+from medcor_backend2.keys import generate_key
 
 RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
 
@@ -126,6 +127,8 @@ def main():
     env.update(
         DJANGO_SECRET_KEY="chaos-run",
         AUDIT_HMAC_KEY="chaos-run",
+        MEDCOR_ENCRYPTION_KEYS=generate_key(),
+        MEDCOR_INDEX_KEY=generate_key(),
         DJANGO_ALLOWED_HOSTS="127.0.0.1",
         DATABASE_URL=f"{PG}/{database}",
         CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{proxy_port}//",

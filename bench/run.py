@@ -55,6 +55,7 @@ from bench.stack import (
     reset_peak,
     wait_http,
 )
+from medcor_backend2.keys import generate_key
 
 DATABASE = "medcor_bench"
 BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -107,6 +108,8 @@ class Bench:
         env.update(
             DJANGO_SECRET_KEY="bench-run",
             AUDIT_HMAC_KEY="bench-run",
+            MEDCOR_ENCRYPTION_KEYS=generate_key(),
+            MEDCOR_INDEX_KEY=generate_key(),
             DJANGO_ALLOWED_HOSTS="127.0.0.1",
             DJANGO_DEBUG="false",
             DATABASE_URL=f"{PG}/{DATABASE}",

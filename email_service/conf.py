@@ -120,3 +120,13 @@ def audit_hmac_key():
 
 def audit_retention_days():
     return settings.AUDIT_RETENTION_DAYS
+
+
+def encryption_keys():
+    """The keys of encryption at rest, newest first: the first encrypts, every one decrypts."""
+    return settings.MEDCOR_ENCRYPTION_KEYS
+
+
+def index_key():
+    """The key of the address index; it never rotates with the encryption keys."""
+    return settings.MEDCOR_INDEX_KEY

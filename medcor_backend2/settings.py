@@ -11,6 +11,8 @@ import environ
 from corsheaders.defaults import default_headers as cors_default_headers
 from django.core.exceptions import ImproperlyConfigured
 
+from medcor_backend2.keys import KEY_HOWTO, development_keys, is_key
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -27,6 +29,26 @@ ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.
 # Runtime state of the embedded defaults: broker folders, cache, mailbox, beat schedule.
 VAR_DIR = BASE_DIR / env("MEDCOR_VAR_DIR", default="var")  # a relative path is taken from BASE_DIR
 VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+# Encryption at rest (email_service/encryption.py). Like the secret key, the keys have no default
+# outside debug; in debug, keys made once under var/ stand in, so `make run` needs no set-up.
+MEDCOR_ENCRYPTION_KEYS = env.list("MEDCOR_ENCRYPTION_KEYS", default=[])
+MEDCOR_INDEX_KEY = env("MEDCOR_INDEX_KEY", default="")
+if DEBUG and not (MEDCOR_ENCRYPTION_KEYS and MEDCOR_INDEX_KEY):
+    _dev_keys = development_keys(VAR_DIR / "dev-keys.env")
+    MEDCOR_ENCRYPTION_KEYS = MEDCOR_ENCRYPTION_KEYS or [_dev_keys["MEDCOR_ENCRYPTION_KEYS"]]
+    MEDCOR_INDEX_KEY = MEDCOR_INDEX_KEY or _dev_keys["MEDCOR_INDEX_KEY"]
+if not MEDCOR_ENCRYPTION_KEYS:
+    raise ImproperlyConfigured(f"MEDCOR_ENCRYPTION_KEYS is required when DJANGO_DEBUG is false; {KEY_HOWTO}")
+if not MEDCOR_INDEX_KEY:
+    raise ImproperlyConfigured(f"MEDCOR_INDEX_KEY is required when DJANGO_DEBUG is false; {KEY_HOWTO}")
+for _position, _key in enumerate(MEDCOR_ENCRYPTION_KEYS, start=1):
+    if not is_key(_key):
+        raise ImproperlyConfigured(
+            f"MEDCOR_ENCRYPTION_KEYS: key {_position} is not 32 bytes in url-safe base64; {KEY_HOWTO}"
+        )
+if not is_key(MEDCOR_INDEX_KEY):
+    raise ImproperlyConfigured(f"MEDCOR_INDEX_KEY is not 32 bytes in url-safe base64; {KEY_HOWTO}")
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -89,7 +89,14 @@ def test_every_required_variable_is_listed_in_env_example(compose):
     required = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*):\?", text))
     example = (ROOT / ".env.example").read_text()
     listed = set(re.findall(r"^#?\s*([A-Z_][A-Z0-9_]*)=", example, re.MULTILINE))
-    assert required == {"DJANGO_SECRET_KEY", "AUDIT_HMAC_KEY", "POSTGRES_PASSWORD", "RABBITMQ_PASSWORD"}
+    assert required == {
+        "DJANGO_SECRET_KEY",
+        "MEDCOR_ENCRYPTION_KEYS",
+        "MEDCOR_INDEX_KEY",
+        "AUDIT_HMAC_KEY",
+        "POSTGRES_PASSWORD",
+        "RABBITMQ_PASSWORD",
+    }
     assert required <= listed
 
 

@@ -15,7 +15,15 @@ from .files import pdf_bytes
 
 pytestmark = pytest.mark.integration
 
-SERVICE_VARIABLES = ("DATABASE_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "REDIS_URL")
+# Unset as on a fresh machine: the embedded defaults, and development keys made under var/.
+SERVICE_VARIABLES = (
+    "DATABASE_URL",
+    "CELERY_BROKER_URL",
+    "CELERY_RESULT_BACKEND",
+    "REDIS_URL",
+    "MEDCOR_ENCRYPTION_KEYS",
+    "MEDCOR_INDEX_KEY",
+)
 
 
 @pytest.fixture
@@ -62,7 +70,12 @@ def embedded_stack(tmp_path):
     try:
         wait_for(up, timeout=60, message="the embedded stack to answer /healthz")
         assert process.poll() is None, (tmp_path / "honcho.log").read_text()
-        yield {"url": base, "mailbox": tmp_path / "var" / "mailbox", "log": tmp_path / "honcho.log"}
+        yield {
+            "url": base,
+            "mailbox": tmp_path / "var" / "mailbox",
+            "log": tmp_path / "honcho.log",
+            "var": tmp_path / "var",
+        }
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does under `make run`
@@ -119,3 +132,6 @@ def test_make_run_stack_delivers_json_and_multipart_forms_to_the_sink(embedded_s
     assert not list(by_subject["[MedCor contact] General Inquiry"].iter_attachments())
     status = requests.get(f"{url}{second.json()['email_request_id']}/", timeout=5).json()["status"]
     assert status == "SENT"
+    # `make run` needs no keys: it made its development keys once, under var/
+    kept = (embedded_stack["var"] / "dev-keys.env").read_text()
+    assert kept.count("MEDCOR_ENCRYPTION_KEYS=") == kept.count("MEDCOR_INDEX_KEY=") == 1
