@@ -96,3 +96,23 @@ def statistics_cache_seconds():
 def list_count_cache_seconds():
     """Seconds a large list count may be shared: one full count per filter per period at most."""
     return settings.EMAIL_LIST_COUNT_CACHE_SECONDS
+
+
+def request_body_max_bytes():
+    """Bytes a request body may have: the largest attachment plus the form around it."""
+    return attachment_max_bytes() + settings.EMAIL_FORM_ALLOWANCE_BYTES
+
+
+def clamav_url():
+    """`unix:///path` or `tcp://host:port` of clamd; empty means uploads are not scanned."""
+    return settings.EMAIL_CLAMAV_URL
+
+
+def clamav_required():
+    """Whether an unreachable scanner refuses files (True) or lets them through marked (False)."""
+    return settings.EMAIL_CLAMAV_REQUIRED
+
+
+def clamav_timeout():
+    """Seconds to wait for clamd to connect, take a chunk or answer."""
+    return settings.EMAIL_CLAMAV_TIMEOUT
