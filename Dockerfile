@@ -15,4 +15,4 @@ RUN DJANGO_SECRET_KEY=collectstatic-only python manage.py collectstatic --noinpu
 USER medcor
 
 EXPOSE 8000
-CMD ["gunicorn", "medcor_backend2.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "3", "--access-logfile", "-"]
+CMD ["gunicorn", "-c", "deploy/gunicorn.conf.py", "medcor_backend2.wsgi:application"]
