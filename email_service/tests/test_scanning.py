@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile, TemporaryUploadedFile
 from rest_framework import serializers
 
 from email_service import scanning
@@ -126,6 +127,13 @@ def test_check_upload_refuses_a_virus_as_a_field_error(clamd, settings):
         scanning.check_upload(io.BytesIO(b"prefix " + EICAR + b" suffix"))
     assert refused.value.get_codes() == ["infected"]
     assert scanning.check_upload(io.BytesIO(b"a letter")).is_clean
+    # What the serializer gets: Django's uploaded files, in memory and on disk.
+    on_disk = TemporaryUploadedFile("x.pdf", "application/pdf", 0, None)
+    on_disk.write(b"%PDF-1.4\n" + EICAR)
+    for upload in (SimpleUploadedFile("x.txt", EICAR), on_disk):
+        with pytest.raises(serializers.ValidationError):
+            scanning.check_upload(upload)
+        upload.close()
 
 
 @pytest.mark.integration
