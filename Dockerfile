@@ -19,4 +19,4 @@ RUN DJANGO_SECRET_KEY=collectstatic-only AUDIT_HMAC_KEY=collectstatic-only \
 USER medcor
 
 EXPOSE 8000
-CMD ["gunicorn", "medcor_backend2.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "3", "--access-logfile", "-"]
+CMD ["gunicorn", "-c", "deploy/gunicorn.conf.py", "medcor_backend2.wsgi:application"]

@@ -136,6 +136,8 @@ class Bench:
             sys.executable,
             "-m",
             "gunicorn",
+            "-c",
+            "deploy/gunicorn.conf.py",
             "medcor_backend2.wsgi:application",
             "--bind",
             f"127.0.0.1:{self.web_port}",
@@ -143,7 +145,7 @@ class Bench:
             str(args.web_workers),
             "--threads",
             str(args.web_threads),
-            env={"DJANGO_SETTINGS_MODULE": "bench.settings"},
+            env={"DJANGO_SETTINGS_MODULE": "bench.settings", "GUNICORN_ACCESS_LOG": ""},
         )
         celery = [sys.executable, "-m", "celery", "-A", "medcor_backend2"]
         self.processes.spawn(

@@ -130,3 +130,23 @@ def encryption_keys():
 def index_key():
     """The key of the address index; it never rotates with the encryption keys."""
     return settings.MEDCOR_INDEX_KEY
+
+
+def request_body_max_bytes():
+    """Bytes a request body may have: the largest attachment plus the form around it."""
+    return attachment_max_bytes() + settings.EMAIL_FORM_ALLOWANCE_BYTES
+
+
+def clamav_url():
+    """`unix:///path` or `tcp://host:port` of clamd; empty means uploads are not scanned."""
+    return settings.EMAIL_CLAMAV_URL
+
+
+def clamav_required():
+    """Whether an unreachable scanner refuses files (True) or lets them through marked (False)."""
+    return settings.EMAIL_CLAMAV_REQUIRED
+
+
+def clamav_timeout():
+    """Seconds to wait for clamd to connect, take a chunk or answer."""
+    return settings.EMAIL_CLAMAV_TIMEOUT

@@ -67,6 +67,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so that an oversized body is refused before anything reads it.
+    "email_service.middleware.RequestBodyLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "corsheaders.middleware.CorsMiddleware",
@@ -178,6 +180,13 @@ EMAIL_ATTACHMENT_MAX_BYTES = env.int("EMAIL_ATTACHMENT_MAX_BYTES", default=10 * 
 # JSON {"MIME type": [".ext", ...]}; unset: the allow-list in email_service/validators.py.
 EMAIL_ALLOWED_ATTACHMENT_TYPES = env.json("EMAIL_ALLOWED_ATTACHMENT_TYPES", default=None)
 EMAIL_RETENTION_DAYS = env.int("EMAIL_RETENTION_DAYS", default=90)
+# A request body may be the largest attachment plus this much for the other fields and the
+# multipart framing; anything larger is refused with 413 before it is read.
+EMAIL_FORM_ALLOWANCE_BYTES = env.int("EMAIL_FORM_ALLOWANCE_BYTES", default=1024 * 1024)
+# clamd that scans every upload: `unix:///path` or `tcp://host:port`; empty means no scanning.
+EMAIL_CLAMAV_URL = env("EMAIL_CLAMAV_URL", default="")
+EMAIL_CLAMAV_REQUIRED = env.bool("EMAIL_CLAMAV_REQUIRED", default=False)
+EMAIL_CLAMAV_TIMEOUT = env.float("EMAIL_CLAMAV_TIMEOUT", default=30)
 EMAIL_DISPATCH_INTERVAL = env.float("EMAIL_DISPATCH_INTERVAL", default=15)
 # Limits of one send; by default derived from EMAIL_TIMEOUT (see email_service/conf.py).
 EMAIL_SEND_TIME_LIMIT = env.float("EMAIL_SEND_TIME_LIMIT", default=None)

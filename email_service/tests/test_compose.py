@@ -29,8 +29,9 @@ def environment(service):
 
 def test_compose_runs_web_worker_beat_rabbitmq_postgresql_and_redis(compose):
     services = compose["services"]
-    assert set(services) == {"web", "worker", "beat", "rabbitmq", "postgres", "redis"}
-    assert "gunicorn medcor_backend2.wsgi:application" in " ".join(services["web"]["command"].split())
+    assert set(services) == {"nginx", "web", "worker", "beat", "rabbitmq", "postgres", "redis"}
+    command = " ".join(services["web"]["command"].split())
+    assert "gunicorn -c deploy/gunicorn.conf.py medcor_backend2.wsgi:application" in command
     assert services["worker"]["command"].startswith("celery -A medcor_backend2 worker")
     assert services["beat"]["command"].startswith("celery -A medcor_backend2 beat")
     assert all(services[name]["image"] == services["web"]["image"] for name in APP_SERVICES)
@@ -51,6 +52,17 @@ def test_every_service_has_a_health_check_and_the_app_waits_for_healthy_backends
             "rabbitmq": "service_healthy",
             "redis": "service_healthy",
         }
+
+
+def test_nginx_is_the_only_way_in_and_the_app_trusts_exactly_that_one_proxy(compose):
+    services = compose["services"]
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in services["nginx"]["volumes"]
+    assert services["nginx"]["depends_on"]["web"]["condition"] == "service_healthy"
+    assert [port.split(":")[-1] for port in services["nginx"]["ports"]] == ["8080"]
+    assert "listen 8080;" in (ROOT / "deploy" / "nginx.conf").read_text()
+    assert "ports" not in services["web"]
+    for name in APP_SERVICES:
+        assert environment(services[name])["RATELIMIT_TRUSTED_PROXIES"] == "1", name
 
 
 def test_web_worker_and_beat_share_one_media_volume_where_media_root_points(compose):

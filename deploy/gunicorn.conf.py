@@ -1,0 +1,48 @@
+"""Production gunicorn settings: `gunicorn -c deploy/gunicorn.conf.py medcor_backend2.wsgi`.
+
+nginx (deploy/nginx.conf) stands in front and buffers every request body, so a worker thread only
+ever sees whole requests; the limits here still hold when gunicorn is reached directly.
+A `-b`/`--bind` on the command line overrides `bind` below, as gunicorn's command line does
+for every setting of a config file.
+"""
+
+import os
+
+bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
+
+# Threads, not processes, per connection: a request waiting on the database or a slow reader
+# holds one thread, and the other threads of the worker keep answering.
+worker_class = "gthread"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+
+# A worker silent for this long is killed and replaced; well above any request the app serves.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = 30
+# Idle keep-alive connections are closed quickly, so they do not hold threads' slots.
+keepalive = 5
+
+# The request line, the number of header fields and the size of each, as nginx's
+# large_client_header_buffers allows (4 x 8k): anything longer is refused with 400.
+limit_request_line = 4094
+limit_request_fields = 50
+limit_request_field_size = 8190
+
+# A slow leak cannot grow a worker for ever; the jitter keeps workers from restarting together.
+max_requests = 2000
+max_requests_jitter = 200
+
+# The heartbeat file on tmpfs: on a container's overlay filesystem a write can block for seconds
+# and get a healthy worker killed.
+if os.path.isdir("/dev/shm"):
+    worker_tmp_dir = "/dev/shm"
+
+# No runtime control socket in production: nothing should reconfigure the server from inside.
+control_socket_disable = True
+
+# GUNICORN_ACCESS_LOG="" turns the access log off (the benchmark does, to measure the app alone).
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-") or None
+errorlog = "-"
+# The path without the query string (staff filters such as ?email= carry personal data), and
+# neither the client's address nor the Referer (which carries a full URL with its query).
+access_log_format = '%(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s"'

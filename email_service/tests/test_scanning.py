@@ -1,0 +1,176 @@
+"""Virus scanning against a real clamd on loopback, with a signature database written here
+(the official databases cannot be downloaded in CI): the EICAR test string as a body signature."""
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile, TemporaryUploadedFile
+from rest_framework import serializers
+
+from email_service import scanning
+
+from .conftest import free_port, skip_or_fail, wait_for
+
+# The EICAR anti-virus test string, put together at run time so that no scanner on a
+# developer's machine quarantines this source file.
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+SIGNATURE = "MedCor.Test.EICAR"
+
+
+class Clamd:
+    """clamd in the foreground with its own config, socket, port and signature database."""
+
+    def __init__(self, directory):
+        binary = shutil.which("clamd") or ("/usr/sbin/clamd" if os.path.exists("/usr/sbin/clamd") else None)
+        if not binary:
+            skip_or_fail("clamd is not installed (apt-get install clamav-daemon)")
+        self.directory = directory
+        database = directory / "db"
+        database.mkdir()
+        (directory / "tmp").mkdir()
+        # An .ndb body signature: name, any file type, anywhere in the file, the bytes in hex.
+        (database / "medcor-test.ndb").write_text(f"{SIGNATURE}:0:*:{EICAR.hex()}\n")
+        self.port = free_port()
+        self.socket_path = directory / "clamd.sock"
+        config = directory / "clamd.conf"
+        config.write_text(
+            "\n".join(
+                [
+                    "Foreground yes",
+                    f"LocalSocket {self.socket_path}",
+                    "TCPAddr 127.0.0.1",
+                    f"TCPSocket {self.port}",
+                    f"DatabaseDirectory {database}",
+                    f"TemporaryDirectory {directory / 'tmp'}",
+                    f"LogFile {directory / 'clamd.log'}",
+                    f"PidFile {directory / 'clamd.pid'}",
+                    "StreamMaxLength 20M",
+                    "",
+                ]
+            )
+        )
+        self.output = open(directory / "stdout.log", "wb")
+        started = time.monotonic()
+        self.process = subprocess.Popen(
+            [binary, "-c", str(config)], stdout=self.output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            wait_for(lambda: self.answers() or self.process.poll() is not None, timeout=60, message="clamd")
+        except BaseException:
+            self.stop()
+            raise
+        if self.process.poll() is not None:
+            pytest.fail(f"clamd exited:\n{(directory / 'stdout.log').read_text()}")
+        self.startup_seconds = time.monotonic() - started
+
+    def answers(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"nPING\n")
+                return sock.recv(16).startswith(b"PONG")
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.output.close()
+
+
+@pytest.fixture(scope="module")
+def clamd(tmp_path_factory):
+    server = Clamd(tmp_path_factory.mktemp("clamd"))
+    print(f"\nclamd started in {server.startup_seconds:.2f} s")
+    yield server
+    server.stop()
+
+
+def urls(server):
+    return {"unix": f"unix://{server.socket_path}", "tcp": f"tcp://127.0.0.1:{server.port}"}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_eicar_is_found_and_a_clean_file_is_clean(clamd, transport):
+    url = urls(clamd)[transport]
+    infected = scanning.scan(io.BytesIO(EICAR), url=url)
+    assert infected == scanning.ScanResult(scanning.INFECTED, f"{SIGNATURE}.UNOFFICIAL")
+    assert infected.is_infected
+    clean = scanning.scan(io.BytesIO(b"%PDF-1.4 nothing to see here\n" * 1000), url=url)
+    assert clean == scanning.ScanResult(scanning.CLEAN)
+    assert clean.is_clean
+
+
+@pytest.mark.integration
+def test_the_whole_file_is_streamed_so_a_virus_at_its_end_is_found(clamd):
+    upload = io.BytesIO(os.urandom(3 * 1024 * 1024) + EICAR)
+    upload.seek(1000)  # wherever the caller left it: the scan starts at the beginning
+    assert scanning.scan(upload, url=urls(clamd)["unix"]).is_infected
+    assert upload.tell() == 0  # rewound, so the caller can store what was scanned
+
+
+@pytest.mark.integration
+def test_check_upload_refuses_a_virus_as_a_field_error(clamd, settings):
+    settings.EMAIL_CLAMAV_URL = urls(clamd)["tcp"]
+    with pytest.raises(serializers.ValidationError) as refused:
+        scanning.check_upload(io.BytesIO(b"prefix " + EICAR + b" suffix"))
+    assert refused.value.get_codes() == ["infected"]
+    assert scanning.check_upload(io.BytesIO(b"a letter")).is_clean
+    # What the serializer gets: Django's uploaded files, in memory and on disk.
+    on_disk = TemporaryUploadedFile("x.pdf", "application/pdf", 0, None)
+    on_disk.write(b"%PDF-1.4\n" + EICAR)
+    for upload in (SimpleUploadedFile("x.txt", EICAR), on_disk):
+        with pytest.raises(serializers.ValidationError):
+            scanning.check_upload(upload)
+        upload.close()
+
+
+@pytest.mark.integration
+def test_a_stopped_scanner_is_unavailable(tmp_path, settings):
+    server = Clamd(tmp_path)
+    settings.EMAIL_CLAMAV_URL = urls(server)["unix"]
+    assert scanning.check_upload(io.BytesIO(b"a letter")).is_clean
+    server.stop()
+    for url in urls(server).values():
+        assert scanning.scan(io.BytesIO(b"a letter"), url=url) == scanning.ScanResult(scanning.UNAVAILABLE)
+    settings.EMAIL_CLAMAV_REQUIRED = False
+    assert scanning.check_upload(io.BytesIO(b"a letter")).status == scanning.UNAVAILABLE
+    settings.EMAIL_CLAMAV_REQUIRED = True
+    with pytest.raises(scanning.ScannerUnavailable) as refused:
+        scanning.check_upload(io.BytesIO(b"a letter"))
+    assert refused.value.status_code == 503
+
+
+def test_a_scanner_that_never_answers_is_unavailable_after_the_timeout(settings):
+    settings.EMAIL_CLAMAV_TIMEOUT = 0.5
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        accepted = []
+        threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+        url = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        assert scanning.scan(io.BytesIO(b"a letter"), url=url).status == scanning.UNAVAILABLE
+        for connection, _ in accepted:
+            connection.close()
+
+
+def test_no_url_means_no_scanning(settings):
+    settings.EMAIL_CLAMAV_URL = ""
+    assert scanning.check_upload(io.BytesIO(EICAR)) is None
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:3310", "tcp://127.0.0.1", "clamd.sock"])
+def test_a_malformed_url_is_refused(url):
+    with pytest.raises(ValueError):
+        scanning.scanner(url, timeout=1)
