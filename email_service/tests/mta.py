@@ -1,0 +1,554 @@
+"""A real MTA for the tests: Postfix with Dovecot SASL, STARTTLS required, on loopback only.
+
+`PostfixMTA` runs its own Postfix instance (its own config and queue directories, `postfix -c`)
+and its own Dovecot (only its auth service, for Postfix's SASL), with a CA and server certificate
+made for the run. Mail for the routed domains goes to an aiosmtpd sink the tests read with
+`delivered()`; every other domain bounces (`default_transport = error`), so nothing relays out.
+
+Gmail's replies are injected per SASL user by `check_sasl_access` at four stages (MAIL, RCPT,
+DATA, end of data) through a socketmap table served from this process, so a test changes a
+user's reply with `set_reply()` and the next command sees it, without a reload.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import socketserver
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default as default_policy
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+
+POSTFIX = "/usr/sbin/postfix"
+DOVECOT = "/usr/sbin/dovecot"
+OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
+DAEMON_DIRECTORY = "/usr/lib/postfix/sbin"
+
+STAGES = ("mail", "rcpt", "data", "eod")
+# Gmail's own replies (support.google.com/a/answer/3726730), preset for the users named after them.
+GMAIL_QUOTA = "550 5.4.5 Daily user sending limit exceeded."
+GMAIL_THROTTLE = "421 4.7.0 Try again later, closing connection."
+GMAIL_RATE = (
+    "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents "
+    "additional messages from being delivered."
+)
+PRESET_REPLIES = {
+    "quota": {"mail": GMAIL_QUOTA},
+    "throttle": {"mail": GMAIL_THROTTLE},
+    "rate": {"rcpt": GMAIL_RATE},
+}
+# A user whose every login Dovecot cannot check: Postfix answers 454 4.7.0 at AUTH.
+TEMPFAIL_USER = "tempfail"
+ROUTED_DOMAINS = ("tcall.ai", "example.com", "example.org", "medcor.test")
+# Gmail's SIZE, so a message the service thinks fits fits here too.
+MESSAGE_SIZE_LIMIT = 35882577
+
+
+def missing_binaries():
+    """Name the programs this MTA needs that are not installed."""
+    wanted = [POSTFIX, DOVECOT, OPENSSL, f"{DAEMON_DIRECTORY}/master"]
+    return [path for path in wanted if not os.access(path, os.X_OK)]
+
+
+def free_port():
+    """Return a TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout, message):
+    """Poll `predicate` until it is truthy; raise TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(0.05)
+
+
+def is_listening(port):
+    """Tell whether something accepts TCP connections on 127.0.0.1:`port`."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# --- certificates --------------------------------------------------------------------------
+
+
+@dataclass
+class Certificates:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    other_ca_file: Path  # a CA that signed nothing here: trusting only it must refuse the server
+
+
+def _openssl(*args, cwd):
+    subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_ca(directory, name, subject):
+    key, cert = f"{name}.key", f"{name}.pem"
+    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key, cwd=directory)
+    _openssl(
+        "req", "-x509", "-new", "-key", key, "-sha256", "-days", "2", "-subj", subject,
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-out", cert, cwd=directory,
+    )  # fmt: skip
+    return directory / key, directory / cert
+
+
+def make_certificates(directory):
+    """Create a CA, a server certificate it signs for 127.0.0.1 and localhost, and a stranger CA."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = _make_ca(directory, "ca", "/CN=MedCor test CA")
+    _, other_ca = _make_ca(directory, "other-ca", "/CN=Some other CA")
+    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "server.key", cwd=directory)
+    _openssl("req", "-new", "-key", "server.key", "-subj", "/CN=localhost", "-out", "server.csr", cwd=directory)
+    (directory / "server.ext").write_text(
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        "authorityKeyIdentifier=keyid\n"
+        "subjectKeyIdentifier=hash\n"
+    )
+    _openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", ca_cert.name, "-CAkey", ca_key.name,
+        "-CAcreateserial", "-days", "2", "-sha256", "-extfile", "server.ext", "-out", "server.pem",
+        cwd=directory,
+    )  # fmt: skip
+    key_file = directory / "server.key"
+    # Postfix's smtpd runs as the postfix user and reads the key after dropping root.
+    os.chmod(key_file, 0o644)
+    return Certificates(ca_cert, directory / "server.pem", key_file, other_ca)
+
+
+# --- the socketmap table behind check_sasl_access -----------------------------------------
+
+
+def _netstring(text):
+    data = text.encode()
+    return str(len(data)).encode() + b":" + data + b","
+
+
+class _SocketmapRequestHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        # Postfix keeps the connection and sends netstrings "<len>:<map> <key>," one at a time.
+        while True:
+            length = b""
+            while not length.endswith(b":"):
+                byte = self.rfile.read(1)
+                if not byte:
+                    return
+                length += byte
+            body = self.rfile.read(int(length[:-1]) + 1)
+            if len(body) < 2 or not body.endswith(b","):
+                return
+            name, _, key = body[:-1].decode(errors="replace").partition(" ")
+            reply = self.server.table.lookup(name, key)
+            self.wfile.write(_netstring(f"OK {reply}" if reply else "NOTFOUND "))
+            self.wfile.flush()
+
+
+class _SocketmapServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class ReplyTable:
+    """SMTP replies per SASL user and stage, served to Postfix as a socketmap table."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._replies = {}
+        self.lookups = []
+        self.reset()
+
+    def reset(self):
+        """Go back to the preset Gmail replies and forget the lookups."""
+        with self._lock:
+            self._replies = {user: dict(stages) for user, stages in PRESET_REPLIES.items()}
+            self.lookups = []
+
+    def set(self, user, reply, stage="mail"):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, not {stage!r}")
+        with self._lock:
+            stages = self._replies.setdefault(user, {})
+            if reply is None:
+                stages.pop(stage, None)
+            else:
+                stages[stage] = reply
+
+    def clear(self, user):
+        with self._lock:
+            self._replies.pop(user, None)
+
+    def lookup(self, stage, key):
+        with self._lock:
+            self.lookups.append((stage, key))
+            return self._replies.get(key, {}).get(stage)
+
+
+# --- the sink Postfix delivers to ----------------------------------------------------------
+
+
+@dataclass
+class Delivered:
+    """One message as Postfix delivered it to the sink."""
+
+    mail_from: str
+    rcpt_tos: list
+    raw: bytes
+    message: EmailMessage
+
+
+class _SinkHandler:
+    def __init__(self):
+        self.messages = []
+        self.condition = threading.Condition()
+
+    async def handle_DATA(self, server, session, envelope):
+        message = message_from_bytes(envelope.original_content, policy=default_policy)
+        with self.condition:
+            self.messages.append(
+                Delivered(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content, message)
+            )
+            self.condition.notify_all()
+        return "250 2.0.0 Ok: delivered to the test sink"
+
+
+# --- Postfix and Dovecot ---------------------------------------------------------------------
+
+
+class PostfixMTA:
+    """One Postfix instance with Dovecot SASL under its own directory, for one test session."""
+
+    def __init__(self, domains=ROUTED_DOMAINS):
+        self.domains = tuple(domains)
+        self.host = "127.0.0.1"
+        self.port = None
+        self.users = {}
+        self.replies = ReplyTable()
+        self.startup_seconds = None
+        self._processes = {}
+        self._socketmap = None
+        self._sink = None
+        self._root = None
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def start(self):
+        """Write the configuration, start Dovecot, the reply table, the sink and Postfix."""
+        started = time.monotonic()
+        # Postfix's daemons run as the postfix user and must reach their queue: pytest's 0700
+        # temporary directories would shut them out.
+        self._root = Path(tempfile.mkdtemp(prefix="medcor-mta-"))
+        os.chmod(self._root, 0o755)
+        try:
+            self.certificates = make_certificates(self._root / "tls")
+            self.port, self.auth_port = free_port(), free_port()
+            self._start_socketmap()
+            self._start_sink()
+            self._start_dovecot()
+            self._start_postfix()
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - started
+        return self
+
+    def _start_socketmap(self):
+        self._socketmap = _SocketmapServer(("127.0.0.1", 0), _SocketmapRequestHandler)
+        self._socketmap.table = self.replies
+        threading.Thread(target=self._socketmap.serve_forever, name="mta-socketmap", daemon=True).start()
+
+    def _start_sink(self):
+        self._sink = Controller(
+            _SinkHandler(), hostname="127.0.0.1", port=free_port(), data_size_limit=2 * MESSAGE_SIZE_LIMIT
+        )
+        self._sink.start()
+
+    def _start_dovecot(self):
+        base = self._root / "dovecot"
+        for sub in ("run", "state"):
+            (base / sub).mkdir(parents=True)
+        os.chmod(base, 0o755)
+        self._users_file = base / "users"
+        self.add_user("sender", "sender-password")
+        for user in PRESET_REPLIES:
+            self.add_user(user, f"{user}-password")
+        self.add_user(TEMPFAIL_USER, f"{TEMPFAIL_USER}-password")
+        (base / "dovecot.conf").write_text(
+            f"""\
+base_dir = {base}/run
+state_dir = {base}/state
+instance_name = medcor-test-{self.port}
+log_path = {base}/dovecot.log
+protocols =
+listen = 127.0.0.1
+ssl = no
+# Postfix has already required TLS; the link between the two is loopback.
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+# Dovecot waits 2 s after a failed login by default; the tests need the answer now.
+auth_failure_delay = 0
+default_internal_user = dovecot
+default_login_user = dovenull
+passdb {{
+  # A passwd-file that does not exist: every lookup is an internal error, a temporary failure.
+  driver = passwd-file
+  args = {base}/missing-users
+  username_filter = {TEMPFAIL_USER}
+}}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {self._users_file}
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home=/nonexistent
+}}
+service auth {{
+  inet_listener auth-postfix {{
+    address = 127.0.0.1
+    port = {self.auth_port}
+  }}
+}}
+"""
+        )
+        self._dovecot_conf = base / "dovecot.conf"
+        self.start_auth()
+
+    def start_auth(self):
+        """Start Dovecot (again): Postfix can check logins."""
+        self._processes["dovecot"] = subprocess.Popen(
+            [DOVECOT, "-F", "-c", str(self._dovecot_conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self._root / "dovecot" / "stderr.log", "ab"),
+            start_new_session=True,
+        )
+        try:
+            wait_until(lambda: self._alive("dovecot") and is_listening(self.auth_port), 30, "dovecot")
+        except TimeoutError:
+            raise RuntimeError(f"dovecot did not start:\n{self.log('dovecot')[-3000:]}") from None
+
+    def stop_auth(self):
+        """Stop Dovecot: Postfix answers AUTH with 454 4.7.0 until `start_auth()`."""
+        self._stop_process("dovecot", [DOVECOT, "-c", str(self._dovecot_conf), "stop"])
+
+    def _start_postfix(self):
+        config = self._root / "postfix"
+        config.mkdir()
+        # Postfix makes the queue's subdirectories itself, not the queue and data roots.
+        (self._root / "queue").mkdir(mode=0o755)
+        (self._root / "data").mkdir(mode=0o700)
+        shutil.chown(self._root / "data", "postfix", "postfix")
+        (config / "transport").write_text(
+            "".join(f"{domain} smtp:[127.0.0.1]:{self._sink.port}\n" for domain in self.domains)
+        )
+        socketmap = f"socketmap:inet:127.0.0.1:{self._socketmap.server_address[1]}"
+        certificates = self.certificates
+        (config / "main.cf").write_text(
+            f"""\
+compatibility_level = 3.6
+queue_directory = {self._root}/queue
+data_directory = {self._root}/data
+daemon_directory = {DAEMON_DIRECTORY}
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file_prefixes = {self._root}
+maillog_file = {self._root}/maillog
+myhostname = mta.medcor.test
+mydomain = medcor.test
+mydestination =
+alias_maps =
+alias_database =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+relay_domains = {" ".join(self.domains)}
+transport_maps = texthash:{config}/transport
+# Nothing leaves this machine: every domain not routed to the sink bounces.
+default_transport = error:5.7.1 the test MTA relays nowhere
+message_size_limit = {MESSAGE_SIZE_LIMIT}
+smtp_tls_security_level = none
+smtpd_tls_security_level = encrypt
+smtpd_tls_auth_only = yes
+smtpd_tls_cert_file = {certificates.cert_file}
+smtpd_tls_key_file = {certificates.key_file}
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = inet:127.0.0.1:{self.auth_port}
+# Each restriction answers at its own command, as Gmail does, instead of all at RCPT.
+smtpd_delay_reject = no
+smtpd_sender_restrictions = check_sasl_access {socketmap}:mail
+smtpd_relay_restrictions = permit_sasl_authenticated, reject
+smtpd_recipient_restrictions = check_sasl_access {socketmap}:rcpt
+smtpd_data_restrictions = check_sasl_access {socketmap}:data
+smtpd_end_of_data_restrictions = check_sasl_access {socketmap}:eod
+# Injected errors are the point here: no penalty delay, no disconnect for having many.
+smtpd_error_sleep_time = 0
+smtpd_soft_error_limit = 1000
+smtpd_hard_error_limit = 1000
+smtpd_client_connection_count_limit = 0
+"""
+        )
+        services = [
+            f"127.0.0.1:{self.port} inet n - n - - smtpd",
+            "cleanup unix n - n - 0 cleanup",
+            "qmgr unix n - n 300 1 qmgr",
+            "tlsmgr unix - - n 1000? 1 tlsmgr",
+            "rewrite unix - - n - - trivial-rewrite",
+            "bounce unix - - n - 0 bounce",
+            "defer unix - - n - 0 bounce",
+            "trace unix - - n - 0 bounce",
+            "verify unix - - n - 1 verify",
+            "flush unix n - n 1000? 0 flush",
+            "proxymap unix - - n - - proxymap",
+            "proxywrite unix - - n - 1 proxymap",
+            "smtp unix - - n - - smtp",
+            "relay unix - - n - - smtp",
+            "showq unix n - n - - showq",
+            "error unix - - n - - error",
+            "retry unix - - n - - error",
+            "discard unix - - n - - discard",
+            "anvil unix - - n - 1 anvil",
+            "scache unix - - n - 1 scache",
+            "postlog unix-dgram n - n - 1 postlogd",
+        ]
+        (config / "master.cf").write_text("\n".join(services) + "\n")
+        self._postfix_config = config
+        # start-fg keeps the master process a child of ours, so stopping it is certain.
+        self._processes["postfix"] = subprocess.Popen(
+            [POSTFIX, "-c", str(config), "start-fg"],
+            stdout=open(self._root / "postfix-stdout.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_until(lambda: is_listening(self.port) or not self._alive("postfix"), 60, "postfix")
+        except TimeoutError:
+            pass
+        if not is_listening(self.port):
+            raise RuntimeError(f"postfix did not start:\n{self.log('postfix')[-3000:]}")
+
+    # -- tear-down -------------------------------------------------------------------------
+
+    def _alive(self, name):
+        process = self._processes.get(name)
+        return process is not None and process.poll() is None
+
+    def _stop_process(self, name, stop_command):
+        process = self._processes.pop(name, None)
+        if process is None:
+            return
+        if process.poll() is None:
+            subprocess.run(stop_command, capture_output=True, timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        try:
+            # Anything the daemon left in its process group (its own children) goes too.
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop(self):
+        """Stop Postfix, Dovecot, the sink and the table, and remove the directory."""
+        if self._root is not None and (self._root / "postfix").exists():
+            self._stop_process("postfix", [POSTFIX, "-c", str(self._root / "postfix"), "stop"])
+        if self._root is not None and (self._root / "dovecot" / "dovecot.conf").exists():
+            self.stop_auth()
+        if self._sink is not None:
+            self._sink.stop()
+            self._sink = None
+        if self._socketmap is not None:
+            self._socketmap.shutdown()
+            self._socketmap.server_close()
+            self._socketmap = None
+        if self._root is not None and not os.environ.get("MEDCOR_KEEP_MTA"):
+            shutil.rmtree(self._root, ignore_errors=True)
+
+    # -- what the tests use ----------------------------------------------------------------
+
+    def add_user(self, user, password):
+        """Add or change a SASL user; Dovecot reads the file again at the next login."""
+        if ":" in user or ":" in password or "\n" in user + password:
+            raise ValueError("a user or password may not hold ':' or a newline")
+        self.users[user] = password
+        text = "".join(f"{name}:{{PLAIN}}{secret}\n" for name, secret in self.users.items())
+        temporary = self._users_file.with_suffix(".new")
+        temporary.write_text(text)
+        os.chmod(temporary, 0o644)
+        temporary.replace(self._users_file)
+
+    def set_reply(self, user, reply, stage="mail"):
+        """Answer `user`'s MAIL/RCPT/DATA/end-of-data with `reply` ("550 5.4.5 ..."); None for none."""
+        self.replies.set(user, reply, stage)
+
+    def reset(self):
+        """Back to the preset replies, Dovecot running and an empty sink."""
+        self.replies.reset()
+        if not self._alive("dovecot"):
+            self.start_auth()
+        with self._sink.handler.condition:
+            self._sink.handler.messages.clear()
+
+    @property
+    def ca_file(self):
+        return self.certificates.ca_file
+
+    @property
+    def sink_port(self):
+        return self._sink.port
+
+    def ssl_context(self, trust=True):
+        """An ssl context that trusts this MTA's CA (or, with trust=False, only another CA)."""
+        certificates = self.certificates
+        return ssl.create_default_context(
+            cafile=str(certificates.ca_file if trust else certificates.other_ca_file)
+        )
+
+    def delivered(self, timeout=10.0, count=1):
+        """Wait for at least `count` delivered messages and return all of them, oldest first."""
+        handler = self._sink.handler
+        with handler.condition:
+            if not handler.condition.wait_for(lambda: len(handler.messages) >= count, timeout=timeout):
+                raise TimeoutError(
+                    f"{len(handler.messages)} of {count} messages delivered within {timeout}s; "
+                    f"maillog tail:\n{self.log('postfix')[-2000:]}"
+                )
+            return list(handler.messages)
+
+    def messages(self):
+        """The messages delivered so far, without waiting."""
+        with self._sink.handler.condition:
+            return list(self._sink.handler.messages)
+
+    def log(self, which="postfix"):
+        """The text of Postfix's maillog or Dovecot's log, for failure messages."""
+        path = self._root / ("maillog" if which == "postfix" else "dovecot/dovecot.log")
+        try:
+            return path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
