@@ -41,13 +41,12 @@ GMAIL_RATE = (
     "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents "
     "additional messages from being delivered."
 )
+GMAIL_AUTH_REQUIRED = "530 5.7.0 Authentication Required."
 PRESET_REPLIES = {
     "quota": {"mail": GMAIL_QUOTA},
     "throttle": {"mail": GMAIL_THROTTLE},
     "rate": {"rcpt": GMAIL_RATE},
 }
-# A user whose every login Dovecot cannot check: Postfix answers 454 4.7.0 at AUTH.
-TEMPFAIL_USER = "tempfail"
 ROUTED_DOMAINS = ("tcall.ai", "example.com", "example.org", "medcor.test")
 # Gmail's SIZE, so a message the service thinks fits fits here too.
 MESSAGE_SIZE_LIMIT = 35882577
@@ -121,7 +120,9 @@ def make_certificates(directory):
     ca_key, ca_cert = _make_ca(directory, "ca", "/CN=MedCor test CA")
     _, other_ca = _make_ca(directory, "other-ca", "/CN=Some other CA")
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "server.key", cwd=directory)
-    _openssl("req", "-new", "-key", "server.key", "-subj", "/CN=localhost", "-out", "server.csr", cwd=directory)
+    _openssl(
+        "req", "-new", "-key", "server.key", "-subj", "/CN=localhost", "-out", "server.csr", cwd=directory
+    )
     (directory / "server.ext").write_text(
         "basicConstraints=critical,CA:FALSE\n"
         "keyUsage=critical,digitalSignature,keyEncipherment\n"
@@ -208,6 +209,55 @@ class ReplyTable:
             return self._replies.get(key, {}).get(stage)
 
 
+# --- between Postfix and Dovecot: temporary authentication failures on demand --------------
+
+
+class _AuthProxyHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        # Postfix speaks Dovecot's line-based auth protocol: pass it through, except that while
+        # `tempfail` is set an AUTH request is answered here with a temporary failure.
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.server.dovecot_port), timeout=10)
+        except OSError:
+            return
+        upstream.settimeout(None)
+        threading.Thread(target=self._pump, args=(upstream, self.request), daemon=True).start()
+        buffer = b""
+        try:
+            while chunk := self.request.recv(65536):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.startswith(b"AUTH\t") and self.server.tempfail.is_set():
+                        # Postfix reads a lost connection mid-AUTH as a temporary failure.
+                        self.request.shutdown(socket.SHUT_RDWR)
+                        return
+                    else:
+                        upstream.sendall(line + b"\n")
+        except OSError:
+            pass
+        finally:
+            upstream.close()
+
+    @staticmethod
+    def _pump(source, target):
+        try:
+            while chunk := source.recv(65536):
+                target.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            try:
+                target.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _AuthProxy(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
 # --- the sink Postfix delivers to ----------------------------------------------------------
 
 
@@ -251,6 +301,7 @@ class PostfixMTA:
         self.startup_seconds = None
         self._processes = {}
         self._socketmap = None
+        self._auth_proxy = None
         self._sink = None
         self._root = None
 
@@ -265,8 +316,9 @@ class PostfixMTA:
         os.chmod(self._root, 0o755)
         try:
             self.certificates = make_certificates(self._root / "tls")
-            self.port, self.auth_port = free_port(), free_port()
+            self.port, self.dovecot_port = free_port(), free_port()
             self._start_socketmap()
+            self._start_auth_proxy()
             self._start_sink()
             self._start_dovecot()
             self._start_postfix()
@@ -280,6 +332,12 @@ class PostfixMTA:
         self._socketmap = _SocketmapServer(("127.0.0.1", 0), _SocketmapRequestHandler)
         self._socketmap.table = self.replies
         threading.Thread(target=self._socketmap.serve_forever, name="mta-socketmap", daemon=True).start()
+
+    def _start_auth_proxy(self):
+        self._auth_proxy = _AuthProxy(("127.0.0.1", 0), _AuthProxyHandler)
+        self._auth_proxy.dovecot_port = self.dovecot_port
+        self._auth_proxy.tempfail = threading.Event()
+        threading.Thread(target=self._auth_proxy.serve_forever, name="mta-auth-proxy", daemon=True).start()
 
     def _start_sink(self):
         self._sink = Controller(
@@ -296,7 +354,6 @@ class PostfixMTA:
         self.add_user("sender", "sender-password")
         for user in PRESET_REPLIES:
             self.add_user(user, f"{user}-password")
-        self.add_user(TEMPFAIL_USER, f"{TEMPFAIL_USER}-password")
         (base / "dovecot.conf").write_text(
             f"""\
 base_dir = {base}/run
@@ -314,12 +371,6 @@ auth_failure_delay = 0
 default_internal_user = dovecot
 default_login_user = dovenull
 passdb {{
-  # A passwd-file that does not exist: every lookup is an internal error, a temporary failure.
-  driver = passwd-file
-  args = {base}/missing-users
-  username_filter = {TEMPFAIL_USER}
-}}
-passdb {{
   driver = passwd-file
   args = scheme=PLAIN {self._users_file}
 }}
@@ -327,19 +378,24 @@ userdb {{
   driver = static
   args = uid=nobody gid=nogroup home=/nonexistent
 }}
+# Dovecot delays logins from an address after failures (up to 15 s); a closed socket turns it off.
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
 service auth {{
   inet_listener auth-postfix {{
     address = 127.0.0.1
-    port = {self.auth_port}
+    port = {self.dovecot_port}
   }}
 }}
 """
         )
         self._dovecot_conf = base / "dovecot.conf"
-        self.start_auth()
+        self._start_dovecot_process()
 
-    def start_auth(self):
-        """Start Dovecot (again): Postfix can check logins."""
+    def _start_dovecot_process(self):
         self._processes["dovecot"] = subprocess.Popen(
             [DOVECOT, "-F", "-c", str(self._dovecot_conf)],
             stdout=subprocess.DEVNULL,
@@ -347,13 +403,19 @@ service auth {{
             start_new_session=True,
         )
         try:
-            wait_until(lambda: self._alive("dovecot") and is_listening(self.auth_port), 30, "dovecot")
+            wait_until(lambda: self._alive("dovecot") and is_listening(self.dovecot_port), 30, "dovecot")
         except TimeoutError:
             raise RuntimeError(f"dovecot did not start:\n{self.log('dovecot')[-3000:]}") from None
 
-    def stop_auth(self):
-        """Stop Dovecot: Postfix answers AUTH with 454 4.7.0 until `start_auth()`."""
-        self._stop_process("dovecot", [DOVECOT, "-c", str(self._dovecot_conf), "stop"])
+    def fail_logins_temporarily(self, failing=True):
+        """Make every AUTH get Postfix's "454 4.7.0 Temporary authentication failure" (or stop)."""
+        # Neither obvious way gives a 454: a Dovecot passdb's internal failure reaches Postfix 3.7
+        # as "code=temp_fail", which it answers with 535, and with Dovecot stopped each smtpd
+        # exits ("no SASL authentication mechanisms") and the master throttles smtpd for 60 s.
+        if failing:
+            self._auth_proxy.tempfail.set()
+        else:
+            self._auth_proxy.tempfail.clear()
 
     def _start_postfix(self):
         config = self._root / "postfix"
@@ -386,7 +448,7 @@ inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 relay_domains = {" ".join(self.domains)}
 transport_maps = texthash:{config}/transport
-# Nothing leaves this machine: every domain not routed to the sink bounces.
+# Nothing leaves this machine: smtpd refuses at RCPT every domain not routed to the sink.
 default_transport = error:5.7.1 the test MTA relays nowhere
 message_size_limit = {MESSAGE_SIZE_LIMIT}
 smtp_tls_security_level = none
@@ -396,10 +458,11 @@ smtpd_tls_cert_file = {certificates.cert_file}
 smtpd_tls_key_file = {certificates.key_file}
 smtpd_sasl_auth_enable = yes
 smtpd_sasl_type = dovecot
-smtpd_sasl_path = inet:127.0.0.1:{self.auth_port}
+smtpd_sasl_path = inet:127.0.0.1:{self._auth_proxy.server_address[1]}
 # Each restriction answers at its own command, as Gmail does, instead of all at RCPT.
 smtpd_delay_reject = no
-smtpd_sender_restrictions = check_sasl_access {socketmap}:mail
+smtpd_sender_restrictions = check_sasl_access {socketmap}:mail, permit_sasl_authenticated,
+  check_client_access static:{{{GMAIL_AUTH_REQUIRED}}}
 smtpd_relay_restrictions = permit_sasl_authenticated, reject
 smtpd_recipient_restrictions = check_sasl_access {socketmap}:rcpt
 smtpd_data_restrictions = check_sasl_access {socketmap}:data
@@ -478,7 +541,11 @@ smtpd_client_connection_count_limit = 0
         if self._root is not None and (self._root / "postfix").exists():
             self._stop_process("postfix", [POSTFIX, "-c", str(self._root / "postfix"), "stop"])
         if self._root is not None and (self._root / "dovecot" / "dovecot.conf").exists():
-            self.stop_auth()
+            self._stop_process("dovecot", [DOVECOT, "-c", str(self._dovecot_conf), "stop"])
+        if self._auth_proxy is not None:
+            self._auth_proxy.shutdown()
+            self._auth_proxy.server_close()
+            self._auth_proxy = None
         if self._sink is not None:
             self._sink.stop()
             self._sink = None
@@ -507,10 +574,9 @@ smtpd_client_connection_count_limit = 0
         self.replies.set(user, reply, stage)
 
     def reset(self):
-        """Back to the preset replies, Dovecot running and an empty sink."""
+        """Back to the preset replies, logins checked by Dovecot and an empty sink."""
         self.replies.reset()
-        if not self._alive("dovecot"):
-            self.start_auth()
+        self.fail_logins_temporarily(False)
         with self._sink.handler.condition:
             self._sink.handler.messages.clear()
 
