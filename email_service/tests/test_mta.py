@@ -8,13 +8,14 @@ import socket
 import ssl
 from base64 import b64decode
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 import requests
 
 from email_service.tests.conftest import wait_for
 from email_service.tests.google import xoauth2_string
-from email_service.tests.mta import GMAIL_QUOTA, GMAIL_RATE, GMAIL_THROTTLE
+from email_service.tests.mta import GMAIL_QUOTA, GMAIL_RATE, GMAIL_THROTTLE, PostfixMTA
 
 SUPPORT = "support@tcall.ai"
 
@@ -177,6 +178,22 @@ def test_postfix_listens_on_loopback_only(postfix_mta):
     for address in addresses - {"127.0.0.1"}:
         with pytest.raises(OSError):
             socket.create_connection((address, postfix_mta.port), timeout=2).close()
+
+
+def test_an_instance_of_its_own_starts_beside_the_session_one_and_stops_leaving_no_process(postfix_mta):
+    second = PostfixMTA().start()
+    try:
+        assert second.port != postfix_mta.port
+        daemons = second.processes()
+        assert daemons and not set(daemons) & set(postfix_mta.processes())
+        with connect(second) as client:
+            client.send_message(small_message("second"))
+        assert [d.message["Subject"] for d in second.delivered()] == ["second"]
+    finally:
+        second.stop()
+    assert second.processes() == []
+    assert all(not Path(f"/proc/{pid}/cwd").exists() for pid in daemons)
+    assert postfix_mta.processes()  # the session's instance is untouched
 
 
 # --- Google stand-ins -----------------------------------------------------------------------
