@@ -72,6 +72,7 @@ class TokenEndpoint:
         return self
 
     def stop(self):
+        """Stop serving."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -79,6 +80,7 @@ class TokenEndpoint:
 
     @property
     def url(self):
+        """The URL to post the refresh grant to (EMAIL_OAUTH2_TOKEN_URL)."""
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}/token"
 
@@ -137,6 +139,7 @@ class XOAuth2Handler:
         self.reset()
 
     def reset(self):
+        """Forget the messages and logins."""
         self.messages = []
         self.logins = []  # (mechanism, user, accepted) per AUTH attempt
         self.condition = threading.Condition()

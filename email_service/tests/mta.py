@@ -3,11 +3,17 @@
 `PostfixMTA` runs its own Postfix instance (its own config and queue directories, `postfix -c`)
 and its own Dovecot (only its auth service, for Postfix's SASL), with a CA and server certificate
 made for the run. Mail for the routed domains goes to an aiosmtpd sink the tests read with
-`delivered()`; every other domain bounces (`default_transport = error`), so nothing relays out.
+`delivered()`; every other domain is refused at RCPT (`default_transport = error`), so nothing
+relays out.
 
 Gmail's replies are injected per SASL user by `check_sasl_access` at four stages (MAIL, RCPT,
 DATA, end of data) through a socketmap table served from this process, so a test changes a
-user's reply with `set_reply()` and the next command sees it, without a reload.
+user's reply with `set_reply()` and the next command sees it, without a reload. Postfix reaches
+Dovecot through a small proxy here, which `fail_logins_temporarily()` uses to get Postfix's
+`454 4.7.0 Temporary authentication failure` at AUTH.
+
+Users (password "<name>-password"): `sender` (no injected reply), `quota` (550 5.4.5 at MAIL),
+`throttle` (421 4.7.0 at MAIL, and Postfix disconnects), `rate` (450 4.2.1 at RCPT).
 """
 
 import os
@@ -190,6 +196,7 @@ class ReplyTable:
             self.lookups = []
 
     def set(self, user, reply, stage="mail"):
+        """Answer `user` at `stage` with `reply`, or with nothing injected when it is None."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, not {stage!r}")
         with self._lock:
@@ -200,10 +207,12 @@ class ReplyTable:
                 stages[stage] = reply
 
     def clear(self, user):
+        """Inject nothing for `user` at any stage."""
         with self._lock:
             self._replies.pop(user, None)
 
     def lookup(self, stage, key):
+        """Return the reply for SASL login `key` at `stage`, or None; remember the lookup."""
         with self._lock:
             self.lookups.append((stage, key))
             return self._replies.get(key, {}).get(stage)
@@ -612,11 +621,26 @@ smtpd_client_connection_count_limit = 0
 
     @property
     def ca_file(self):
+        """The PEM file of the CA that signed the server's certificate."""
         return self.certificates.ca_file
 
     @property
     def sink_port(self):
+        """The port of the sink Postfix delivers the routed domains to."""
         return self._sink.port
+
+    def env(self, user="sender"):
+        """Environment for a worker that sends through this MTA as `user` (STARTTLS, this CA)."""
+        return {
+            "EMAIL_HOST": self.host,
+            "EMAIL_PORT": str(self.port),
+            "EMAIL_HOST_USER": user,
+            "EMAIL_HOST_PASSWORD": self.users[user],
+            "EMAIL_USE_TLS": "true",
+            "EMAIL_USE_SSL": "false",
+            # OpenSSL's default trust store, for a client that loads the default certificates.
+            "SSL_CERT_FILE": str(self.ca_file),
+        }
 
     def ssl_context(self, trust=True):
         """An ssl context that trusts this MTA's CA (or, with trust=False, only another CA)."""

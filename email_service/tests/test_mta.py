@@ -6,6 +6,8 @@ import os
 import smtplib
 import socket
 import ssl
+import subprocess
+import sys
 from base64 import b64decode
 from email.message import EmailMessage
 from pathlib import Path
@@ -94,6 +96,19 @@ def test_the_certificate_names_localhost_and_127_0_0_1_and_nothing_else(mta):
         assert client.docmd("STARTTLS")[0] == 220
         with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
             mta.ssl_context().wrap_socket(client.sock, server_hostname="smtp.gmail.com")
+
+
+def test_env_lets_a_process_trusting_only_defaults_send_through_the_mta(mta):
+    env = mta.env("sender")
+    script = (
+        "import os, smtplib, ssl\n"
+        "with smtplib.SMTP(os.environ['EMAIL_HOST'], int(os.environ['EMAIL_PORT']), timeout=10) as s:\n"
+        "    s.starttls(context=ssl.create_default_context())\n"
+        "    s.login(os.environ['EMAIL_HOST_USER'], os.environ['EMAIL_HOST_PASSWORD'])\n"
+        "    s.sendmail('support@tcall.ai', ['support@tcall.ai'], b'Subject: from a worker\\r\\n\\r\\nhi\\r\\n')\n"
+    )
+    subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, check=True, timeout=60)
+    assert [d.message["Subject"] for d in mta.delivered()] == ["from a worker"]
 
 
 def test_wrong_password_gets_535(mta):
