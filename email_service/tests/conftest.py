@@ -385,11 +385,15 @@ def google_token_endpoint():
 
 
 @pytest.fixture
-def google_smtp(google_token_endpoint):
-    """An SMTP server that takes only AUTH XOAUTH2 with the endpoint's newest unexpired token."""
+def google_smtp(google_token_endpoint, tmp_path):
+    """A Gmail stand-in: STARTTLS, then only AUTH XOAUTH2 with the endpoint's newest live token."""
     from email_service.tests.google import XOAuth2SMTP
+    from email_service.tests.mta import OPENSSL, make_certificates
 
-    server = XOAuth2SMTP(google_token_endpoint, port=free_port())
+    if not os.access(OPENSSL, os.X_OK):
+        skip_or_fail("the Gmail stand-in needs openssl for its certificate")
+    certificates = make_certificates(tmp_path / "google-tls")
+    server = XOAuth2SMTP(google_token_endpoint, port=free_port(), certificates=certificates)
     server.start()
     yield server
     server.stop()

@@ -9,6 +9,7 @@ one as Gmail does (`334` with a base64 JSON error, then `535 5.7.8`), and record
 import base64
 import json
 import secrets
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -194,8 +195,13 @@ class XOAuth2Handler:
 class XOAuth2SMTP(Controller):
     """An aiosmtpd server on 127.0.0.1 that requires AUTH XOAUTH2, as Gmail with OAuth2 does."""
 
-    def __init__(self, endpoint, port, user="support@tcall.ai", tls_context=None):
+    def __init__(self, endpoint, port, user="support@tcall.ai", certificates=None):
         handler = XOAuth2Handler(endpoint, user)
+        self.endpoint, self.user, self.certificates = endpoint, user, certificates
+        tls_context = None
+        if certificates is not None:
+            tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls_context.load_cert_chain(certificates.cert_file, certificates.key_file)
         super().__init__(
             handler,
             hostname="127.0.0.1",
@@ -203,8 +209,31 @@ class XOAuth2SMTP(Controller):
             data_size_limit=35882577,
             authenticator=handler.authenticate,
             auth_required=True,
-            # Without a certificate the stand-in offers AUTH in the clear; with one, only after STARTTLS.
+            # With certificates (mta.make_certificates), AUTH only after STARTTLS, as at Gmail.
             auth_require_tls=tls_context is not None,
             require_starttls=tls_context is not None,
             tls_context=tls_context,
         )
+
+    def client_ssl_context(self):
+        """An ssl context for a client that trusts this server's CA."""
+        # Not `ssl_context`: Controller keeps its implicit-TLS context under that name.
+        return ssl.create_default_context(cafile=str(self.certificates.ca_file))
+
+    def env(self):
+        """Environment for a worker that sends here with XOAUTH2 and the endpoint's refresh token."""
+        endpoint = self.endpoint
+        return {
+            "EMAIL_HOST": "127.0.0.1",
+            "EMAIL_PORT": str(self.port),
+            "EMAIL_HOST_USER": self.user,
+            "EMAIL_HOST_PASSWORD": "",
+            "EMAIL_USE_TLS": "true" if self.certificates else "false",
+            "EMAIL_USE_SSL": "false",
+            "EMAIL_AUTH_METHOD": "xoauth2",
+            "EMAIL_OAUTH2_CLIENT_ID": endpoint.client_id,
+            "EMAIL_OAUTH2_CLIENT_SECRET": endpoint.client_secret,
+            "EMAIL_OAUTH2_REFRESH_TOKEN": endpoint.refresh_token,
+            "EMAIL_OAUTH2_TOKEN_URL": endpoint.url,
+            **({"SSL_CERT_FILE": str(self.certificates.ca_file)} if self.certificates else {}),
+        }

@@ -225,6 +225,13 @@ def refresh(endpoint, **overrides):
     return requests.post(endpoint.url, data=form, timeout=10)
 
 
+def google_connect(google_smtp):
+    """An SMTP session with the Gmail stand-in, through STARTTLS."""
+    client = smtplib.SMTP("127.0.0.1", google_smtp.port, timeout=10)
+    client.starttls(context=google_smtp.client_ssl_context())
+    return client
+
+
 def xoauth2_login(client, user, token):
     """Log in with SASL XOAUTH2; after an error challenge, answer with an empty line as clients do."""
     client.ehlo()
@@ -253,7 +260,7 @@ def test_token_endpoint_refuses_a_bad_refresh_token_or_client(google_token_endpo
 
 def test_xoauth2_with_a_fresh_token_sends(google_smtp, google_token_endpoint):
     token = refresh(google_token_endpoint).json()["access_token"]
-    with smtplib.SMTP("127.0.0.1", google_smtp.port, timeout=10) as client:
+    with google_connect(google_smtp) as client:
         assert xoauth2_login(client, SUPPORT, token)[0] == 235
         client.send_message(small_message())
     [received] = google_smtp.handler.received()
@@ -263,7 +270,7 @@ def test_xoauth2_with_a_fresh_token_sends(google_smtp, google_token_endpoint):
 def test_xoauth2_with_an_old_token_gets_a_json_challenge_then_535(google_smtp, google_token_endpoint):
     old = refresh(google_token_endpoint).json()["access_token"]
     refresh(google_token_endpoint)
-    with smtplib.SMTP("127.0.0.1", google_smtp.port, timeout=10) as client:
+    with google_connect(google_smtp) as client:
         client.ehlo()
         code, challenge = client.docmd("AUTH", "XOAUTH2 " + xoauth2_string(SUPPORT, old))
         assert code == 334 and json.loads(b64decode(challenge))["status"] == "400"
@@ -275,19 +282,47 @@ def test_xoauth2_with_an_old_token_gets_a_json_challenge_then_535(google_smtp, g
 def test_xoauth2_with_a_token_that_expired_during_the_test_gets_535(google_smtp, google_token_endpoint):
     google_token_endpoint.lifetime = 1
     token = refresh(google_token_endpoint).json()["access_token"]
-    with smtplib.SMTP("127.0.0.1", google_smtp.port, timeout=10) as client:
+    with google_connect(google_smtp) as client:
         assert xoauth2_login(client, SUPPORT, token)[0] == 235
     wait_for(lambda: not google_token_endpoint.is_current(token), timeout=10, message="the token to expire")
-    with smtplib.SMTP("127.0.0.1", google_smtp.port, timeout=10) as client:
+    with google_connect(google_smtp) as client:
         with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
             xoauth2_login(client, SUPPORT, token)
     assert refused.value.smtp_code == 535
 
 
 def test_password_logins_are_refused_where_oauth2_is_required(google_smtp):
-    with smtplib.SMTP("127.0.0.1", google_smtp.port, timeout=10) as client:
+    with google_connect(google_smtp) as client:
         with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
             client.login(SUPPORT, "an app password")
         assert refused.value.smtp_code == 535
         assert client.mail(SUPPORT)[0] == 530  # nothing is sent without a login
     assert google_smtp.handler.logins[0][2] is False
+
+
+def test_the_gmail_stand_in_wants_starttls_before_auth(google_smtp, google_token_endpoint):
+    token = refresh(google_token_endpoint).json()["access_token"]
+    with smtplib.SMTP("127.0.0.1", google_smtp.port, timeout=10) as client:
+        client.ehlo()
+        assert client.has_extn("starttls") and not client.has_extn("auth")
+        code, _ = client.docmd("AUTH", "XOAUTH2 " + xoauth2_string(SUPPORT, token))
+        assert code == 530
+    assert google_smtp.handler.logins == []
+
+
+def test_the_gmail_stand_in_env_names_a_working_token_endpoint_and_server(google_smtp):
+    env = google_smtp.env()
+    answer = requests.post(
+        env["EMAIL_OAUTH2_TOKEN_URL"],
+        data={
+            "grant_type": "refresh_token",
+            "client_id": env["EMAIL_OAUTH2_CLIENT_ID"],
+            "client_secret": env["EMAIL_OAUTH2_CLIENT_SECRET"],
+            "refresh_token": env["EMAIL_OAUTH2_REFRESH_TOKEN"],
+        },
+        timeout=10,
+    )
+    with smtplib.SMTP(env["EMAIL_HOST"], int(env["EMAIL_PORT"]), timeout=10) as client:
+        client.starttls(context=ssl.create_default_context(cafile=env["SSL_CERT_FILE"]))
+        assert xoauth2_login(client, env["EMAIL_HOST_USER"], answer.json()["access_token"])[0] == 235
+    assert env["EMAIL_AUTH_METHOD"] == "xoauth2" and env["EMAIL_USE_TLS"] == "true"
