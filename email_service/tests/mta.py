@@ -53,7 +53,7 @@ PRESET_REPLIES = {
     "throttle": {"mail": GMAIL_THROTTLE},
     "rate": {"rcpt": GMAIL_RATE},
 }
-ROUTED_DOMAINS = ("tcall.ai", "example.com", "example.org", "medcor.test")
+ROUTED_DOMAINS = ("tcall.ai", "example.com", "example.org", "medcor.example", "medcor.test")
 # Gmail's SIZE, so a message the service thinks fits fits here too.
 MESSAGE_SIZE_LIMIT = 35882577
 
