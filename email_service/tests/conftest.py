@@ -364,3 +364,52 @@ def pytest_report_header(config):
         f"broker={broker}, cache={settings.CACHES['default']['BACKEND'].rsplit('.', 1)[-1]}, "
         f"require_services={REQUIRE_SERVICES}",
     ]
+
+
+# --- a real MTA (Postfix with Dovecot SASL) and stand-ins for Google ------------------------
+
+
+@pytest.fixture(scope="session")
+def postfix_mta():
+    """One Postfix instance for the session: STARTTLS required, SASL through its own Dovecot."""
+    from email_service.tests.mta import PostfixMTA, missing_binaries
+
+    missing = missing_binaries()
+    if missing:
+        skip_or_fail(f"the real-MTA tests need Debian's postfix, dovecot-core and openssl: {missing}")
+    server = PostfixMTA().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mta(postfix_mta):
+    """The session's Postfix with the preset replies, logins checked and an empty sink."""
+    postfix_mta.reset()
+    yield postfix_mta
+    postfix_mta.reset()
+
+
+@pytest.fixture
+def google_token_endpoint():
+    """A local stand-in for Google's OAuth2 token endpoint (the refresh grant)."""
+    from email_service.tests.google import TokenEndpoint
+
+    endpoint = TokenEndpoint().start()
+    yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture
+def google_smtp(google_token_endpoint, tmp_path):
+    """A Gmail stand-in: STARTTLS, then only AUTH XOAUTH2 with the endpoint's newest live token."""
+    from email_service.tests.google import XOAuth2SMTP
+    from email_service.tests.mta import OPENSSL, make_certificates
+
+    if not os.access(OPENSSL, os.X_OK):
+        skip_or_fail("the Gmail stand-in needs openssl for its certificate")
+    certificates = make_certificates(tmp_path / "google-tls")
+    server = XOAuth2SMTP(google_token_endpoint, port=free_port(), certificates=certificates)
+    server.start()
+    yield server
+    server.stop()
