@@ -1,5 +1,7 @@
 """The OpenAPI description of the API: every drf-spectacular annotation, and the schema's hooks."""
 
+import re
+
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiExample,
@@ -160,4 +162,31 @@ def close_response_shapes(result, generator, request, public):
     for name in CLOSED_SHAPES:
         if name in schemas:
             schemas[name]["additionalProperties"] = False
+    return result
+
+
+# What drf-spectacular adds beside a blank-allowed field's own schema: "or the empty string".
+_BLANK = {"type": "string", "maxLength": 0}
+
+
+def merge_blank_alternatives(result, generator, request, public):
+    """Fold `oneOf: [field, blank]` into the field's schema where that schema admits "" already.
+
+    drf-spectacular documents `allow_blank=True` as a oneOf of the field and the empty string; when
+    the field's pattern also matches "", an empty value matches both branches, which `oneOf`
+    forbids, so a valid blank edit reads as invalid data (schemathesis ST201).
+    """
+    for component in result.get("components", {}).get("schemas", {}).values():
+        for name, field in component.get("properties", {}).items():
+            branches = field.get("oneOf")
+            if not branches or len(branches) != 2 or branches[1] != _BLANK:
+                continue
+            own = branches[0]
+            # JSON Schema patterns search, unanchored, as re.search does.
+            if (
+                own.get("type") == "string"
+                and not own.get("minLength")
+                and re.search(own.get("pattern", ""), "")
+            ):
+                component["properties"][name] = {**{k: v for k, v in field.items() if k != "oneOf"}, **own}
     return result

@@ -25,6 +25,16 @@ HONEYPOT_FIELD = "website"
 class StrictCharField(serializers.CharField):
     """A CharField that refuses numbers and booleans instead of turning them into text."""
 
+    # Run on the value as sent, before trimming: a line break at either end is refused, not cut.
+    untrimmed_validators = ()
+
+    def run_validation(self, data=serializers.empty):
+        # Before CharField's own run_validation, which turns a blank-after-trimming value into "".
+        if isinstance(data, str):
+            for validator in self.untrimmed_validators:
+                validator(data)
+        return super().run_validation(data)
+
     def to_internal_value(self, data):
         if not isinstance(data, str):
             self.fail("invalid")
@@ -62,6 +72,7 @@ class ContactFieldsSerializer(serializers.ModelSerializer):
             fields[name].validators.append(
                 validate_header_safe_required if required else validate_header_safe
             )
+            fields[name].untrimmed_validators = (validate_header_safe,)
         # Django's EmailValidator would repeat the same error; the pattern says all of it, and
         # unlike the validator it can be stated in the schema.
         fields["email"].validators = [

@@ -287,6 +287,7 @@ SPECTACULAR_SETTINGS = {
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "email_service.schema.close_response_shapes",
+        "email_service.schema.merge_blank_alternatives",
     ],
 }
 

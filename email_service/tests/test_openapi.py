@@ -65,7 +65,7 @@ def _attempt(row, number, outcome="", **fields):
 
 
 @pytest.fixture
-def requests_in_flight(db, quiet_dispatch):
+def requests_in_flight(db, dispatched, media_root):
     """Requests as a busy service holds them: two being sent right now, one waiting for a retry,
     one SENT, one FAILED, one CANCELLED; the first with a file."""
     contact = {

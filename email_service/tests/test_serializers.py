@@ -46,6 +46,13 @@ def test_line_breaks_in_header_fields_are_refused(field, breaker):
     assert field in errors
 
 
+@pytest.mark.parametrize("field", ["full_name", "subject", "job_profession"])
+@pytest.mark.parametrize("value", ["\f", "Hello\r\n", "\tHello", "\x0bHello"])
+def test_control_characters_at_either_end_are_refused_not_trimmed_away(field, value):
+    # The schema forbids them anywhere; trimming them silently would accept what it refuses.
+    assert field in errors_for(**{field: value})
+
+
 def test_line_breaks_in_the_message_are_kept():
     serializer = EmailRequestCreateSerializer(data={**VALID, "message": "line one\nline two"})
     assert serializer.is_valid(), serializer.errors
