@@ -545,6 +545,11 @@ class SideBySide:
                 got = self._wait_for(tokens, restarted, deadline_s=RECOVERY_SECONDS, give_up=True)
                 # A one-shot sender that quit at once beside a lock file its killed run left behind.
                 refused = restarted.one_shot and restarted.exited() and _has_lock_file(system)
+                # The last mail may arrive before its row is marked sent (post_office marks a batch
+                # at its end): give the sender a moment, so "still queued" counts only rows it left.
+                settle = time.monotonic() + 10
+                while not refused and system.queued() and time.monotonic() < settle:
+                    time.sleep(0.1)
             finally:
                 restarted.stop()
         finally:
