@@ -166,7 +166,7 @@ class Service(System):
         self.bench._sql(
             "UPDATE email_service_emailrequest SET status = 'CANCELLED' WHERE status IN ('PENDING', 'PROCESSING')"
         )
-        _purge(self.bench.queue)
+        _purge(self.bench.queue, self.bench.broker)
 
 
 class Peer(System):
@@ -318,17 +318,23 @@ def _queue_ready(broker, queue):
             return 0
 
 
-def _purge(queue, broker=None):
+def _purge(queue, broker):
     from amqp.exceptions import NotFound
     from kombu import Connection
 
-    with Connection(
-        broker or os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
-    ) as conn:
+    with Connection(broker) as conn:
         try:
             conn.default_channel.queue_purge(queue)
         except NotFound:
             pass
+
+
+def _delete_queue(queue, broker):
+    from kombu import Connection
+
+    with Connection(broker) as conn:
+        # Celery declares it durable: it would outlive the run otherwise, as the service's would.
+        conn.default_channel.queue_delete(queue)
 
 
 def _has_lock_file(system):
@@ -404,7 +410,7 @@ class SideBySide:
             for system in self.systems[1:]:
                 if isinstance(system, Peer) and not isinstance(system, PostOfficeCommand):
                     system.stop()
-                    _purge(system.queue, bench.broker)
+                    _delete_queue(system.queue, bench.broker)
         return results
 
     # --- the phases ----------------------------------------------------------------------------
