@@ -1,6 +1,6 @@
 """Tests of the side-by-side bench's own arithmetic: CPU over a process tree, and the table.
 
-.venv/bin/python -m pytest bench/test_side_by_side.py -q
+In email_service/tests, since the suite is where tests live; they import the bench as a package.
 """
 
 import os
