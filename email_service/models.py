@@ -145,10 +145,16 @@ class EmailRequestQuerySet(models.QuerySet):
         decides in every database: a row another worker took meanwhile is not ours.
 
         A row created a moment ago on a host whose clock runs slightly ahead still counts as due:
-        CLAIM_CLOCK_TOLERANCE covers that skew, far below any retry backoff.
+        CLAIM_CLOCK_TOLERANCE covers that skew for rows never tried. A retry waits its whole
+        backoff, however short: the tolerance would otherwise let the loop that just deferred a
+        row take it straight back.
         """
         now = now or timezone.now()
-        due = self.due(now + timedelta(seconds=CLAIM_CLOCK_TOLERANCE))
+        early = now + timedelta(seconds=CLAIM_CLOCK_TOLERANCE)
+        due = self.filter(
+            Q(next_attempt_at__lte=now) | Q(retry_count=0, next_attempt_at__lte=early),
+            status=EmailStatus.PENDING,
+        )
         token = uuid.uuid4()
         with transaction.atomic(using=self.db):
             pick = due.select_for_update(skip_locked=True)
