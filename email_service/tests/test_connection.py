@@ -237,3 +237,50 @@ def test_body_8bitmime_is_never_sent_to_a_server_that_does_not_offer_it(wire):
     assert delivery.send(message).outcome == AttemptOutcome.SENT
     assert not any(option.startswith("BODY=") for option in wire.mail_options[0])
     assert len(wire.messages) == 1
+
+
+# --- through the real Postfix ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def postfix(mta, settings, monkeypatch):
+    """This process's mail settings pointed at the test Postfix as its `sender` user."""
+    env = mta.env("sender")
+    settings.EMAIL_HOST, settings.EMAIL_PORT = env["EMAIL_HOST"], int(env["EMAIL_PORT"])
+    settings.EMAIL_USE_TLS, settings.EMAIL_USE_SSL = True, False
+    settings.EMAIL_TIMEOUT = 10
+    settings.EMAIL_HOST_USER, settings.EMAIL_HOST_PASSWORD = (
+        env["EMAIL_HOST_USER"],
+        env["EMAIL_HOST_PASSWORD"],
+    )
+    settings.EMAIL_AUTH_METHOD = "password"
+    monkeypatch.setenv("SSL_CERT_FILE", env["SSL_CERT_FILE"])
+    delivery.close_connection()
+    yield mta
+    delivery.close_connection()
+
+
+def failed_logins(log):
+    return [line for line in log.splitlines() if "authentication failed" in line]
+
+
+@pytest.mark.integration
+def test_a_wrong_password_is_one_failed_login_at_postfix(postfix, settings, message):
+    before = len(failed_logins(postfix.log()))
+    settings.EMAIL_HOST_PASSWORD = "not-the-password"
+
+    result = delivery.send(message)
+
+    assert result.smtp_code == 535
+    # Postfix logs each refused AUTH once it has answered it, so by now the line is there.
+    wait_for(lambda: len(failed_logins(postfix.log())) > before, timeout=10, message="the maillog line")
+    new = failed_logins(postfix.log())[before:]
+    assert len(new) == 1 and "SASL PLAIN authentication failed" in new[0]
+
+
+@pytest.mark.integration
+def test_8bit_mail_through_postfix_arrives_intact(postfix):
+    message = EmailMultiAlternatives("Olá", "Résultats de laboratório: ótimos.", USER, [USER])
+    assert delivery.send(message).outcome == AttemptOutcome.SENT
+    [delivered] = postfix.delivered()
+    assert delivered.message.get_content().strip() == "Résultats de laboratório: ótimos."
