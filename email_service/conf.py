@@ -162,10 +162,6 @@ def auth_method():
     return settings.EMAIL_AUTH_METHOD
 
 
-def smtp_user():
-    return settings.EMAIL_HOST_USER
-
-
 def oauth2_client():
     """The OAuth2 client and refresh token for XOAUTH2: (client id, secret, refresh token, token URL)."""
     return (
