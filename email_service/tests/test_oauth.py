@@ -4,6 +4,10 @@ The token endpoint issues a new access token per refresh grant and the SMTP serv
 the newest unexpired one, so a token kept too long, or replaced, is refused as Gmail refuses it.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 from django.core.mail import EmailMultiAlternatives
 
@@ -146,3 +150,31 @@ def test_a_password_where_oauth2_is_required_is_one_failed_login(gmail, settings
 
     assert result.smtp_code == 535
     assert gmail.logins == [("PLAIN", USER, False)]
+
+
+def test_settings_refuse_to_start_with_an_unknown_method_or_xoauth2_half_configured(tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("EMAIL_", "GMAIL_"))}
+    base.update(DJANGO_DEBUG="true", MEDCOR_VAR_DIR=str(tmp_path / "var"))
+    code = (
+        "import django; django.setup(); from django.conf import settings; print(settings.EMAIL_AUTH_METHOD)"
+    )
+
+    def run(**env):
+        return subprocess.run(
+            [sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, timeout=60
+        )
+
+    assert run().stdout.strip() == "password"
+    unknown = run(EMAIL_AUTH_METHOD="oauth")
+    assert unknown.returncode != 0 and "EMAIL_AUTH_METHOD must be password or xoauth2" in unknown.stderr
+    half = run(EMAIL_AUTH_METHOD="xoauth2", EMAIL_HOST_USER=USER, EMAIL_OAUTH2_CLIENT_ID="id")
+    assert half.returncode != 0
+    assert "needs EMAIL_OAUTH2_CLIENT_SECRET, EMAIL_OAUTH2_REFRESH_TOKEN" in half.stderr
+    whole = run(
+        EMAIL_AUTH_METHOD="XOAuth2",
+        EMAIL_HOST_USER=USER,
+        EMAIL_OAUTH2_CLIENT_ID="id",
+        EMAIL_OAUTH2_CLIENT_SECRET="secret",
+        EMAIL_OAUTH2_REFRESH_TOKEN="1//token",
+    )
+    assert whole.returncode == 0 and whole.stdout.strip() == "xoauth2"
