@@ -4,8 +4,9 @@ import threading
 
 import pytest
 from django.core.cache import cache
+from rest_framework.test import APIClient
 
-from email_service import acknowledgements
+from email_service import acknowledgements, sending
 from email_service.acknowledgements import send_confirmation
 from email_service.models import EmailRequest
 
@@ -39,6 +40,25 @@ def test_variants_of_one_gmail_mailbox_get_one_acknowledgement(acks):
     sent = [send_confirmation(row(address)) for address in VICTIM_VARIANTS]
     assert sent == [True] + [False] * (len(VICTIM_VARIANTS) - 1)
     assert len(acks.messages) == 1
+
+
+def test_seven_posts_to_one_gmail_mailbox_send_seven_mails_to_support_and_one_acknowledgement(
+    acks, settings, dispatched, media_root
+):
+    settings.EMAIL_RATELIMIT_CREATE = "100/m"
+    settings.SUPPORT_EMAIL = "support@tcall.ai"
+    client = APIClient()
+    addresses = [*VICTIM_VARIANTS[:6], "victim@gmail.com"]
+    for address in addresses:
+        form = {"full_name": "A", "email": address, "subject": "Hello", "message": "Hi"}
+        assert client.post("/api/email/emails/", form, format="json").status_code == 201
+
+    sending.send_due_emails(worker="test")
+
+    assert len(acks.to("support@tcall.ai")) == 7
+    acknowledged = [m for m in acks.messages if "support@tcall.ai" not in m["rcpt_tos"]]
+    assert len(acknowledged) == 1
+    assert EmailRequest.objects.exclude(confirmation_sent_at=None).count() == 1
 
 
 def test_tags_and_case_are_one_mailbox_elsewhere_but_dots_are_not(acks):
