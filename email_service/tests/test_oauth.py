@@ -14,7 +14,7 @@ from django.core.mail import EmailMultiAlternatives
 from email_service import delivery, oauth
 from email_service.outcomes import AttemptOutcome
 
-from .conftest import free_port, wait_for
+from .conftest import ROOT, free_port, service_env, start_worker, wait_for
 
 USER = "support@tcall.ai"
 
@@ -178,3 +178,31 @@ def test_settings_refuse_to_start_with_an_unknown_method_or_xoauth2_half_configu
         EMAIL_OAUTH2_REFRESH_TOKEN="1//token",
     )
     assert whole.returncode == 0 and whole.stdout.strip() == "xoauth2"
+
+
+@pytest.mark.integration
+def test_a_worker_configured_from_the_environment_sends_with_xoauth2(
+    google_smtp, google_token_endpoint, transactional_db, tmp_path
+):
+    # A worker of its own, on a queue of its own, with only what google_smtp.env() sets.
+    queue = f"{os.environ.get('CELERY_TASK_DEFAULT_QUEUE', 'emails')}-xoauth2"
+    env = {**google_smtp.env(), "CELERY_TASK_DEFAULT_QUEUE": queue, "EMAIL_TIMEOUT": "10"}
+    worker = start_worker(tmp_path, google_smtp.port, name="xoauth2", **env)
+    try:
+        result = subprocess.run(
+            [sys.executable, "manage.py", "test_email", "--email", "operator@example.org", "--wait", "60"],
+            cwd=ROOT,
+            env=service_env(google_smtp.port, **env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        worker.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Final status: SENT" in result.stdout
+    received = google_smtp.handler.received()
+    assert any(USER in message["rcpt_tos"] for message in received)
+    assert all(accepted for mechanism, _, accepted in google_smtp.handler.logins)
+    assert {mechanism for mechanism, _, _ in google_smtp.handler.logins} == {"XOAUTH2"}
+    assert google_token_endpoint.calls >= 1
