@@ -53,7 +53,6 @@ class TokenSource:
         self._lock = threading.Lock()
         self._session = requests.Session()
         self._renew_at = 0.0
-        self.refreshes = 0
 
     def access_token(self, *, stale=None):
         """Return (token, fresh): a live access token, and whether it was fetched by this call.
@@ -87,7 +86,6 @@ class TokenSource:
         except google.auth.exceptions.TransportError as exc:
             self._renew_at = 0.0
             raise TokenUnavailableError(f"The OAuth2 token endpoint could not be reached: {exc}") from exc
-        self.refreshes += 1
         expiry = self._credentials.expiry
         lifetime = (expiry - issued_at).total_seconds() if expiry else RENEW_MARGIN_SECONDS
         self._renew_at = started + lifetime - min(RENEW_MARGIN_SECONDS, lifetime / 5)
