@@ -411,7 +411,7 @@ class EmailRequest(models.Model):
     claimed_by = models.CharField(max_length=255, blank=True, editable=False)
     lease_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
 
-    confirmation_sent_at = models.DateTimeField(null=True, blank=True, editable=False)
+    confirmation_sent_at = models.DateTimeField(null=True, blank=True, editable=False, db_index=True)
     confirmation_error = models.TextField(blank=True, editable=False)
     client_ip = models.GenericIPAddressField(null=True, blank=True, editable=False)
 
