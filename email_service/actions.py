@@ -2,7 +2,7 @@
 
 from django.db import transaction
 
-from .models import EmailRequest
+from .models import EmailRequest, EmailStatus
 from .outbox import dispatch_due_soon
 
 
@@ -19,11 +19,20 @@ def cancel_email_request(email_request):
 
 def retry_failed(queryset=None):
     """Requeue FAILED requests with a fresh retry budget and dispatch them; return how many."""
+    return len(retry_failed_requests(queryset))
+
+
+def retry_failed_requests(queryset=None):
+    """Requeue FAILED requests as `retry_failed` does; return the ids of those requeued."""
     queryset = EmailRequest.objects.all() if queryset is None else queryset
-    count = queryset.requeue_failed()
+    with transaction.atomic():
+        # Locked first, so that the ids returned are exactly the rows the requeue moves.
+        failed = EmailRequest.objects.filter(pk__in=queryset.values("pk"), status=EmailStatus.FAILED)
+        pks = list(failed.select_for_update().values_list("pk", flat=True))
+        count = EmailRequest.objects.filter(pk__in=pks).requeue_failed() if pks else 0
     if count:
         transaction.on_commit(dispatch_due_soon)
-    return count
+    return pks
 
 
 def edit_email_request(email_request, fields):
