@@ -24,10 +24,11 @@ def retry_failed(queryset=None):
 
 def retry_failed_requests(queryset=None):
     """Requeue FAILED requests as `retry_failed` does; return the ids of those requeued."""
-    queryset = EmailRequest.objects.all() if queryset is None else queryset
+    failed = EmailRequest.objects.filter(status=EmailStatus.FAILED)
+    if queryset is not None:
+        failed = failed.filter(pk__in=queryset.values("pk"))
     with transaction.atomic():
         # Locked first, so that the ids returned are exactly the rows the requeue moves.
-        failed = EmailRequest.objects.filter(pk__in=queryset.values("pk"), status=EmailStatus.FAILED)
         pks = list(failed.select_for_update().values_list("pk", flat=True))
         count = EmailRequest.objects.filter(pk__in=pks).requeue_failed() if pks else 0
     if count:

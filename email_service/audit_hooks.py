@@ -1,9 +1,11 @@
 """Entries no view writes itself: changes to who holds the email app's permissions.
 
 Permissions change through many doors (the admin's user and group pages, a shell, a data
-migration), all of which end in the m2m_changed signal of one of three relations. The signal
-carries no request, so `AuditContextMiddleware` keeps the current one in a context variable:
-a change made while serving a request is recorded with its user and IP, any other as a command.
+migration), which end in the m2m_changed signal of one of three relations, in a group's deletion
+(which takes its permissions from its members without that signal), or in the superuser flag
+(which holds them all). Those signals carry no request, so `AuditContextMiddleware` keeps the
+current one in a context variable: a change made while serving a request is recorded with its
+user and IP, any other as a command.
 """
 
 from contextvars import ContextVar
