@@ -429,6 +429,11 @@ class EmailRequest(models.Model):
             models.Index(fields=["status", "lease_expires_at"], name="email_status_lease_idx"),
             models.Index(fields=["email", "-created_at"], name="email_address_created_idx"),
         ]
+        # Subject access and erasure (GDPR art. 15 and 17), granted apart from the model's own.
+        permissions = [
+            ("export_subject", "Can export everything kept about a person"),
+            ("erase_subject", "Can erase everything kept about a person"),
+        ]
 
     def __str__(self):
         return f"{self.id} ({self.status})"
