@@ -24,7 +24,7 @@ def drop_index(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("email_service", "0002_auditentry"),
+        ("email_service", "0003_gmail_conn"),
     ]
 
     operations = [
