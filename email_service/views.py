@@ -7,13 +7,14 @@ from django.core.files.storage import default_storage
 from django.http import FileResponse
 from drf_spectacular.utils import extend_schema_view
 from rest_framework import status, viewsets
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import action
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
 from . import actions, outbox, reports, schema
+from .authentication import ExpiringTokenAuthentication
 from .exceptions import Conflict, SizeLimitedJSONParser
 from .filters import EmailRequestFilter
 from .idempotency import Replay, idempotent
@@ -39,7 +40,7 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
     """Contact-form submissions and their delivery."""
 
     queryset = EmailRequest.objects.all()
-    authentication_classes = [TokenAuthentication, SessionAuthentication]
+    authentication_classes = [ExpiringTokenAuthentication, SessionAuthentication]
     permission_classes = [EmailRequestPermission]
     parser_classes = [SizeLimitedJSONParser, MultiPartParser, FormParser]
     filterset_class = EmailRequestFilter
