@@ -7,6 +7,8 @@ QR code; from then on their login asks for the six-digit code.
 
 from django.contrib import admin
 from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.auth.signals import user_login_failed
+from django.core.exceptions import ValidationError
 from django_otp import devices_for_user, user_has_device
 from django_otp.admin import OTPAdminAuthenticationForm, OTPAdminSite
 
@@ -25,7 +27,14 @@ class StaffAuthenticationForm(OTPAdminAuthenticationForm):
         self.cleaned_data = AdminAuthenticationForm.clean(self)
         user = self.get_user()
         if user is not None and needs_second_factor(user):
-            self.clean_otp(user)
+            try:
+                self.clean_otp(user)
+            except ValidationError:
+                # A failed login like a wrong password: on the audit trail and counted by the lockout.
+                user_login_failed.send(
+                    sender=__name__, credentials={"username": user.get_username()}, request=self.request
+                )
+                raise
         return self.cleaned_data
 
     def _chosen_device(self, user):

@@ -8,6 +8,7 @@ from io import StringIO
 import axes.attempts
 import axes.handlers.proxy
 import pytest
+from axes.models import AccessAttempt
 from django.contrib.auth.models import Permission, User
 from django.core.management import CommandError, call_command
 from django.db import connection
@@ -148,10 +149,14 @@ def test_a_staff_member_with_a_totp_device_needs_its_code_to_log_in(client, staf
         in log_in(client, staff.username, PASSWORD, otp_token="0").content.decode()
     )
     travel(2)
+    assert AccessAttempt.objects.get(username=staff.username).failures_since_start == 3
 
     response = log_in(client, staff.username, PASSWORD, otp_token=current_code(device))
     assert response.status_code == 302
     assert is_logged_in(client)
+    # Each attempt without the right code was a failed login on the trail; success resets the count.
+    assert login_failures(staff.username) == 3
+    assert not AccessAttempt.objects.filter(username=staff.username).exists()
 
 
 def test_a_password_session_is_refused_once_the_user_has_a_device(client, staff):
