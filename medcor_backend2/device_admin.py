@@ -1,5 +1,6 @@
 """TOTP devices in the admin, where staff enrol: add a device, scan its QR code, confirm."""
 
+from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.admin import TOTPDeviceAdmin
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
@@ -19,6 +20,10 @@ class OwnTOTPDeviceAdmin(TOTPDeviceAdmin):
         if not request.user.is_superuser:
             obj.user = request.user
         super().save_model(request, obj, form, change)
+        if obj.user_id == request.user.pk and obj.confirmed and not request.user.is_verified():
+            # The session that enrolled the device stays in (it would otherwise be refused on the
+            # next page, before the QR code was shown); the next login asks for the code.
+            otp_login(request, obj)
 
 
 def register_device_admin(site):

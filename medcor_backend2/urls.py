@@ -14,6 +14,7 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", docs.swagger_ui, name="swagger-ui"),
     path("api/redoc/", docs.redoc, name="redoc"),
+    path("api/redoc/redoc.standalone.js", docs.redoc_bundle, name="redoc-bundle"),
     path("healthz", healthz, name="healthz"),
     path("contact/", contact.contact_page, name="contact"),
     path("contact/sent/<uuid:pk>/", contact.contact_sent, name="contact-sent"),

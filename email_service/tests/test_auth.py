@@ -182,13 +182,22 @@ def test_staff_enrol_their_own_device_and_see_its_qr_code_but_not_others(client,
     client.force_login(staff)
 
     # The add form comes with a fresh random key filled in; the user scans it afterwards.
-    form = {"name": "my phone", "key": random_hex(20), "step": 30, "t0": 0, "digits": 6, "tolerance": 1}
+    form = {
+        "name": "my phone",
+        "key": random_hex(20),
+        "step": 30,
+        "t0": 0,
+        "digits": 6,
+        "tolerance": 1,
+        "confirmed": "on",
+    }
     added = client.post(
         "/admin/otp_totp/totpdevice/add/", {**form, "drift": 0, "throttling_failure_count": 0}
     )
     assert added.status_code == 302, re.findall(r"errorlist.*", added.content.decode())
     mine = TOTPDevice.objects.get(name="my phone")
-    assert mine.user == staff
+    assert mine.user == staff and mine.confirmed
+    # The session that enrolled the device counts as verified by it, so the QR code can be shown.
     config = client.get(f"/admin/otp_totp/totpdevice/{mine.pk}/config/")
     assert escape(mine.config_url) in config.content.decode()
     qrcode = client.get(f"/admin/otp_totp/totpdevice/{mine.pk}/qrcode/")
