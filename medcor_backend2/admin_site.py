@@ -14,6 +14,11 @@ from django_otp.admin import OTPAdminAuthenticationForm, OTPAdminSite
 
 from email_service import conf
 
+NO_DEVICE = (
+    "This admin asks for a code from an authenticator app, and your account has no TOTP device yet: "
+    "ask an administrator to add one for you."
+)
+
 
 def needs_second_factor(user):
     """Whether `user` must pass a TOTP check to use the admin."""
@@ -28,6 +33,8 @@ class StaffAuthenticationForm(OTPAdminAuthenticationForm):
         user = self.get_user()
         if user is not None and needs_second_factor(user):
             try:
+                if not user_has_device(user, confirmed=True):
+                    raise ValidationError(NO_DEVICE, code="no_device")
                 self.clean_otp(user)
             except ValidationError:
                 # A failed login like a wrong password: on the audit trail and counted by the lockout.

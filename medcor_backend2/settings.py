@@ -241,7 +241,7 @@ AXES_RESET_ON_SUCCESS = True
 AXES_DISABLE_ACCESS_LOG = True
 # A TOTP second factor in the admin for staff with a device; for every staff member when true.
 ADMIN_REQUIRE_2FA = env.bool("ADMIN_REQUIRE_2FA", default=False)
-OTP_TOTP_ISSUER = env("OTP_TOTP_ISSUER", default="MedCor email service")
+OTP_TOTP_ISSUER = "MedCor email service"  # the name authenticator apps show
 # A staff session ends after this long without a request; each request starts the period again.
 STAFF_SESSION_IDLE_SECONDS = env.int("STAFF_SESSION_IDLE_SECONDS", default=30 * 60)
 SESSION_COOKIE_AGE = STAFF_SESSION_IDLE_SECONDS

@@ -170,7 +170,8 @@ def test_without_a_device_the_password_suffices_unless_2fa_is_required(client, s
     assert log_in(client, staff.username, PASSWORD).status_code == 302
     client.logout()
     settings.ADMIN_REQUIRE_2FA = True
-    assert log_in(client, staff.username, PASSWORD).status_code == 200
+    refused = log_in(client, staff.username, PASSWORD)
+    assert refused.status_code == 200 and "your account has no TOTP device yet" in refused.content.decode()
     assert not is_logged_in(client)
 
 
@@ -230,6 +231,7 @@ def test_a_token_works_until_it_expires_then_gets_401(staff, settings, travel):
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Token {issue_token(staff)}")
     assert api.get(STAFF_API).status_code == 200
+    assert ApiToken.objects.get().last_used_at is not None
     travel(3599)
     assert api.get(STAFF_API).status_code == 200
     travel(2)
