@@ -1,5 +1,7 @@
 """The email service's settings, read at call time so that `override_settings` reaches them."""
 
+from datetime import timedelta
+
 from django.conf import settings
 
 
@@ -170,3 +172,31 @@ def oauth2_client():
         settings.EMAIL_OAUTH2_REFRESH_TOKEN,
         settings.EMAIL_OAUTH2_TOKEN_URL,
     )
+
+
+# --- Staff authentication (email_service/authentication.py) ----------------------------------
+
+
+def staff_login_failure_limit(request=None, credentials=None):
+    """Failed admin logins, per username and per IP, after which logins are refused (axes' hook)."""
+    return settings.STAFF_LOGIN_FAILURE_LIMIT
+
+
+def staff_login_cooloff(request=None):
+    """How long a lockout lasts after the last failure, as a timedelta (axes' hook)."""
+    return timedelta(seconds=settings.STAFF_LOGIN_COOLOFF_SECONDS)
+
+
+def admin_require_2fa():
+    """Whether the admin lets in only staff who passed a TOTP check in this session."""
+    return settings.ADMIN_REQUIRE_2FA
+
+
+def api_token_ttl():
+    """How long a new API token is valid, as a timedelta."""
+    return timedelta(seconds=settings.API_TOKEN_TTL)
+
+
+def captcha_csp_sources(provider):
+    """The CSP directives and origins the CAPTCHA `provider`'s widget needs ({} for none)."""
+    return settings.CSP_CAPTCHA_SOURCES.get(provider, {})

@@ -21,18 +21,26 @@ from .validators import allowed_extensions
 from .views import EmailRequestViewSet
 
 # Scripts and styles from this origin only (no inline script), fetches to this origin, never framed.
-CONTENT_SECURITY_POLICY = "; ".join(
-    [
-        "default-src 'none'",
-        "script-src 'self'",
-        "style-src 'self'",
-        "img-src 'self' data:",
-        "connect-src 'self'",
-        "form-action 'self'",
-        "frame-ancestors 'none'",
-        "base-uri 'none'",
-    ]
-)
+CONTENT_SECURITY_POLICY = {
+    "default-src": ["'none'"],
+    "script-src": ["'self'"],
+    "style-src": ["'self'"],
+    "img-src": ["'self'", "data:"],
+    "connect-src": ["'self'"],
+    "form-action": ["'self'"],
+    "frame-ancestors": ["'none'"],
+    "base-uri": ["'none'"],
+}
+
+
+def content_security_policy(captcha_provider="none"):
+    """Return the page's policy header, opened to the origins `captcha_provider`'s widget loads from."""
+    directives = {name: list(sources) for name, sources in CONTENT_SECURITY_POLICY.items()}
+    for name, sources in conf.captcha_csp_sources(captcha_provider).items():
+        kept = [source for source in directives.get(name, []) if source != "'none'"]
+        directives[name] = list(dict.fromkeys([*kept, *sources]))
+    return "; ".join(f"{name} {' '.join(sources)}" for name, sources in directives.items())
+
 
 # (name, label, input type, autocomplete, hint); required and lengths come from the serializer.
 FIELDS = [
@@ -64,7 +72,7 @@ def with_security_headers(view):
     @functools.wraps(view)
     def wrapper(request, *args, **kwargs):
         response = view(request, *args, **kwargs)
-        response["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        response["Content-Security-Policy"] = content_security_policy()
         response["X-Content-Type-Options"] = "nosniff"
         return response
 

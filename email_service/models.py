@@ -487,3 +487,4 @@ class EmailAttempt(models.Model):
 
 # The audit trail's model lives in its own module; imported here so the app registry finds it.
 from .audit import AuditEntry  # noqa: E402, F401
+from .authentication import ApiToken  # noqa: E402, F401

@@ -8,7 +8,7 @@ from django.db import transaction
 from django.http import FileResponse
 from drf_spectacular.utils import extend_schema_view
 from rest_framework import status, viewsets
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import action
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
@@ -16,6 +16,7 @@ from rest_framework.response import Response
 
 from . import actions, audit, outbox, reports, schema
 from .audit import AuditAction, AuditChannel
+from .authentication import ExpiringTokenAuthentication
 from .exceptions import Conflict, SizeLimitedJSONParser
 from .filters import EmailRequestFilter
 from .idempotency import Replay, idempotent
@@ -43,7 +44,7 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
     """Contact-form submissions and their delivery."""
 
     queryset = EmailRequest.objects.all()
-    authentication_classes = [TokenAuthentication, SessionAuthentication]
+    authentication_classes = [ExpiringTokenAuthentication, SessionAuthentication]
     permission_classes = [EmailRequestPermission]
     parser_classes = [SizeLimitedJSONParser, MultiPartParser, FormParser]
     filterset_class = EmailRequestFilter

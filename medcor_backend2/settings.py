@@ -51,7 +51,8 @@ if not is_key(MEDCOR_INDEX_KEY):
     raise ImproperlyConfigured(f"MEDCOR_INDEX_KEY is not 32 bytes in url-safe base64; {KEY_HOWTO}")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # The admin with the staff admin site (TOTP second factor) as admin.site.
+    "medcor_backend2.apps.StaffAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -59,27 +60,36 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "corsheaders",
     "rest_framework",
-    "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_ratelimit",
     "email_service",
+    # Staff authentication and the Content-Security-Policy (see the block below).
+    "axes",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "csp",
 ]
 
 MIDDLEWARE = [
     # First, so that an oversized body is refused before anything reads it.
     "email_service.middleware.RequestBodyLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",
     # Lets the audit trail name who changed a permission, from the request that did it.
     "email_service.audit_hooks.AuditContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into the lockout answer.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "medcor_backend2.urls"
@@ -239,6 +249,66 @@ if not AUDIT_HMAC_KEY:
     AUDIT_HMAC_KEY = "insecure-audit-key-only-for-debug"
 AUDIT_RETENTION_DAYS = env.int("AUDIT_RETENTION_DAYS", default=2190)
 
+# --- Staff authentication and the Content-Security-Policy (email_service/authentication.py) -----
+# Admin logins: django-axes refuses a username, and separately an IP, after this many failures
+# until the cool-off has passed since the last one; the answer is a page (JSON under /api/).
+STAFF_LOGIN_FAILURE_LIMIT = env.int("STAFF_LOGIN_FAILURE_LIMIT", default=5)
+STAFF_LOGIN_COOLOFF_SECONDS = env.int("STAFF_LOGIN_COOLOFF_SECONDS", default=15 * 60)
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = "email_service.conf.staff_login_failure_limit"
+AXES_COOLOFF_TIME = "email_service.conf.staff_login_cooloff"
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_CLIENT_IP_CALLABLE = "email_service.throttling.client_ip"
+AXES_LOCKOUT_CALLABLE = "email_service.authentication.lockout_response"
+AXES_RESET_ON_SUCCESS = True
+# The audit trail records every login and failure; axes' own log would keep them forever.
+AXES_DISABLE_ACCESS_LOG = True
+# A TOTP second factor in the admin for staff with a device; for every staff member when true.
+ADMIN_REQUIRE_2FA = env.bool("ADMIN_REQUIRE_2FA", default=False)
+OTP_TOTP_ISSUER = "MedCor email service"  # the name authenticator apps show
+# A staff session ends after this long without a request; each request starts the period again.
+STAFF_SESSION_IDLE_SECONDS = env.int("STAFF_SESSION_IDLE_SECONDS", default=30 * 60)
+SESSION_COOKIE_AGE = STAFF_SESSION_IDLE_SECONDS
+SESSION_SAVE_EVERY_REQUEST = True
+# API tokens (`manage.py create_api_token`) are valid this many seconds: 30 days by default.
+API_TOKEN_TTL = env.int("API_TOKEN_TTL", default=30 * 24 * 60 * 60)
+# Every HTML page: scripts, styles, images and fetches from this origin only, never framed. The docs
+# add their pages' nonce (medcor_backend2/docs.py); the contact page sends its own policy.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'none'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+        "base-uri": ["'none'"],
+    }
+}
+# The origins a CAPTCHA provider's widget loads from, added to the contact page's policy for the
+# configured provider (email_service.conf.captcha_csp_sources).
+CSP_CAPTCHA_SOURCES = {
+    "turnstile": {
+        "script-src": ["https://challenges.cloudflare.com"],
+        "frame-src": ["https://challenges.cloudflare.com"],
+    },
+    "hcaptcha": {
+        "script-src": ["https://hcaptcha.com", "https://*.hcaptcha.com"],
+        "frame-src": ["https://hcaptcha.com", "https://*.hcaptcha.com"],
+        "style-src": ["https://hcaptcha.com", "https://*.hcaptcha.com"],
+        "connect-src": ["https://hcaptcha.com", "https://*.hcaptcha.com"],
+    },
+    "recaptcha": {
+        "script-src": ["https://www.google.com/recaptcha/", "https://www.gstatic.com/recaptcha/"],
+        "frame-src": ["https://www.google.com/recaptcha/", "https://recaptcha.google.com/recaptcha/"],
+    },
+}
+
 # --- Celery ----------------------------------------------------------------------------
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
@@ -294,7 +364,7 @@ CELERY_BEAT_SCHEDULE = {
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.TokenAuthentication",
+        "email_service.authentication.ExpiringTokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
@@ -307,6 +377,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Contact-form submissions delivered to MedCor support by email.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI and ReDoc from this service's static files, never a CDN (see the CSP block).
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # No badge that would fetch the schema's verdict from swagger.io.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
     "COMPONENT_SPLIT_REQUEST": True,
     # Operations are tagged by the path segment after this prefix: "emails".
     "SCHEMA_PATH_PREFIX": r"/api/email",

@@ -15,10 +15,10 @@ from django.core.wsgi import get_wsgi_application
 from django.db import close_old_connections
 from django.utils import timezone
 from hypothesis import HealthCheck, settings
-from rest_framework.authtoken.models import Token
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
+from email_service.authentication import issue_token
 from email_service.models import AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus
 
 from .files import pdf_bytes
@@ -33,7 +33,7 @@ schema.config.phases.coverage.enabled = False
 @pytest.fixture
 def staff_token(db):
     user = User.objects.create_superuser("schemathesis", "st@example.com", "not-used-password-1")
-    return Token.objects.create(user=user).key
+    return issue_token(user)
 
 
 @pytest.fixture(autouse=True)
