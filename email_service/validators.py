@@ -1,8 +1,12 @@
 """Input rules of a contact form: header-safe text, phone numbers, and attachments by content."""
 
+import codecs
 import os
 import re
+import struct
 import zipfile
+import zlib
+from xml.parsers import expat
 
 import magic
 from django.core.exceptions import ValidationError
@@ -69,24 +73,37 @@ def allowed_extensions():
 
 
 # Regex validators, so that the OpenAPI schema carries the same rules as patterns.
-# Header fields: no control characters at all (CR/LF would inject headers, NUL breaks storage).
-validate_header_safe = RegexValidator(
-    r"^[^\x00-\x1f\x7f]*$",
-    "Line breaks and control characters are not allowed in this field.",
-    code="header_injection",
+# What must never reach a mail header, anywhere in a value: control characters (CR/LF would inject
+# headers, NUL breaks storage) and the bidi embeddings, overrides and isolates (U+202A-U+202E,
+# U+2066-U+2069), which make a subject or a name read other than it is.
+_HEADER_UNSAFE_CHARS = r"\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069"
+# Nor RFC 2047 encoded-word syntax (=?charset?Q|B?text?=): mail clients decode it, to a line break
+# and a Bcc header for instance. Matched as leniently as decoders read it (Python's own included).
+_NO_ENCODED_WORD = r"(?![\s\S]*=\?[^?]*\?[BbQq]\?[\s\S]*\?=)"
+_SPACES = r"\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+HEADER_FIELD_MESSAGE = (
+    "Line breaks, control characters, text direction overrides and encoded words (=?...?=) "
+    "are not allowed in this field."
 )
-# The same, with at least one visible character (a value of spaces is trimmed to nothing).
+# The header-field rule: every field that reaches a header (subject, full_name, job_profession;
+# the email pattern below states it too), in the API, the contact page and the admin's form.
+validate_header_safe = RegexValidator(
+    rf"^{_NO_ENCODED_WORD}[^{_HEADER_UNSAFE_CHARS}]*$", HEADER_FIELD_MESSAGE, code="header_injection"
+)
+# The same rule, with at least one visible character (a value of spaces is trimmed to nothing).
 validate_header_safe_required = RegexValidator(
-    r"^[^\x00-\x1f\x7f]*[^\x00-\x20\x7f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00-\x1f\x7f]*$",
-    "Enter a value without line breaks or control characters.",
+    rf"^{_NO_ENCODED_WORD}[^{_HEADER_UNSAFE_CHARS}]*[^{_HEADER_UNSAFE_CHARS}{_SPACES}][^{_HEADER_UNSAFE_CHARS}]*$",
+    HEADER_FIELD_MESSAGE,
     code="header_injection",
 )
 validate_no_nul = RegexValidator(r"^[^\x00]*$", "Null characters are not allowed.", code="null_characters")
 # What Django's EmailValidator requires beyond the generic format: a dot-atom local part and a
 # top-level domain of at least two letters, and (as RFC 5321 says) at most 64 characters before
-# the @. Stated as a pattern so the API schema says it too.
+# the @; and, as every header field, no encoded word (the address is the mail's Reply-To). Stated
+# as a pattern so the API schema says it too.
 validate_email_shape = RegexValidator(
-    r"^(?=[^@]{1,64}@)[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@"
+    rf"^{_NO_ENCODED_WORD}"
+    r"(?=[^@]{1,64}@)[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@"
     r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$",
     "Enter a valid email address.",
     code="invalid",
@@ -129,19 +146,255 @@ def _sniff_whole(upload):
         upload.seek(0)
 
 
-def _unpacked_size(upload):
-    """Return the total size the zip's entries declare, or None if it is not a sane zip."""
+# --- office documents: zips read entry by entry, sizes counted as they unpack -------------------
+
+# Bytes read or unpacked per step, so a bomb is stopped at the cap, never held in memory.
+CHUNK = 64 * 1024
+# The one part whose content is read, not just counted: what each part of an OOXML package is.
+CONTENT_TYPES_PART = "[Content_Types].xml"
+MAX_CONTENT_TYPES_BYTES = 1024 * 1024
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+_STORED, _DEFLATED = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
+
+
+class ContentRefused(Exception):
+    """A file refused for what it holds; `code` says which rule."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def _is_macro_part(name):
+    # vbaProject.bin holds the VBA of a .docm/.xlsm/.pptm wherever the package puts it; ODF keeps
+    # StarBasic and script macros under Basic/ and Scripts/.
+    lowered = name.lower()
+    return lowered.rsplit("/", 1)[-1] == "vbaproject.bin" or lowered.startswith(("basic/", "scripts/"))
+
+
+def _is_macro_content_type(content_type):
+    lowered = content_type.lower()
+    return "macroenabled" in lowered or "vbaproject" in lowered
+
+
+def _content_types(data):
+    """Return every ContentType that [Content_Types].xml names, read by a parser, not by eye."""
+    found = []
+    parser = expat.ParserCreate()
+
+    def refuse_dtd(*args):
+        # A package part never has a DTD; one could hide names behind entities.
+        raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+
+    parser.StartDoctypeDeclHandler = refuse_dtd
+    parser.EntityDeclHandler = refuse_dtd
+    parser.StartElementHandler = lambda tag, attrs: found.append(attrs.get("ContentType", ""))
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as error:
+        raise ContentRefused("The document is damaged and cannot be opened.", "damaged") from error
+    return found
+
+
+def _entry_chunks(upload, info):
+    """Yield the entry's unpacked bytes in chunks, read from its local header on, sizes unread.
+
+    The stream is inflated until it ends, however small the sizes the headers declare.
+    """
+    upload.seek(info.header_offset)
+    header = upload.read(_LOCAL_HEADER.size)
+    if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+        raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+    name_length, extra_length = _LOCAL_HEADER.unpack(header)[-2:]
+    upload.seek(info.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
+    if info.compress_type == _STORED:
+        left = info.compress_size
+        while left > 0:
+            chunk = upload.read(min(CHUNK, left))
+            if not chunk:
+                raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+            left -= len(chunk)
+            yield chunk
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    while not inflater.eof:
+        packed = inflater.unconsumed_tail or upload.read(CHUNK)
+        if not packed:
+            raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+        try:
+            chunk = inflater.decompress(packed, CHUNK)
+        except zlib.error as error:
+            raise ContentRefused("The document is damaged and cannot be opened.", "damaged") from error
+        if chunk:
+            yield chunk
+
+
+def check_office_zip(upload):
+    """Open an office document as the zip it is: count real unpacked bytes, refuse bombs and macros."""
+    size = upload.size
+    limit = min(MAX_UNPACKED_BYTES, size * MAX_UNPACKED_RATIO)
     upload.seek(0)
     try:
-        with zipfile.ZipFile(upload) as archive:
-            entries = archive.infolist()
-            if len(entries) > MAX_ZIP_ENTRIES:
-                return None
-            return sum(info.file_size for info in entries)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return None
-    finally:
-        upload.seek(0)
+        entries = zipfile.ZipFile(upload).infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        raise ContentRefused("The document is damaged and cannot be opened.", "damaged") from error
+    if len(entries) > MAX_ZIP_ENTRIES:
+        raise ContentRefused("The document has too many parts.", "zip_bomb")
+    unpacked = 0
+    for info in entries:
+        if _is_macro_part(info.filename):
+            raise ContentRefused("The document contains macros.", "macro")
+        # Encrypted entries cannot be checked; office packages never use other methods.
+        if info.flag_bits & 0x1 or info.compress_type not in (_STORED, _DEFLATED):
+            raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+        keep = info.filename == CONTENT_TYPES_PART
+        content, length, crc = [], 0, 0
+        for chunk in _entry_chunks(upload, info):
+            length += len(chunk)
+            unpacked += len(chunk)
+            if unpacked > limit:
+                raise ContentRefused("The document unpacks to an unreasonable size.", "zip_bomb")
+            crc = zlib.crc32(chunk, crc)
+            if keep:
+                if length > MAX_CONTENT_TYPES_BYTES:
+                    raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+                content.append(chunk)
+        # A size or checksum other than declared: the zip lies, and readers may disagree on it.
+        if length != info.file_size or crc != info.CRC:
+            raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+        if keep and any(_is_macro_content_type(kind) for kind in _content_types(b"".join(content))):
+            raise ContentRefused("The document contains macros.", "macro")
+
+
+# --- PDF: every name in the file and in its object streams ----------------------------------------
+
+# Names whose presence anywhere means the PDF can run something or carries a file: JavaScript
+# (as an action's type and in the document's names), launching a program, embedded files, Flash
+# and other rich media. Always there beside the script, so found even inside stream data.
+PDF_ACTIVE_NAMES = {b"JavaScript", b"Launch", b"EmbeddedFile", b"EmbeddedFiles", b"RichMedia"}
+# The script key itself: two letters, which random bytes in image data hold now and then, so
+# looked for only in the PDF's syntax (outside stream data) and in its object streams.
+PDF_SCRIPT_KEY = b"JS"
+# A name: a slash and the regular characters that follow; #xx escapes a byte (/J#61vaScript).
+_PDF_NAME = re.compile(rb"/([^\x00\t\n\x0c\r ()<>\[\]{}/%]*)")
+_PDF_ESCAPE = re.compile(rb"#([0-9A-Fa-f]{2})")
+# A stream's data: from the keyword and its line end to the first `endstream`.
+_PDF_STREAM = re.compile(rb"(?<![A-Za-z])stream(?:\r\n|\n|\r)(.*?)endstream", re.S)
+
+
+def _pdf_names(data):
+    """Return the set of names in `data`, #-escapes decoded."""
+    return {
+        _PDF_ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), match.group(1))
+        for match in _PDF_NAME.finditer(data)
+    }
+
+
+def _inflate_capped(data, budget):
+    """Return `data` inflated (zlib), or raise when it unpacks past `budget` bytes."""
+    inflater = zlib.decompressobj()
+    out, total, packed = [], 0, data
+    while packed and not inflater.eof:
+        chunk = inflater.decompress(packed, CHUNK)
+        total += len(chunk)
+        if total > budget:
+            raise ContentRefused("The PDF unpacks to an unreasonable size.", "zip_bomb")
+        out.append(chunk)
+        packed = inflater.unconsumed_tail
+    return b"".join(out)
+
+
+def check_pdf(upload):
+    """Refuse a PDF that runs script, launches programs or carries files, reading all of it."""
+    upload.seek(0)
+    data = upload.read()
+    budget = min(MAX_UNPACKED_BYTES, max(len(data), 1) * MAX_UNPACKED_RATIO)
+    syntax, last = [], 0
+    for stream in _PDF_STREAM.finditer(data):
+        dictionary = data[last : stream.start()]
+        syntax.append(dictionary)
+        last = stream.end()
+        body = stream.group(1)
+        found = _pdf_names(body)
+        if found & PDF_ACTIVE_NAMES:
+            raise ContentRefused(
+                "The PDF contains script, a launch action or an embedded file.", "active_content"
+            )
+        # The dictionary of this stream: what follows the last `obj` before it.
+        described = _pdf_names(dictionary.rsplit(b"obj", 1)[-1])
+        if b"ObjStm" not in described:
+            continue
+        # An object stream holds dictionaries compressed: they are read like the file's own syntax.
+        filters = described & {
+            b"FlateDecode",
+            b"Fl",
+            b"ASCIIHexDecode",
+            b"ASCII85Decode",
+            b"LZWDecode",
+            b"RunLengthDecode",
+            b"Crypt",
+            b"DecodeParms",
+            b"Predictor",
+        }
+        if filters - {b"FlateDecode", b"Fl"}:
+            raise ContentRefused("The PDF is encoded in a way that cannot be checked.", "damaged")
+        try:
+            objects = _inflate_capped(body, budget) if filters else body
+        except zlib.error as error:
+            raise ContentRefused("The PDF is encoded in a way that cannot be checked.", "damaged") from error
+        budget -= len(objects)
+        syntax.append(objects)
+    syntax.append(data[last:])
+    names = set().union(*(_pdf_names(part) for part in syntax))
+    if names & (PDF_ACTIVE_NAMES | {PDF_SCRIPT_KEY}):
+        raise ContentRefused(
+            "The PDF contains script, a launch action or an embedded file.", "active_content"
+        )
+
+
+# --- text: the whole file, in one encoding, with no binary ---------------------------------------
+
+TEXT_TYPES = {"text/plain", "text/csv", "application/csv"}
+# Control characters a text file has no use for (tab, line feed, form feed and CR are kept).
+_BINARY_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+ACTIVE_MARKUP_TEXT = re.compile(ACTIVE_MARKUP.pattern.decode(), re.I)
+# How libmagic's reading of the head says the rest must decode; 8-bit text decodes as Latin-1.
+_TEXT_CODECS = {"us-ascii": "utf-8", "utf-8": "utf-8", "utf-16le": "utf-16-le", "utf-16be": "utf-16-be"}
+
+
+def check_text(upload, encoding):
+    """Read a text file to the end: one encoding throughout, no NUL or other binary, no markup."""
+    decoder = codecs.getincrementaldecoder(_TEXT_CODECS.get(encoding, "latin-1"))(errors="strict")
+    upload.seek(0)
+    tail = ""
+    try:
+        for chunk in iter(lambda: upload.read(CHUNK), b""):
+            text = decoder.decode(chunk)
+            if _BINARY_CHARACTERS.search(text):
+                raise ContentRefused("The text file contains binary data.", "binary")
+            # A little of the previous chunk, so a tag split between two chunks is found too.
+            if ACTIVE_MARKUP_TEXT.search(tail + text):
+                raise ContentRefused("The file contains web page markup or script.", "active_content")
+            tail = text[-32:]
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as error:
+        raise ContentRefused(f"The text file is not valid {encoding} throughout.", "encoding") from error
+
+
+def _check_content(upload, content_type):
+    if content_type in ZIP_TYPES:
+        check_office_zip(upload)
+    elif content_type == "application/pdf":
+        check_pdf(upload)
+    elif content_type in TEXT_TYPES:
+        check_text(upload, _text_encoding(upload))
+
+
+def _text_encoding(upload):
+    upload.seek(0)
+    head = upload.read(SNIFF_BYTES)
+    upload.seek(0)
+    return magic.Magic(mime_encoding=True).from_buffer(head)
 
 
 def validate_attachment(upload):
@@ -164,10 +417,10 @@ def validate_attachment(upload):
         )
     if ACTIVE_MARKUP.search(head):
         _refuse("The file contains web page markup or script.", "active_content")
-    if content_type in ZIP_TYPES:
-        unpacked = _unpacked_size(upload)
-        if unpacked is None:
-            _refuse("The document is damaged and cannot be opened.", "damaged")
-        if unpacked > MAX_UNPACKED_BYTES or unpacked > size * MAX_UNPACKED_RATIO:
-            _refuse("The document unpacks to an unreasonable size.", "zip_bomb")
+    try:
+        _check_content(upload, content_type)
+    except ContentRefused as refused:
+        _refuse(str(refused), refused.code)
+    finally:
+        upload.seek(0)
     return content_type
