@@ -358,8 +358,10 @@ TEXT_TYPES = {"text/plain", "text/csv", "application/csv"}
 # Control characters a text file has no use for (tab, line feed, form feed and CR are kept).
 _BINARY_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 ACTIVE_MARKUP_TEXT = re.compile(ACTIVE_MARKUP.pattern.decode(), re.I)
-# How libmagic's reading of the head says the rest must decode; 8-bit text decodes as Latin-1.
-_TEXT_CODECS = {"us-ascii": "utf-8", "utf-8": "utf-8", "utf-16le": "utf-16-le", "utf-16be": "utf-16-be"}
+# How the rest must decode, by libmagic's reading of the head: UTF-8 and UTF-16 strictly to the
+# end. Other heads (ASCII, Latin-1, Windows-1252) are 8-bit text, where any byte but a control
+# character is text: an ASCII head may well be followed by accented names further down.
+_TEXT_CODECS = {"utf-8": "utf-8", "utf-16le": "utf-16-le", "utf-16be": "utf-16-be"}
 
 
 def check_text(upload, encoding):
@@ -378,7 +380,7 @@ def check_text(upload, encoding):
             tail = text[-32:]
         decoder.decode(b"", final=True)
     except UnicodeDecodeError as error:
-        raise ContentRefused(f"The text file is not valid {encoding} throughout.", "encoding") from error
+        raise ContentRefused(f"The text file is not valid {encoding.upper()} throughout.", "encoding") from error
 
 
 def _check_content(upload, content_type):

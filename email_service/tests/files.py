@@ -347,13 +347,13 @@ def _patch_entry_sizes(data, name, *, method=None, crc=None, compressed=None, un
             if out[start + name_start : start + name_start + length] == encoded:
                 old = struct.unpack_from("<H", out, start + fields_at)[0]
                 old_crc, old_compressed, old_uncompressed = struct.unpack_from(
-                    "<III", out, start + fields_at + 4
+                    "<III", out, start + fields_at + 6
                 )
                 struct.pack_into("<H", out, start + fields_at, old if method is None else method)
                 struct.pack_into(
                     "<III",
                     out,
-                    start + fields_at + 4,
+                    start + fields_at + 6,
                     old_crc if crc is None else crc,
                     old_compressed if compressed is None else compressed,
                     old_uncompressed if uncompressed is None else uncompressed,
@@ -507,3 +507,49 @@ def pdf_with_words_like_names_bytes():
         b"/OpenAction [3 0 R /Fit]",
         object_stream=[b"<< /Title (Notes on JavaScript) /Author (Dr Launch) >>"],
     )
+
+
+# --- text past the first 64 KiB -------------------------------------------------------------
+
+# Past the bytes libmagic sniffs, so only a check that reads the whole file sees what follows.
+PAST_THE_HEAD = 70 * 1024
+
+
+def long_text_bytes():
+    """A long UTF-8 lab report, accented throughout."""
+    line = "Hämoglobin 12.5 g/dL – Référence 12–16\n".encode()
+    return line * (PAST_THE_HEAD // len(line) + 10)
+
+
+def late_accents_csv_bytes():
+    """A Windows-1252 CSV whose first accented name comes after 70 KiB of ASCII rows."""
+    return b"2024-01-05,Haemoglobin,12.5,g/dL\r\n" * (PAST_THE_HEAD // 34) + "Müller,Zoë,€\r\n".encode(
+        "cp1252"
+    )
+
+
+def utf16_text_bytes():
+    """A text file as Notepad saves it in "Unicode": UTF-16 with a byte order mark."""
+    return b"\xff\xfe" + "Résultats du laboratoire\r\n".encode("utf-16-le") * 200
+
+
+def text_then_bytes(tail):
+    """Plain text for 70 KiB, then `tail`."""
+    return b"Lab results are normal.\n" * (PAST_THE_HEAD // 24) + tail
+
+
+def text_then_executable_bytes():
+    return text_then_bytes(exe_bytes())
+
+
+def text_then_nul_bytes():
+    return text_then_bytes(b"normal\x00normal\n")
+
+
+def text_then_script_bytes():
+    return text_then_bytes(b"<script>fetch('/api/')</script>\n")
+
+
+def utf8_then_latin1_bytes():
+    """UTF-8 for 70 KiB, then a byte that is not UTF-8: two encodings in one file."""
+    return long_text_bytes() + "Müller\n".encode("latin-1")
