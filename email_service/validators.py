@@ -39,12 +39,15 @@ DEFAULT_ALLOWED_ATTACHMENT_TYPES = {
 }
 # The default allow-list's types, for the OpenAPI schema's list of attachment media types.
 ALLOWED_CONTENT_TYPES = tuple(DEFAULT_ALLOWED_ATTACHMENT_TYPES)
-# Zip containers among them, whose unpacked size is checked against bombs.
+# Zip containers among them, opened and unpacked for real (bombs, macros).
 ZIP_TYPES = {
     "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
     "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
     "application/vnd.oasis.opendocument.text",
 }
+# And any other zip an allow-list from settings may admit: OOXML and ODF families, plain zips.
+ZIP_TYPE_PREFIXES = ("application/vnd.openxmlformats-officedocument.", "application/vnd.oasis.opendocument.")
+ZIP_OTHER_TYPES = {"application/zip", "application/x-zip-compressed"}
 # libmagic needs the first entries of an OOXML zip to tell DOCX from a plain zip.
 SNIFF_BYTES = 64 * 1024
 # What libmagic reports for an OLE2 file (DOC, XLS) whose directory lies past the leading bytes.
@@ -155,6 +158,7 @@ CONTENT_TYPES_PART = "[Content_Types].xml"
 MAX_CONTENT_TYPES_BYTES = 1024 * 1024
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _STORED, _DEFLATED = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
+DAMAGED = "The document is damaged and cannot be opened."
 
 
 class ContentRefused(Exception):
@@ -184,7 +188,7 @@ def _content_types(data):
 
     def refuse_dtd(*args):
         # A package part never has a DTD; one could hide names behind entities.
-        raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+        raise ContentRefused(DAMAGED, "damaged")
 
     parser.StartDoctypeDeclHandler = refuse_dtd
     parser.EntityDeclHandler = refuse_dtd
@@ -192,7 +196,7 @@ def _content_types(data):
     try:
         parser.Parse(data, True)
     except expat.ExpatError as error:
-        raise ContentRefused("The document is damaged and cannot be opened.", "damaged") from error
+        raise ContentRefused(DAMAGED, "damaged") from error
     return found
 
 
@@ -204,7 +208,7 @@ def _entry_chunks(upload, info):
     upload.seek(info.header_offset)
     header = upload.read(_LOCAL_HEADER.size)
     if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
-        raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+        raise ContentRefused(DAMAGED, "damaged")
     name_length, extra_length = _LOCAL_HEADER.unpack(header)[-2:]
     upload.seek(info.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
     if info.compress_type == _STORED:
@@ -212,7 +216,7 @@ def _entry_chunks(upload, info):
         while left > 0:
             chunk = upload.read(min(CHUNK, left))
             if not chunk:
-                raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+                raise ContentRefused(DAMAGED, "damaged")
             left -= len(chunk)
             yield chunk
         return
@@ -220,11 +224,11 @@ def _entry_chunks(upload, info):
     while not inflater.eof:
         packed = inflater.unconsumed_tail or upload.read(CHUNK)
         if not packed:
-            raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+            raise ContentRefused(DAMAGED, "damaged")
         try:
             chunk = inflater.decompress(packed, CHUNK)
         except zlib.error as error:
-            raise ContentRefused("The document is damaged and cannot be opened.", "damaged") from error
+            raise ContentRefused(DAMAGED, "damaged") from error
         if chunk:
             yield chunk
 
@@ -237,7 +241,7 @@ def check_office_zip(upload):
     try:
         entries = zipfile.ZipFile(upload).infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-        raise ContentRefused("The document is damaged and cannot be opened.", "damaged") from error
+        raise ContentRefused(DAMAGED, "damaged") from error
     if len(entries) > MAX_ZIP_ENTRIES:
         raise ContentRefused("The document has too many parts.", "zip_bomb")
     unpacked = 0
@@ -246,7 +250,7 @@ def check_office_zip(upload):
             raise ContentRefused("The document contains macros.", "macro")
         # Encrypted entries cannot be checked; office packages never use other methods.
         if info.flag_bits & 0x1 or info.compress_type not in (_STORED, _DEFLATED):
-            raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+            raise ContentRefused(DAMAGED, "damaged")
         keep = info.filename == CONTENT_TYPES_PART
         content, length, crc = [], 0, 0
         for chunk in _entry_chunks(upload, info):
@@ -257,11 +261,11 @@ def check_office_zip(upload):
             crc = zlib.crc32(chunk, crc)
             if keep:
                 if length > MAX_CONTENT_TYPES_BYTES:
-                    raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+                    raise ContentRefused(DAMAGED, "damaged")
                 content.append(chunk)
         # A size or checksum other than declared: the zip lies, and readers may disagree on it.
         if length != info.file_size or crc != info.CRC:
-            raise ContentRefused("The document is damaged and cannot be opened.", "damaged")
+            raise ContentRefused(DAMAGED, "damaged")
         if keep and any(_is_macro_content_type(kind) for kind in _content_types(b"".join(content))):
             raise ContentRefused("The document contains macros.", "macro")
 
@@ -275,9 +279,31 @@ PDF_ACTIVE_NAMES = {b"JavaScript", b"Launch", b"EmbeddedFile", b"EmbeddedFiles",
 # The script key itself: two letters, which random bytes in image data hold now and then, so
 # looked for only in the PDF's syntax (outside stream data) and in its object streams.
 PDF_SCRIPT_KEY = b"JS"
+PDF_ACTIVE = "The PDF contains script, a launch action or an embedded file."
 # A name: a slash and the regular characters that follow; #xx escapes a byte (/J#61vaScript).
 _PDF_NAME = re.compile(rb"/([^\x00\t\n\x0c\r ()<>\[\]{}/%]*)")
 _PDF_ESCAPE = re.compile(rb"#([0-9A-Fa-f]{2})")
+# The filters and parameters a stream's dictionary may name, abbreviations included (pdf.js takes
+# them on any stream). An object stream is read only when plain or deflated, without a predictor:
+# any other encoding could hide names from this check.
+_PDF_FLATE = {b"FlateDecode", b"Fl"}
+_PDF_DECODINGS = _PDF_FLATE | {
+    b"ASCIIHexDecode",
+    b"AHx",
+    b"ASCII85Decode",
+    b"A85",
+    b"LZWDecode",
+    b"LZW",
+    b"RunLengthDecode",
+    b"RL",
+    b"Crypt",
+    b"DecodeParms",
+    b"DP",
+    b"Predictor",
+}
+# What makes a stream an object stream to a reader: its type, or the two keys it is parsed by
+# (a reader that finds it through a cross-reference stream may not look at the type).
+_PDF_OBJECT_STREAM_KEYS = {b"N", b"First"}
 # A stream's data: from the keyword and its line end to the first `endstream`.
 _PDF_STREAM = re.compile(rb"(?<![A-Za-z])stream(?:\r\n|\n|\r)(.*?)endstream", re.S)
 
@@ -315,28 +341,15 @@ def check_pdf(upload):
         syntax.append(dictionary)
         last = stream.end()
         body = stream.group(1)
-        found = _pdf_names(body)
-        if found & PDF_ACTIVE_NAMES:
-            raise ContentRefused(
-                "The PDF contains script, a launch action or an embedded file.", "active_content"
-            )
+        if _pdf_names(body) & PDF_ACTIVE_NAMES:
+            raise ContentRefused(PDF_ACTIVE, "active_content")
         # The dictionary of this stream: what follows the last `obj` before it.
         described = _pdf_names(dictionary.rsplit(b"obj", 1)[-1])
-        if b"ObjStm" not in described:
+        if b"ObjStm" not in described and not _PDF_OBJECT_STREAM_KEYS <= described:
             continue
         # An object stream holds dictionaries compressed: they are read like the file's own syntax.
-        filters = described & {
-            b"FlateDecode",
-            b"Fl",
-            b"ASCIIHexDecode",
-            b"ASCII85Decode",
-            b"LZWDecode",
-            b"RunLengthDecode",
-            b"Crypt",
-            b"DecodeParms",
-            b"Predictor",
-        }
-        if filters - {b"FlateDecode", b"Fl"}:
+        filters = described & _PDF_DECODINGS
+        if filters - _PDF_FLATE:
             raise ContentRefused("The PDF is encoded in a way that cannot be checked.", "damaged")
         try:
             objects = _inflate_capped(body, budget) if filters else body
@@ -347,9 +360,7 @@ def check_pdf(upload):
     syntax.append(data[last:])
     names = set().union(*(_pdf_names(part) for part in syntax))
     if names & (PDF_ACTIVE_NAMES | {PDF_SCRIPT_KEY}):
-        raise ContentRefused(
-            "The PDF contains script, a launch action or an embedded file.", "active_content"
-        )
+        raise ContentRefused(PDF_ACTIVE, "active_content")
 
 
 # --- text: the whole file, in one encoding, with no binary ---------------------------------------
@@ -380,11 +391,23 @@ def check_text(upload, encoding):
             tail = text[-32:]
         decoder.decode(b"", final=True)
     except UnicodeDecodeError as error:
-        raise ContentRefused(f"The text file is not valid {encoding.upper()} throughout.", "encoding") from error
+        raise ContentRefused(
+            f"The text file is not valid {encoding.upper()} throughout.", "encoding"
+        ) from error
+
+
+def is_zip_type(content_type):
+    """Return whether files of this type are zip containers, checked entry by entry."""
+    return (
+        content_type in ZIP_TYPES
+        or content_type in ZIP_OTHER_TYPES
+        or content_type.startswith(ZIP_TYPE_PREFIXES)
+        or "macroenabled" in content_type.lower()
+    )
 
 
 def _check_content(upload, content_type):
-    if content_type in ZIP_TYPES:
+    if is_zip_type(content_type):
         check_office_zip(upload)
     elif content_type == "application/pdf":
         check_pdf(upload)

@@ -399,10 +399,12 @@ def docx_with_wrong_size_bytes():
 # --- PDFs that act --------------------------------------------------------------------------
 
 
-def pdf_document(catalog=b"", objects=(), object_stream=()):
+def pdf_document(
+    catalog=b"", objects=(), object_stream=(), object_stream_type=b"/Type /ObjStm /Filter /FlateDecode"
+):
     """A one-page PDF: `catalog` added to the catalog, `objects` numbered from 6 on in the body,
     then `object_stream` objects compressed in an object stream with a cross-reference stream
-    (as PDF 1.5 writers do)."""
+    (as PDF 1.5 writers do); `object_stream_type` is what that stream's dictionary says of it."""
     page = b"BT /F1 12 Tf 72 720 Td (MedCor referral letter) Tj ET"
     body = [
         b"<< /Type /Catalog /Pages 2 0 R " + catalog + b" >>",
@@ -436,8 +438,8 @@ def pdf_document(catalog=b"", objects=(), object_stream=()):
     stream_number = first + len(object_stream)
     offsets.append(out.tell())
     out.write(
-        b"%d 0 obj\n<< /Type /ObjStm /N %d /First %d /Filter /FlateDecode /Length %d >>\nstream\n"
-        % (stream_number, len(object_stream), len(header), len(compressed))
+        b"%d 0 obj\n<< %s /N %d /First %d /Length %d >>\nstream\n"
+        % (stream_number, object_stream_type, len(object_stream), len(header), len(compressed))
         + compressed
         + b"\nendstream\nendobj\n"
     )
@@ -553,3 +555,12 @@ def text_then_script_bytes():
 def utf8_then_latin1_bytes():
     """UTF-8 for 70 KiB, then a byte that is not UTF-8: two encodings in one file."""
     return long_text_bytes() + "Müller\n".encode("latin-1")
+
+
+def pdf_untyped_object_stream_with_script_bytes():
+    """A script in an object stream that says neither its type nor its filter in full (/Fl)."""
+    return pdf_document(
+        b"/OpenAction 6 0 R",
+        object_stream=[b"<< /S /JavaScript /JS (app.alert(1)) >>"],
+        object_stream_type=b"/Filter /Fl",
+    )

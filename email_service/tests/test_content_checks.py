@@ -33,6 +33,7 @@ REFUSED = [
     ("referral.pdf", files.pdf_embedded_file_bytes, SCRIPT),
     ("referral.pdf", files.pdf_escaped_script_in_object_stream_bytes, SCRIPT),
     ("referral.pdf", files.pdf_script_key_only_bytes, SCRIPT),
+    ("referral.pdf", files.pdf_untyped_object_stream_with_script_bytes, SCRIPT),
     ("referral.pdf", files.pdf_incremental_update_with_script_bytes, SCRIPT),
     ("notes.txt", files.text_then_executable_bytes, "contains binary data"),
     ("notes.txt", files.text_then_nul_bytes, "contains binary data"),
@@ -155,3 +156,11 @@ def test_a_pdf_bomb_in_an_object_stream_is_refused(monkeypatch):
     monkeypatch.setattr(validators, "MAX_UNPACKED_BYTES", 256 * 1024)
     data = files.pdf_document(object_stream=[b"<< /Padding (" + b"0" * 1024 * 1024 + b") >>"])
     assert refusal(data, "letter.pdf").code == "zip_bomb"
+
+
+def test_an_object_stream_with_a_predictor_is_refused_as_uncheckable():
+    data = files.pdf_document(
+        object_stream=[b"<< /S /GoTo /D [3 0 R /Fit] >>"],
+        object_stream_type=b"/Type /ObjStm /Filter /FlateDecode /DecodeParms << /Predictor 12 /Columns 4 >>",
+    )
+    assert refusal(data, "letter.pdf").code == "damaged"
