@@ -363,6 +363,81 @@ def check_pdf(upload):
         raise ContentRefused(PDF_ACTIVE, "active_content")
 
 
+# --- OLE2 documents (DOC, XLS): the directory read for a VBA project ----------------------------
+
+OLE_TYPES = {"application/msword", "application/vnd.ms-excel", "application/vnd.ms-office"}
+# Where a VBA project lives: Word's Macros storage, Excel's _VBA_PROJECT_CUR, and inside either
+# the VBA storage with its _VBA_PROJECT stream. Names compare without case, as the format says.
+OLE_MACRO_NAMES = {"macros", "_vba_project_cur", "vba", "_vba_project"}
+_OLE_HEADER = struct.Struct("<8s16sHHHHH6sIIIIIIIII109I")
+_OLE_LAST_SECTOR = 0xFFFFFFFA  # higher numbers mark free sectors and chain ends
+_OLE_ENTRY = struct.Struct("<64sHB")
+
+
+def _ole_sectors(data, size, numbers):
+    for number in numbers:
+        start = (number + 1) * size
+        if number >= _OLE_LAST_SECTOR or start + size > len(data):
+            raise ContentRefused(DAMAGED, "damaged")
+        yield data[start : start + size]
+
+
+def _ole_chain(fat, first):
+    """Yield the sector numbers of a chain, refusing loops and numbers past the table."""
+    seen, number = set(), first
+    while number < _OLE_LAST_SECTOR:
+        if number in seen or number >= len(fat):
+            raise ContentRefused(DAMAGED, "damaged")
+        seen.add(number)
+        yield number
+        number = fat[number]
+
+
+def ole_entry_names(data):
+    """Return the names of every storage and stream in an OLE2 compound file's directory."""
+    if len(data) < _OLE_HEADER.size:
+        raise ContentRefused(DAMAGED, "damaged")
+    header = _OLE_HEADER.unpack_from(data)
+    shift, fat_count, directory_start, difat_start, difat_count = (
+        header[5],
+        header[9],
+        header[10],
+        header[15],
+        header[16],
+    )
+    if shift not in (9, 12):
+        raise ContentRefused(DAMAGED, "damaged")
+    size = 1 << shift
+    per_sector = size // 4
+    fat_sectors = [number for number in header[17:] if number < _OLE_LAST_SECTOR]
+    number = difat_start
+    for _ in range(difat_count):
+        [sector] = _ole_sectors(data, size, [number])
+        numbers = struct.unpack(f"<{per_sector}I", sector)
+        fat_sectors += [n for n in numbers[:-1] if n < _OLE_LAST_SECTOR]
+        number = numbers[-1]
+    if len(fat_sectors) < fat_count:
+        raise ContentRefused(DAMAGED, "damaged")
+    fat = []
+    for sector in _ole_sectors(data, size, fat_sectors[:fat_count]):
+        fat += struct.unpack(f"<{per_sector}I", sector)
+    names = []
+    for sector in _ole_sectors(data, size, _ole_chain(fat, directory_start)):
+        for offset in range(0, size, 128):
+            raw, length, kind = _OLE_ENTRY.unpack_from(sector, offset)
+            if kind and 2 <= length <= 64:
+                names.append(raw[: length - 2].decode("utf-16-le", "replace"))
+    return names
+
+
+def check_ole_document(upload):
+    """Refuse a Word or Excel 97-2003 file that carries a VBA project."""
+    upload.seek(0)
+    names = ole_entry_names(upload.read())
+    if any(name.lower() in OLE_MACRO_NAMES for name in names):
+        raise ContentRefused("The document contains macros.", "macro")
+
+
 # --- text: the whole file, in one encoding, with no binary ---------------------------------------
 
 TEXT_TYPES = {"text/plain", "text/csv", "application/csv"}
@@ -411,6 +486,8 @@ def _check_content(upload, content_type):
         check_office_zip(upload)
     elif content_type == "application/pdf":
         check_pdf(upload)
+    elif content_type in OLE_TYPES:
+        check_ole_document(upload)
     elif content_type in TEXT_TYPES:
         check_text(upload, _text_encoding(upload))
 

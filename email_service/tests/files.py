@@ -147,16 +147,44 @@ def doc_bytes(text="Referral letter saved by Word 97-2003."):
 
 def compound_file_bytes(stream_name, payload):
     """An OLE2 compound file (version 3, 512-byte sectors) holding one stream."""
+    return compound_file_tree([(stream_name, payload)])
+
+
+def compound_file_tree(tree):
+    """An OLE2 compound file holding `tree`: (name, payload) for a stream, (name, [children]) for
+    a storage; each storage's children are chained as right siblings."""
     sector = 512
     end_of_chain, fat_sector, free, no_stream = 0xFFFFFFFE, 0xFFFFFFFD, 0xFFFFFFFF, 0xFFFFFFFF
-    # At least 4096 bytes, so that the stream lives in the main FAT, not the mini stream.
-    body = payload.ljust(max(4096, -(-len(payload) // sector) * sector), b"\x00")
-    count = len(body) // sector
-    assert count + 2 <= 128, "one FAT sector is enough for the files the tests make"
-    fat = [index + 1 for index in range(count - 1)] + [end_of_chain, fat_sector, end_of_chain]
+    rows, bodies = [], []  # rows: [name, kind, child, right, start, size]
+
+    def add(name, content):
+        index = len(rows)
+        rows.append([name, 1 if isinstance(content, list) else 2, no_stream, no_stream, 0, 0])
+        if isinstance(content, list):
+            children = [add(*child) for child in content]
+            _chain_siblings(rows, index, children)
+        else:
+            # At least 4096 bytes, so that the stream lives in the main FAT, not the mini stream.
+            body = content.ljust(max(4096, -(-len(content) // sector) * sector), b"\x00")
+            rows[index][4] = sum(len(b) for b in bodies) // sector
+            rows[index][5] = len(content)
+            bodies.append(body)
+        return index
+
+    rows.append(["Root Entry", 5, no_stream, no_stream, end_of_chain, 0])
+    _chain_siblings(rows, 0, [add(*child) for child in tree])
+    fat = []
+    for body in bodies:
+        first, count = len(fat), len(body) // sector
+        fat += [first + index + 1 for index in range(count - 1)] + [end_of_chain]
+    count = len(fat)
+    # The FAT sector, then the directory's sectors (four entries each), chained.
+    directory_sectors = -(-len(rows) // 4)
+    fat += [fat_sector] + [count + 2 + index for index in range(directory_sectors - 1)] + [end_of_chain]
+    assert len(fat) <= 128, "one FAT sector is enough for the files the tests make"
     fat += [free] * (128 - len(fat))
 
-    def entry(name, kind, child, start, size):
+    def entry(name, kind, child, right, start, size):
         encoded = (name + "\x00").encode("utf-16-le") if name else b""
         return struct.pack(
             "<64sHBBIII16sIQQIII",
@@ -165,7 +193,7 @@ def compound_file_bytes(stream_name, payload):
             kind,
             1,
             no_stream,
-            no_stream,
+            right,
             child,
             b"\x00" * 16,
             0,
@@ -176,10 +204,8 @@ def compound_file_bytes(stream_name, payload):
             0,
         )
 
-    directory = (
-        entry("Root Entry", 5, 1, end_of_chain, 0)
-        + entry(stream_name, 2, no_stream, 0, len(payload))
-        + entry("", 0, no_stream, 0, 0) * 2
+    directory = b"".join(entry(*row) for row in rows) + entry("", 0, no_stream, no_stream, 0, 0) * (
+        4 * directory_sectors - len(rows)
     )
     header = struct.pack(
         "<8s16sHHHHH6sIIIIIIIII",
@@ -201,7 +227,22 @@ def compound_file_bytes(stream_name, payload):
         end_of_chain,
         0,
     ) + struct.pack("<109I", count, *[free] * 108)
-    return header + body + struct.pack("<128I", *fat) + directory
+    return header + b"".join(bodies) + struct.pack("<128I", *fat) + directory
+
+
+def _chain_siblings(rows, parent, children):
+    if children:
+        rows[parent][2] = children[0]
+        for left, right in zip(children, children[1:], strict=False):
+            rows[left][3] = right
+
+
+def doc_with_macros_bytes():
+    """A Word 97-2003 file with a VBA project: the Macros storage, its VBA storage and _VBA_PROJECT."""
+    word = struct.pack("<HH", 0xA5EC, 0x00C1) + b"\x00" * 508 + b"Enable content to see this letter."
+    return compound_file_tree(
+        [("WordDocument", word), ("Macros", [("VBA", [("_VBA_PROJECT", b"\xcc\x61" + b"\x00" * 5)])])]
+    )
 
 
 def rtf_bytes(text="Referral letter"):
@@ -564,3 +605,23 @@ def pdf_untyped_object_stream_with_script_bytes():
         object_stream=[b"<< /S /JavaScript /JS (app.alert(1)) >>"],
         object_stream_type=b"/Filter /Fl",
     )
+
+
+def xls_with_macros_bytes():
+    """An Excel 97-2003 workbook with a VBA project in _VBA_PROJECT_CUR, as Excel stores one."""
+    # A BIFF8 BOF record (workbook globals), which is how a Workbook stream starts.
+    workbook = struct.pack("<HHHHHHII", 0x0809, 16, 0x0600, 0x0005, 0x0DBB, 0x07CC, 0, 0x0006)
+    return compound_file_tree(
+        [("Workbook", workbook), ("_VBA_PROJECT_CUR", [("VBA", [("dir", b"\x01\x00" + b"\x00" * 30)])])]
+    )
+
+
+def ole_with_looping_fat_bytes():
+    """A Word 97-2003 file with a VBA project, whose directory's chain loops back to its start
+    after the first sector: a reader that follows it never ends, one that stops early sees no macro."""
+    data = bytearray(doc_with_macros_bytes())
+    (directory,) = struct.unpack_from("<I", data, 48)
+    fat_at = (struct.unpack_from("<I", data, 76)[0] + 1) * 512
+    second = struct.unpack_from("<I", data, fat_at + 4 * directory)[0]
+    struct.pack_into("<I", data, fat_at + 4 * second, directory)
+    return bytes(data)

@@ -1,5 +1,5 @@
-"""Content checks that read what they check: office zips unpacked for real, PDFs read to the end
-for what can act, text files read in full."""
+"""Content checks that read what they check: office zips unpacked for real, OLE2 directories read,
+PDFs read to the end for what can act, text files read in full."""
 
 import io
 import zipfile
@@ -26,6 +26,8 @@ REFUSED = [
     ("letter.docx", files.docx_with_hidden_vba_bytes, "contains macros"),
     ("results.docx", files.docx_with_macro_content_type_bytes, "contains macros"),
     ("letter.odt", files.odt_with_basic_macro_bytes, "contains macros"),
+    ("old letter.doc", files.doc_with_macros_bytes, "contains macros"),
+    ("old results.xls", files.xls_with_macros_bytes, "contains macros"),
     ("letter.docx", files.lying_size_docx_bytes, "unpacks to an unreasonable size"),
     ("letter.docx", files.docx_with_wrong_size_bytes, "damaged"),
     ("referral.pdf", files.pdf_open_action_js_bytes, SCRIPT),
@@ -50,6 +52,7 @@ ACCEPTED = [
     ("export.csv", files.late_accents_csv_bytes, "text/csv"),
     ("Unicode.txt", files.utf16_text_bytes, "text/plain"),
     ("results.xlsx", lambda: files.xlsx_bytes(rows=5000), f"{OOXML}.spreadsheetml.sheet"),
+    ("big results.xls", lambda: files.xls_bytes(rows=3000), "application/vnd.ms-excel"),
 ]
 
 pytestmark = pytest.mark.usefixtures("dispatched")
@@ -164,3 +167,11 @@ def test_an_object_stream_with_a_predictor_is_refused_as_uncheckable():
         object_stream_type=b"/Type /ObjStm /Filter /FlateDecode /DecodeParms << /Predictor 12 /Columns 4 >>",
     )
     assert refusal(data, "letter.pdf").code == "damaged"
+
+
+def test_an_ole_directory_chain_that_loops_is_refused_not_followed_forever():
+    # libmagic already refuses this file's type; the directory reader must stop on its own too.
+    with pytest.raises(validators.ContentRefused) as caught:
+        validators.ole_entry_names(files.ole_with_looping_fat_bytes())
+    assert caught.value.code == "damaged"
+    assert "_VBA_PROJECT" in validators.ole_entry_names(files.doc_with_macros_bytes())
