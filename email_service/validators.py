@@ -169,11 +169,19 @@ class ContentRefused(Exception):
         self.code = code
 
 
+# Macro-enabled Office files, as a package may embed them (word/embeddings/...).
+MACRO_ENABLED_SUFFIXES = (".docm", ".dotm", ".xlsm", ".xltm", ".xlam", ".pptm", ".potm", ".ppsm", ".ppam")
+
+
 def _is_macro_part(name):
     # vbaProject.bin holds the VBA of a .docm/.xlsm/.pptm wherever the package puts it; ODF keeps
     # StarBasic and script macros under Basic/ and Scripts/.
     lowered = name.lower()
-    return lowered.rsplit("/", 1)[-1] == "vbaproject.bin" or lowered.startswith(("basic/", "scripts/"))
+    return (
+        lowered.rsplit("/", 1)[-1] == "vbaproject.bin"
+        or lowered.startswith(("basic/", "scripts/"))
+        or lowered.endswith(MACRO_ENABLED_SUFFIXES)
+    )
 
 
 def _is_macro_content_type(content_type):

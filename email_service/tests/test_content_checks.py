@@ -134,6 +134,15 @@ def test_the_total_cap_holds_across_entries_that_are_each_small(monkeypatch):
 def test_macros_are_refused_with_their_own_code():
     assert refusal(files.docm_as_docx_bytes(), "letter.docx").code == "macro"
     assert refusal(files.odt_with_basic_macro_bytes(), "letter.odt").code == "macro"
+    assert refusal(files.doc_with_macros_bytes(), "letter.doc").code == "macro"
+
+
+def test_an_embedded_macro_enabled_workbook_is_refused():
+    embedded = files._rezip(files.xlsx_bytes(), add=[("xl/vbaProject.bin", b"VBA")])
+    data = files._rezip(
+        files.docx_bytes(), add=[("word/embeddings/Microsoft_Excel_Worksheet.xlsm", embedded)]
+    )
+    assert refusal(data, "letter.docx").code == "macro"
 
 
 def test_a_content_types_part_with_a_dtd_is_refused():
