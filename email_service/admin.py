@@ -50,7 +50,9 @@ def _api_rule(name):
         try:
             return field.run_validation(self.cleaned_data[name])
         except serializers.ValidationError as error:
-            raise ValidationError([str(message) for message in error.detail]) from error
+            raise ValidationError(
+                [ValidationError(str(message), code=message.code) for message in error.detail]
+            ) from error
 
     clean.__name__ = f"clean_{name}"
     return clean

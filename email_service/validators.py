@@ -1,4 +1,4 @@
-"""Input rules of a contact form: header-safe text, phone numbers, and attachments by content."""
+"""Input rules of a contact form: header-safe text, phone numbers, and attachments by what they hold."""
 
 import codecs
 import os
@@ -508,7 +508,7 @@ def _text_encoding(upload):
 
 
 def validate_attachment(upload):
-    """Check an uploaded file's size, content type and extension; return its sniffed MIME type."""
+    """Check an uploaded file's size, type, extension and what it holds; return its sniffed MIME type."""
     size = upload.size
     if not size:
         _refuse("The file is empty.", "empty")
