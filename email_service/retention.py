@@ -5,6 +5,7 @@ from datetime import timedelta
 from django.core.files.storage import default_storage
 from django.utils import timezone
 
+from . import conf, honeypot
 from .models import EmailRequest
 from .storage import ATTACHMENT_FOLDER
 
@@ -21,6 +22,9 @@ def purge_expired(*, dry_run=False):
             for row in EmailRequest.objects.expired().filter(pk=email_request.pk):
                 row.delete()
     orphans = purge_orphan_files(dry_run=dry_run)
+    if not dry_run:
+        # The honeypot's stand-ins go when real rows of their age would: read as SENT, then gone.
+        honeypot.purge_decoys(timezone.now() - timedelta(days=conf.retention_days()))
     return {"rows": rows, "files": files, "orphans": orphans}
 
 

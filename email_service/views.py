@@ -4,7 +4,7 @@ import logging
 import uuid
 
 from django.core.files.storage import default_storage
-from django.http import FileResponse
+from django.http import FileResponse, Http404
 from drf_spectacular.utils import extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.authentication import SessionAuthentication, TokenAuthentication
@@ -13,7 +13,7 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
-from . import actions, outbox, reports, schema
+from . import actions, honeypot, outbox, reports, schema
 from .exceptions import Conflict, SizeLimitedJSONParser
 from .filters import EmailRequestFilter
 from .idempotency import Replay, idempotent
@@ -90,18 +90,19 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         return Response(body, status=status.HTTP_201_CREATED)
 
     def _accept(self, serializer):
+        data = serializer.contact_data()
+        upload = data.pop("file_attached", None)
         if serializer.is_spam():
-            # Answered like a success so that the bot learns nothing; nothing is stored or sent.
+            # Answered like a success, and later read like one (see `retrieve`), so that the bot
+            # learns nothing; nothing it sent is stored or sent on.
+            decoy = honeypot.create_decoy(has_attachment=upload is not None)
             logger.info("Honeypot submission dropped")
             return {
                 "message": ACCEPTED_MESSAGE,
-                "email_request_id": str(uuid.uuid4()),
+                "email_request_id": str(decoy.pk),
                 "status": EmailStatus.PENDING,
                 "task_id": str(uuid.uuid4()),
             }
-        data = dict(serializer.validated_data)
-        data.pop("website", None)
-        upload = data.pop("file_attached", None)
         email_request = outbox.create_email_request(
             data=data,
             upload=upload,
@@ -114,6 +115,18 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
             "status": email_request.status,
             "task_id": email_request.celery_task_id,
         }
+
+    def retrieve(self, request, *args, **kwargs):
+        try:
+            return super().retrieve(request, *args, **kwargs)
+        except Http404:
+            # A submission the honeypot caught reads, to anyone but staff, as a real one would.
+            row = (
+                None if can_view_personal_data(request) else honeypot.decoy_row(kwargs.get(self.lookup_field))
+            )
+            if row is None:
+                raise
+            return Response(EmailRequestPublicSerializer(row).data)
 
     def get_object(self):
         email_request = super().get_object()
