@@ -66,6 +66,17 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
             queryset = queryset.prefetch_related("attempts")
         return queryset
 
+    def filter_queryset(self, queryset):
+        filtered = super().filter_queryset(queryset)
+        if self.action != "list" or can_view_personal_data(self.request):
+            return filtered
+        # The honeypot's catch is listed, to anyone but staff, as a real request would be: through
+        # the same filters, in the same order (the filters already refused anything invalid).
+        decoys = self.filterset_class(
+            self.request.query_params, queryset=honeypot.decoys_as_rows(), request=self.request
+        ).qs
+        return honeypot.RequestsWithDecoys(filtered, decoys)
+
     def get_serializer_class(self):
         if self.action == "create":
             # Only multipart can carry a file; any other body is read without one.

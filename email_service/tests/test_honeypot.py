@@ -3,6 +3,7 @@ stamp), and that everything an anonymous caller can ask later answers as for a r
 
 import re
 import time
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -178,7 +179,7 @@ def test_an_unknown_id_is_still_a_404(client):
 
 @pytest.mark.django_db
 def test_the_idempotent_repeat_of_a_caught_submission_answers_the_same_decoy(client):
-    headers = {"HTTP_IDEMPOTENCY_KEY": "decoy-key-1"}
+    headers = {"HTTP_IDEMPOTENCY_KEY": str(uuid.uuid4())}  # the cache outlives test runs
     first = client.post(URL, {**VALID, "website": "x"}, format="json", **headers)
     second = client.post(URL, {**VALID, "website": "x"}, format="json", **headers)
     assert (first.status_code, second.status_code) == (201, 200)
@@ -193,3 +194,32 @@ def test_decoys_go_with_the_retention_period(client, settings):
     old = Decoy.objects.create(created_at=timezone.now() - timedelta(days=91), sent_at=timezone.now())
     retention.purge_expired()
     assert Decoy.objects.count() == 1 and not Decoy.objects.filter(pk=old.pk).exists()
+
+
+@pytest.mark.django_db
+def test_decoys_are_listed_to_anonymous_callers_among_real_requests_through_the_filters(client):
+    upload = SimpleUploadedFile("scan.pdf", pdf_bytes(), content_type="application/pdf")
+    first = client.post(URL, VALID, format="json").json()["email_request_id"]
+    fake = client.post(URL, {**VALID, "website": "x", "file_attached": upload}, format="multipart").json()
+    last = client.post(URL, VALID, format="json").json()["email_request_id"]
+    listing = client.get(URL).json()
+    assert listing["count"] == 3
+    assert [item["id"] for item in listing["results"]] == [last, fake["email_request_id"], first]
+    assert all(set(item) == PUBLIC_FIELDS for item in listing["results"])
+    assert listing["results"][1] == client.get(f"{URL}{fake['email_request_id']}/").json()
+
+    def ids(**query):
+        return [item["id"] for item in client.get(URL, query).json()["results"]]
+
+    assert ids(has_attachment="true") == [fake["email_request_id"]]
+    assert fake["email_request_id"] not in ids(has_attachment="false")
+    assert ids(status="PENDING", ordering="created_at") == [first, fake["email_request_id"], last]
+    now = timezone.now()
+    Decoy.objects.update(created_at=now - timedelta(seconds=10), sent_at=now - timedelta(seconds=5))
+    assert ids(status="SENT") == [fake["email_request_id"]]
+    assert ids(status="PENDING") == [last, first]
+    assert ids(ordering="-created_at", page_size="1") == [last]
+    assert (
+        client.get(URL, {"page": "2", "page_size": "2"}).json()["results"][0]["id"]
+        == fake["email_request_id"]
+    )
