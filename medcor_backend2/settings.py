@@ -196,6 +196,14 @@ EMAIL_CAPTCHA_SECRET = env("EMAIL_CAPTCHA_SECRET", default="")
 EMAIL_CAPTCHA_VERIFY_URL = env("EMAIL_CAPTCHA_VERIFY_URL", default="")
 EMAIL_CAPTCHA_TIMEOUT = env.float("EMAIL_CAPTCHA_TIMEOUT", default=5)
 EMAIL_MIN_FILL_SECONDS = env.float("EMAIL_MIN_FILL_SECONDS", default=3)
+if EMAIL_CAPTCHA_PROVIDER.strip().lower() not in ("", "none"):
+    if EMAIL_CAPTCHA_PROVIDER.strip().lower() not in ("turnstile", "hcaptcha", "recaptcha"):
+        raise ImproperlyConfigured("EMAIL_CAPTCHA_PROVIDER must be none, turnstile, hcaptcha or recaptcha.")
+    # Without them no token could be checked, and every submission would pass as unverified.
+    if not (EMAIL_CAPTCHA_SITE_KEY and EMAIL_CAPTCHA_SECRET):
+        raise ImproperlyConfigured(
+            "EMAIL_CAPTCHA_PROVIDER needs EMAIL_CAPTCHA_SITE_KEY and EMAIL_CAPTCHA_SECRET."
+        )
 EMAIL_DISPATCH_INTERVAL = env.float("EMAIL_DISPATCH_INTERVAL", default=15)
 # Limits of one send; by default derived from EMAIL_TIMEOUT (see email_service/conf.py).
 EMAIL_SEND_TIME_LIMIT = env.float("EMAIL_SEND_TIME_LIMIT", default=None)
