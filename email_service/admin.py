@@ -141,7 +141,7 @@ class EmailRequestAdmin(admin.ModelAdmin):
         "sent",
     )
     list_display_links = ("created",)
-    list_filter = ("status", "created_at", "sent_at", AttachmentFilter)
+    list_filter = ("status", "created_at", "sent_at", AttachmentFilter, "captcha_unverified", "virus_scan")
     search_fields = ("full_name", "email", "subject", "message")
     date_hierarchy = "created_at"
     list_per_page = 50
@@ -169,6 +169,7 @@ class EmailRequestAdmin(admin.ModelAdmin):
             },
         ),
         ("Acknowledgement to the submitter", {"fields": ("confirmation_sent_at", "confirmation_error")}),
+        ("Intake checks", {"fields": ("captcha_unverified", "virus_scan")}),
         ("Record", {"fields": ("client_ip", "created_at", "updated_at")}),
     )
     readonly_fields = (
@@ -187,6 +188,8 @@ class EmailRequestAdmin(admin.ModelAdmin):
         "confirmation_sent_at",
         "confirmation_error",
         "client_ip",
+        "captcha_unverified",
+        "virus_scan",
         "created_at",
         "updated_at",
         "sent_at",

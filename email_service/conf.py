@@ -197,6 +197,30 @@ def api_token_ttl():
     return timedelta(seconds=settings.API_TOKEN_TTL)
 
 
-def captcha_csp_sources(provider):
-    """The CSP directives and origins the CAPTCHA `provider`'s widget needs ({} for none)."""
-    return settings.CSP_CAPTCHA_SOURCES.get(provider, {})
+def captcha_provider():
+    """The CAPTCHA provider whose token a submission must carry: "" when none is set."""
+    provider = (settings.EMAIL_CAPTCHA_PROVIDER or "none").strip().lower()
+    return "" if provider == "none" else provider
+
+
+def captcha_site_key():
+    return settings.EMAIL_CAPTCHA_SITE_KEY
+
+
+def captcha_secret():
+    return settings.EMAIL_CAPTCHA_SECRET
+
+
+def captcha_verify_url():
+    """The siteverify URL set in settings; empty means the provider's own."""
+    return settings.EMAIL_CAPTCHA_VERIFY_URL
+
+
+def captcha_timeout():
+    """Seconds to wait for the CAPTCHA provider's answer before accepting the form unverified."""
+    return settings.EMAIL_CAPTCHA_TIMEOUT
+
+
+def min_fill_seconds():
+    """Seconds after the contact page was served before its form may be sent; 0 turns the check off."""
+    return settings.EMAIL_MIN_FILL_SECONDS

@@ -39,6 +39,14 @@ class EmailStatus(models.TextChoices):
     CANCELLED = "CANCELLED", _("Cancelled")
 
 
+class VirusScan(models.TextChoices):
+    """What the virus scanner said about a request's file; blank when there is no file."""
+
+    CLEAN = "clean", _("Scanned: clean")
+    UNAVAILABLE = "unavailable", _("Not scanned: the scanner was unavailable")
+    DISABLED = "disabled", _("Not scanned: scanning is off")
+
+
 FINAL_STATUSES = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
 # What the submitter wrote: editable by staff until the request is SENT.
 CONTACT_FIELDS = ("full_name", "email", "phone", "job_profession", "subject", "message")
@@ -95,6 +103,8 @@ class EmailRequestQuerySet(models.QuerySet):
             failed_requests=Count("id", filter=Q(status=EmailStatus.FAILED)),
             cancelled_requests=Count("id", filter=Q(status=EmailStatus.CANCELLED)),
             with_attachments=Count("id", filter=~Q(file_attached="")),
+            unverified_requests=Count("id", filter=Q(captcha_unverified=True)),
+            unscanned_attachments=Count("id", filter=Q(virus_scan=VirusScan.UNAVAILABLE)),
             requests_last_24h=Count("id", filter=Q(created_at__gte=day_ago)),
             sent_last_24h=Count("id", filter=Q(status=EmailStatus.SENT, sent_at__gte=day_ago)),
             failed_last_24h=Count("id", filter=Q(status=EmailStatus.FAILED, updated_at__gte=day_ago)),
@@ -414,6 +424,19 @@ class EmailRequest(models.Model):
     confirmation_sent_at = models.DateTimeField(null=True, blank=True, editable=False, db_index=True)
     confirmation_error = models.TextField(blank=True, editable=False)
     client_ip = models.GenericIPAddressField(null=True, blank=True, editable=False)
+    # Intake checks that could not be made: accepted rather than lose a person's message.
+    captcha_unverified = models.BooleanField(
+        default=False,
+        editable=False,
+        help_text="The CAPTCHA provider could not be reached; the form was accepted unverified.",
+    )
+    virus_scan = models.CharField(
+        max_length=16,
+        choices=VirusScan.choices,
+        blank=True,
+        editable=False,
+        help_text="What the virus scanner said about the file; blank without a file.",
+    )
 
     created_at = models.DateTimeField(default=timezone.now, editable=False, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -488,3 +511,6 @@ class EmailAttempt(models.Model):
 # The audit trail's model lives in its own module; imported here so the app registry finds it.
 from .audit import AuditEntry  # noqa: E402, F401
 from .authentication import ApiToken  # noqa: E402, F401
+
+# The honeypot's stand-ins for the submissions it caught, likewise in their own module.
+from .decoys import Decoy  # noqa: E402, F401

@@ -38,6 +38,10 @@ _ERRORS = {
     415: OpenApiResponse(DetailSerializer, description="Unsupported content type."),
     422: OpenApiResponse(DetailSerializer, description="Idempotency-Key reused."),
     429: OpenApiResponse(DetailSerializer, description="Rate-limited; see Retry-After."),
+    503: OpenApiResponse(
+        DetailSerializer,
+        description="The virus scanner cannot be reached and EMAIL_CLAMAV_REQUIRED refuses unscanned files.",
+    ),
 }
 
 
@@ -86,7 +90,7 @@ EMAIL_REQUEST_VIEWSET = {
             200: OpenApiResponse(
                 EmailRequestCreatedSerializer, description="A repeat with the same Idempotency-Key."
             ),
-            **_errors(400, 415, 422, 429),
+            **_errors(400, 415, 422, 429, 503),
         },
         examples=[_CONTACT_FORM_EXAMPLE],
     ),

@@ -5,7 +5,7 @@ import uuid
 
 from django.core.files.storage import default_storage
 from django.db import transaction
-from django.http import FileResponse
+from django.http import FileResponse, Http404
 from drf_spectacular.utils import extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.authentication import SessionAuthentication
@@ -14,7 +14,7 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
-from . import actions, audit, outbox, reports, schema
+from . import actions, audit, honeypot, outbox, reports, schema
 from .audit import AuditAction, AuditChannel
 from .authentication import ExpiringTokenAuthentication
 from .exceptions import Conflict, SizeLimitedJSONParser
@@ -71,6 +71,17 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
             queryset = queryset.prefetch_related("attempts")
         return queryset
 
+    def filter_queryset(self, queryset):
+        filtered = super().filter_queryset(queryset)
+        if self.action != "list" or can_view_personal_data(self.request):
+            return filtered
+        # The honeypot's catch is listed, to anyone but staff, as a real request would be: through
+        # the same filters, in the same order (the filters already refused anything invalid).
+        decoys = self.filterset_class(
+            self.request.query_params, queryset=honeypot.decoys_as_rows(), request=self.request
+        ).qs
+        return honeypot.RequestsWithDecoys(filtered, decoys)
+
     def get_serializer_class(self):
         if self.action == "create":
             # Only multipart can carry a file; any other body is read without one.
@@ -95,18 +106,19 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         return Response(body, status=status.HTTP_201_CREATED)
 
     def _accept(self, serializer):
+        data = serializer.contact_data()
+        upload = data.pop("file_attached", None)
         if serializer.is_spam():
-            # Answered like a success so that the bot learns nothing; nothing is stored or sent.
+            # Answered like a success, and later read like one (see `retrieve`), so that the bot
+            # learns nothing; nothing it sent is stored or sent on.
+            decoy = honeypot.create_decoy(has_attachment=upload is not None)
             logger.info("Honeypot submission dropped")
             return {
                 "message": ACCEPTED_MESSAGE,
-                "email_request_id": str(uuid.uuid4()),
+                "email_request_id": str(decoy.pk),
                 "status": EmailStatus.PENDING,
                 "task_id": str(uuid.uuid4()),
             }
-        data = dict(serializer.validated_data)
-        data.pop("website", None)
-        upload = data.pop("file_attached", None)
         email_request = outbox.create_email_request(
             data=data,
             upload=upload,
@@ -131,7 +143,16 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         return response
 
     def retrieve(self, request, *args, **kwargs):
-        response = super().retrieve(request, *args, **kwargs)
+        try:
+            response = super().retrieve(request, *args, **kwargs)
+        except Http404:
+            # A submission the honeypot caught reads, to anyone but staff, as a real one would.
+            row = (
+                None if can_view_personal_data(request) else honeypot.decoy_row(kwargs.get(self.lookup_field))
+            )
+            if row is None:
+                raise
+            return Response(EmailRequestPublicSerializer(row).data)
         if can_view_personal_data(request):
             self._record(AuditAction.VIEW, [response.data["id"]])
         return response

@@ -222,6 +222,23 @@ EMAIL_FORM_ALLOWANCE_BYTES = env.int("EMAIL_FORM_ALLOWANCE_BYTES", default=1024 
 EMAIL_CLAMAV_URL = env("EMAIL_CLAMAV_URL", default="")
 EMAIL_CLAMAV_REQUIRED = env.bool("EMAIL_CLAMAV_REQUIRED", default=False)
 EMAIL_CLAMAV_TIMEOUT = env.float("EMAIL_CLAMAV_TIMEOUT", default=30)
+# Intake checks (email_service/captcha.py, email_service/honeypot.py): a CAPTCHA verified server-side
+# (none, turnstile, hcaptcha or recaptcha; the verify URL defaults to the provider's siteverify), and
+# the seconds a person needs at least to fill in the contact page's form.
+EMAIL_CAPTCHA_PROVIDER = env("EMAIL_CAPTCHA_PROVIDER", default="none")
+EMAIL_CAPTCHA_SITE_KEY = env("EMAIL_CAPTCHA_SITE_KEY", default="")
+EMAIL_CAPTCHA_SECRET = env("EMAIL_CAPTCHA_SECRET", default="")
+EMAIL_CAPTCHA_VERIFY_URL = env("EMAIL_CAPTCHA_VERIFY_URL", default="")
+EMAIL_CAPTCHA_TIMEOUT = env.float("EMAIL_CAPTCHA_TIMEOUT", default=5)
+EMAIL_MIN_FILL_SECONDS = env.float("EMAIL_MIN_FILL_SECONDS", default=3)
+if EMAIL_CAPTCHA_PROVIDER.strip().lower() not in ("", "none"):
+    if EMAIL_CAPTCHA_PROVIDER.strip().lower() not in ("turnstile", "hcaptcha", "recaptcha"):
+        raise ImproperlyConfigured("EMAIL_CAPTCHA_PROVIDER must be none, turnstile, hcaptcha or recaptcha.")
+    # Without them no token could be checked, and every submission would pass as unverified.
+    if not (EMAIL_CAPTCHA_SITE_KEY and EMAIL_CAPTCHA_SECRET):
+        raise ImproperlyConfigured(
+            "EMAIL_CAPTCHA_PROVIDER needs EMAIL_CAPTCHA_SITE_KEY and EMAIL_CAPTCHA_SECRET."
+        )
 EMAIL_DISPATCH_INTERVAL = env.float("EMAIL_DISPATCH_INTERVAL", default=15)
 # Limits of one send; by default derived from EMAIL_TIMEOUT (see email_service/conf.py).
 EMAIL_SEND_TIME_LIMIT = env.float("EMAIL_SEND_TIME_LIMIT", default=None)
@@ -290,25 +307,6 @@ CONTENT_SECURITY_POLICY = {
         "base-uri": ["'none'"],
     }
 }
-# The origins a CAPTCHA provider's widget loads from, added to the contact page's policy for the
-# configured provider (email_service.conf.captcha_csp_sources).
-CSP_CAPTCHA_SOURCES = {
-    "turnstile": {
-        "script-src": ["https://challenges.cloudflare.com"],
-        "frame-src": ["https://challenges.cloudflare.com"],
-    },
-    "hcaptcha": {
-        "script-src": ["https://hcaptcha.com", "https://*.hcaptcha.com"],
-        "frame-src": ["https://hcaptcha.com", "https://*.hcaptcha.com"],
-        "style-src": ["https://hcaptcha.com", "https://*.hcaptcha.com"],
-        "connect-src": ["https://hcaptcha.com", "https://*.hcaptcha.com"],
-    },
-    "recaptcha": {
-        "script-src": ["https://www.google.com/recaptcha/", "https://www.gstatic.com/recaptcha/"],
-        "frame-src": ["https://www.google.com/recaptcha/", "https://recaptcha.google.com/recaptcha/"],
-    },
-}
-
 # --- Celery ----------------------------------------------------------------------------
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):

@@ -409,3 +409,16 @@ def google_smtp(google_token_endpoint, tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+# --- a stand-in for the CAPTCHA providers ----------------------------------------------------
+
+
+@pytest.fixture
+def siteverify():
+    """A local siteverify (email_service/tests/siteverify.py) for the CAPTCHA tests."""
+    from email_service.tests.siteverify import start_siteverify, stop_siteverify
+
+    server = start_siteverify()
+    yield server
+    stop_siteverify(server)

@@ -20,7 +20,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 from django_otp.util import random_hex
 from rest_framework.test import APIClient
 
-from email_service import contact
+from email_service import captcha, contact
 from email_service.audit import AuditAction, AuditEntry
 from email_service.authentication import ApiToken, issue_token, lockout_response
 
@@ -321,7 +321,10 @@ def test_the_docs_load_nothing_from_elsewhere_and_their_inline_code_carries_the_
 def test_the_contact_page_policy_opens_only_to_the_configured_captcha_provider():
     plain = contact.content_security_policy()
     assert "cloudflare" not in plain and "frame-src" not in plain
-    turnstile = dict(part.split(" ", 1) for part in contact.content_security_policy("turnstile").split("; "))
+    turnstile = dict(
+        part.split(" ", 1)
+        for part in contact.content_security_policy(captcha.PROVIDERS["turnstile"]).split("; ")
+    )
     assert turnstile["script-src"] == "'self' https://challenges.cloudflare.com"
     assert turnstile["frame-src"] == "https://challenges.cloudflare.com"
     assert turnstile["frame-ancestors"] == "'none'"
