@@ -150,3 +150,13 @@ def clamav_required():
 def clamav_timeout():
     """Seconds to wait for clamd to connect, take a chunk or answer."""
     return settings.EMAIL_CLAMAV_TIMEOUT
+
+
+def notification_mode():
+    """`full`: the support mail carries the form and the file; `minimal`: only a reference and a link."""
+    return settings.EMAIL_NOTIFICATION_MODE
+
+
+def admin_base_url():
+    """Where staff reach the admin, without a trailing slash, for the links in minimal mails."""
+    return settings.EMAIL_ADMIN_BASE_URL.rstrip("/")

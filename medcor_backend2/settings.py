@@ -180,6 +180,13 @@ EMAIL_ATTACHMENT_MAX_BYTES = env.int("EMAIL_ATTACHMENT_MAX_BYTES", default=10 * 
 # JSON {"MIME type": [".ext", ...]}; unset: the allow-list in email_service/validators.py.
 EMAIL_ALLOWED_ATTACHMENT_TYPES = env.json("EMAIL_ALLOWED_ATTACHMENT_TYPES", default=None)
 EMAIL_RETENTION_DAYS = env.int("EMAIL_RETENTION_DAYS", default=90)
+# --- Notifications without health data (issue 14) ---
+# full: the support mail carries every field and the file; minimal: only the reference, the time,
+# whether a file came, and a link to the request in the admin at EMAIL_ADMIN_BASE_URL.
+EMAIL_NOTIFICATION_MODE = env("EMAIL_NOTIFICATION_MODE", default="full").strip().lower()
+if EMAIL_NOTIFICATION_MODE not in ("full", "minimal"):
+    raise ImproperlyConfigured("EMAIL_NOTIFICATION_MODE must be 'full' or 'minimal'.")
+EMAIL_ADMIN_BASE_URL = env("EMAIL_ADMIN_BASE_URL", default="http://127.0.0.1:8000")
 # A request body may be the largest attachment plus this much for the other fields and the
 # multipart framing; anything larger is refused with 413 before it is read.
 EMAIL_FORM_ALLOWANCE_BYTES = env.int("EMAIL_FORM_ALLOWANCE_BYTES", default=1024 * 1024)
