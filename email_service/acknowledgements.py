@@ -36,10 +36,12 @@ def send_confirmation(email_request):
         return True
     cache.delete(f"email-confirmation:{address_key}")
     EmailRequest.objects.filter(pk=email_request.pk).update(confirmation_error=result.error_message)
+    # The server's text often quotes the refused address: the line names the code and class only.
     logger.warning(
-        "Email request %s acknowledgement not sent: %s",
+        "Email request %s acknowledgement not sent: %s %s",
         email_request.pk,
-        result.error_message,
-        extra={"email_request_id": str(email_request.pk)},
+        result.smtp_code or "-",
+        result.error_class,
+        extra={"email_request_id": str(email_request.pk), "smtp_code": result.smtp_code},
     )
     return False

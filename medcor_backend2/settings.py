@@ -315,12 +315,20 @@ LOGGING = {
         "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
         "json": {"()": "medcor_backend2.logs.JsonFormatter"},
     },
+    # No address or query string reaches a log line, whichever logger wrote it (issue 14).
+    "filters": {"scrub": {"()": "medcor_backend2.logs.ScrubPersonalData"}},
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["scrub"]},
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    # aiosmtpd logs every SMTP command at INFO; the sink logs one line per mail itself.
-    "loggers": {"mail.log": {"level": "WARNING"}},
+    "loggers": {
+        # aiosmtpd logs every SMTP command at INFO; the sink logs one line per mail itself.
+        "mail.log": {"level": "WARNING"},
+        # Django's own handlers for these (console in debug, mail to ADMINS) would bypass the
+        # filter: they log through the root's handler instead, and no error mail carries a form.
+        "django": {"handlers": [], "level": "INFO", "propagate": True},
+        "django.server": {"handlers": [], "level": "INFO", "propagate": True},
+    },
 }
 
 if not DEBUG:

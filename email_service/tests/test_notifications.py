@@ -123,7 +123,11 @@ def test_minimal_mail_over_smtp_carries_nothing_the_submitter_wrote(marked_reque
 
 
 def test_an_unknown_mode_stops_start_up():
-    env = {"EMAIL_NOTIFICATION_MODE": "partial", "DJANGO_SETTINGS_MODULE": "medcor_backend2.settings"}
+    env = {
+        "EMAIL_NOTIFICATION_MODE": "partial",
+        "DJANGO_DEBUG": "true",
+        "DJANGO_SETTINGS_MODULE": "medcor_backend2.settings",
+    }
     completed = subprocess.run(
         [sys.executable, "-c", "import django; django.setup()"],
         env={**os.environ, **env},
