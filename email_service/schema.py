@@ -117,11 +117,13 @@ EMAIL_REQUEST_VIEWSET = {
     ),
     "update": extend_schema(
         summary="Edit the contact fields of a request not yet SENT",
-        responses={200: EmailRequestStaffSerializer, **_errors(400, 401, 403, 404, 409)},
+        description="Answered in the staff shape, or the public one to a user who may change but not view.",
+        responses={200: _email_request_view(), **_errors(400, 401, 403, 404, 409)},
     ),
     "partial_update": extend_schema(
         summary="Edit some contact fields of a request not yet SENT",
-        responses={200: EmailRequestStaffSerializer, **_errors(400, 401, 403, 404, 409)},
+        description="Answered in the staff shape, or the public one to a user who may change but not view.",
+        responses={200: _email_request_view(), **_errors(400, 401, 403, 404, 409)},
     ),
     "destroy": extend_schema(
         summary="Delete a request and its file",

@@ -7,6 +7,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .models import CONTACT_FIELDS, AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus
+from .permissions import can_view_personal_data
 from .validators import (
     validate_attachment,
     validate_email_shape,
@@ -112,13 +113,16 @@ class EmailRequestJSONSerializer(EmailRequestCreateSerializer):
 
 
 class EmailRequestUpdateSerializer(ContactFieldsSerializer):
-    """The contact fields staff may edit; the edited request is answered in the staff shape."""
+    """The contact fields staff may edit; the edited request is answered in the staff shape, or
+    in the public one to a user who may change requests but not view them."""
 
     class Meta(ContactFieldsSerializer.Meta):
         pass
 
     def to_representation(self, instance):
-        return EmailRequestStaffSerializer(instance, context=self.context).data
+        if can_view_personal_data(self.context.get("request")):
+            return EmailRequestStaffSerializer(instance, context=self.context).data
+        return EmailRequestPublicSerializer(instance, context=self.context).data
 
 
 class EmailRequestCreatedSerializer(serializers.Serializer):

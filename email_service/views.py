@@ -5,6 +5,7 @@ import uuid
 
 from django.core.files.storage import default_storage
 from django.http import FileResponse
+from django.utils.cache import patch_vary_headers
 from drf_spectacular.utils import extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.authentication import SessionAuthentication, TokenAuthentication
@@ -51,6 +52,15 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         "retrieve": [ReadRateThrottle],
         "statistics": [ReadRateThrottle],
     }
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        # The same URL answers differently by caller, and a staff answer may carry health data:
+        # no cache may keep it or hand one caller's answer to another.
+        patch_vary_headers(response, ("Authorization", "Cookie"))
+        if request.user and request.user.is_authenticated:
+            response["Cache-Control"] = "private, no-store"
+        return response
 
     def get_permissions(self):
         if required_permission(self.action) is None:
