@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 
 def send_confirmation(email_request):
     """Acknowledge receipt to the submitter, at most once per address per interval; never raise."""
-    if not conf.send_confirmation():
+    # A staff reply is itself the answer: nobody acknowledges it.
+    if email_request.is_reply or not conf.send_confirmation():
         return False
     now = timezone.now()
     interval = conf.confirmation_interval()

@@ -18,6 +18,7 @@ from django.utils.html import format_html
 
 from . import actions, reports
 from .models import CONTACT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
+from .reply_admin import HISTORY_FIELD, RepliesAdminMixin
 from .reports import STATUS_COLOURS
 
 CSV_COLUMNS = (
@@ -81,7 +82,7 @@ class AttachmentFilter(admin.SimpleListFilter):
 
 
 @admin.register(EmailRequest)
-class EmailRequestAdmin(admin.ModelAdmin):
+class EmailRequestAdmin(RepliesAdminMixin, admin.ModelAdmin):
     list_display = (
         "created",
         "colored_status",
@@ -141,6 +142,7 @@ class EmailRequestAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
         "sent_at",
+        HISTORY_FIELD,
     )
 
     def get_queryset(self, request):

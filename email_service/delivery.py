@@ -99,6 +99,37 @@ def _build_minimal_support_message(email_request):
     return message
 
 
+def build_message(row):
+    """Build the mail an outbox row carries: the support mail, or a staff reply to the submitter."""
+    return build_reply_message(row) if row.is_reply else build_support_message(row)
+
+
+def build_reply_message(reply):
+    """Build a staff reply to the submitter, threaded under the request's support mail.
+
+    The subject quotes nothing the submitter wrote, in either mode: only the short reference.
+    Their answer goes to support, not to the sending account.
+    """
+    request = reply.parent
+    context = {"body": reply.message, "reference": request.id}
+    thread = request.message_id
+    headers = {
+        "X-Email-Request-ID": str(request.id),
+        "X-Email-Reply-ID": str(reply.id),
+        "Message-ID": reply.message_id or new_message_id(),
+    }
+    if thread:
+        headers.update({"In-Reply-To": thread, "References": thread})
+    return EmailMultiAlternatives(
+        subject=f"Re: your message to MedCor ({short_reference(request)})",
+        body=render_to_string("email_service/reply_email.txt", context),
+        from_email=conf.from_email(),
+        to=[request.email],
+        reply_to=[conf.support_email()],
+        headers=headers,
+    )
+
+
 def _support_headers(email_request):
     return {
         "X-Email-Request-ID": str(email_request.id),

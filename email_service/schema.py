@@ -15,6 +15,8 @@ from drf_spectacular.utils import (
 from . import validators
 from .serializers import (
     DetailSerializer,
+    EmailReplyCreateSerializer,
+    EmailReplySerializer,
     EmailRequestCreatedSerializer,
     EmailRequestCreateSerializer,
     EmailRequestJSONSerializer,
@@ -143,6 +145,20 @@ EMAIL_REQUEST_VIEWSET = {
         request=None,
         responses={200: EmailRequestPublicSerializer, **_errors(401, 403, 404, 409)},
     ),
+    "replies": [
+        extend_schema(
+            methods=["GET"],
+            summary="The replies to a request's submitter, with their status",
+            responses={200: EmailReplySerializer(many=True), **_errors(401, 403, 404)},
+        ),
+        extend_schema(
+            methods=["POST"],
+            summary="Reply to the submitter, through the outbox",
+            description="Threaded under the support mail (In-Reply-To); its status is that of any mail.",
+            request=EmailReplyCreateSerializer,
+            responses={201: EmailReplySerializer, **_errors(400, 401, 403, 404)},
+        ),
+    ],
     "attachment": extend_schema(
         summary="Download the attachment",
         responses={
@@ -155,7 +171,7 @@ EMAIL_REQUEST_VIEWSET = {
 
 # The shapes of what the API answers about requests, closed: an undocumented field is a schema
 # violation, and no staff item can pass for a public one (the public fields are among the staff's).
-CLOSED_SHAPES = ("EmailRequestPublic", "EmailRequestStaff", "EmailAttempt")
+CLOSED_SHAPES = ("EmailRequestPublic", "EmailRequestStaff", "EmailAttempt", "EmailReply")
 
 
 def close_response_shapes(result, generator, request, public):

@@ -251,3 +251,34 @@ class RetryFailedSerializer(serializers.Serializer):
 
 class DetailSerializer(serializers.Serializer):
     detail = serializers.CharField()
+
+
+# --- Replies to the submitter (issue 14) --------------------------------------------------------
+class EmailReplySerializer(serializers.ModelSerializer):
+    """A staff reply to the submitter, with who wrote it and its delivery status."""
+
+    body = serializers.CharField(source="message", read_only=True)
+    author = serializers.CharField(
+        source="author.username", read_only=True, allow_null=True, help_text="Null once the user is deleted."
+    )
+
+    class Meta:
+        model = EmailRequest
+        fields = [
+            "id",
+            "body",
+            "author",
+            "status",
+            "created_at",
+            "sent_at",
+            "retry_count",
+            "error_message",
+            "message_id",
+        ]
+        read_only_fields = fields
+
+
+class EmailReplyCreateSerializer(serializers.Serializer):
+    """What staff write: the reply's text, sent as the mail's body."""
+
+    body = StrictCharField(max_length=10000, validators=[validate_no_nul])

@@ -15,13 +15,17 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
 from . import actions, outbox, reports, schema
+from .audit import AuditChannel
 from .exceptions import Conflict, SizeLimitedJSONParser
 from .filters import EmailRequestFilter
 from .idempotency import Replay, idempotent
 from .models import EmailRequest, EmailStatus
 from .pagination import EmailRequestPagination
 from .permissions import EmailRequestPermission, can_view_personal_data, required_permission
+from .replies import replies_of, reply_create
 from .serializers import (
+    EmailReplyCreateSerializer,
+    EmailReplySerializer,
     EmailRequestCreateSerializer,
     EmailRequestJSONSerializer,
     EmailRequestPublicSerializer,
@@ -39,7 +43,8 @@ ACCEPTED_MESSAGE = "Your message has been received and will be delivered to our 
 class EmailRequestViewSet(viewsets.ModelViewSet):
     """Contact-form submissions and their delivery."""
 
-    queryset = EmailRequest.objects.all()
+    # Replies are rows of the same outbox; they are reached through `replies` below.
+    queryset = EmailRequest.objects.submissions()
     authentication_classes = [TokenAuthentication, SessionAuthentication]
     permission_classes = [EmailRequestPermission]
     parser_classes = [SizeLimitedJSONParser, MultiPartParser, FormParser]
@@ -157,6 +162,21 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
             raise Conflict(str(exc)) from exc
         email_request.refresh_from_db()
         return Response(EmailRequestPublicSerializer(email_request).data)
+
+    @action(detail=True, methods=["get", "post"])
+    def replies(self, request, pk=None):
+        email_request = self.get_object()
+        if request.method == "POST":
+            serializer = EmailReplyCreateSerializer(data=request.data)
+            serializer.is_valid(raise_exception=True)
+            reply = reply_create(
+                email_request=email_request,
+                body=serializer.validated_data["body"],
+                request=request,
+                channel=AuditChannel.API,
+            )
+            return Response(EmailReplySerializer(reply).data, status=status.HTTP_201_CREATED)
+        return Response(EmailReplySerializer(replies_of(email_request), many=True).data)
 
     @action(detail=True, methods=["get"], url_name="attachment")
     def attachment(self, request, pk=None):
