@@ -163,7 +163,8 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         email_request.refresh_from_db()
         return Response(EmailRequestPublicSerializer(email_request).data)
 
-    @action(detail=True, methods=["get", "post"])
+    # Few per request: answered whole, not paged nor filtered.
+    @action(detail=True, methods=["get", "post"], pagination_class=None, filter_backends=[])
     def replies(self, request, pk=None):
         email_request = self.get_object()
         if request.method == "POST":
