@@ -328,6 +328,8 @@ LOGGING = {
         # filter: they log through the root's handler instead, and no error mail carries a form.
         "django": {"handlers": [], "level": "INFO", "propagate": True},
         "django.server": {"handlers": [], "level": "INFO", "propagate": True},
+        # At DEBUG (with DJANGO_DEBUG) it logs every query with its parameters: the form's text.
+        "django.db.backends": {"level": "INFO"},
     },
 }
 

@@ -137,3 +137,85 @@ def test_an_unknown_mode_stops_start_up():
     )
     assert completed.returncode != 0
     assert "EMAIL_NOTIFICATION_MODE must be 'full' or 'minimal'" in completed.stderr
+
+
+@pytest.mark.integration
+def test_minimal_mode_end_to_end_leaves_no_marker_in_the_support_mail_or_any_log_line(
+    smtp, transactional_db, media_root, dispatched, tmp_path, settings, log_output
+):
+    """Submit markers in every field and the file, reply, and read every line both processes logged."""
+    from celery import current_app
+    from django.contrib.auth.models import Permission, User
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    from email_service import outbox
+
+    from .conftest import start_worker, wait_for
+
+    tag = uuid.uuid4().hex[:12]
+    fields = {
+        "full_name": f"Name{tag}",
+        "email": f"mail{tag}@example.org",
+        "phone": f"+1 555 {int(tag[:6], 16) % 10**7:07d}",
+        "job_profession": f"Job{tag}",
+        "subject": f"Subject{tag}",
+        "message": f"Message{tag} about my heart condition",
+    }
+    file_name, file_text = f"File{tag}.pdf", f"Content{tag}"
+    settings.EMAIL_NOTIFICATION_MODE = "minimal"
+    queue = f"{os.environ.get('CELERY_TASK_DEFAULT_QUEUE', 'emails')}-minimal-{tag}"
+    worker = start_worker(
+        tmp_path,
+        settings.EMAIL_PORT,
+        name="minimal",
+        CELERY_TASK_DEFAULT_QUEUE=queue,
+        EMAIL_NOTIFICATION_MODE="minimal",
+        LOG_FORMAT="json",
+        LOG_LEVEL="DEBUG",
+        MEDIA_ROOT=settings.MEDIA_ROOT,
+    )
+    try:
+        upload = SimpleUploadedFile(file_name, pdf_bytes(file_text), content_type="application/pdf")
+        response = APIClient().post(
+            "/api/email/emails/", {**fields, "file_attached": upload}, format="multipart"
+        )
+        assert response.status_code == 201, response.content
+        pk = response.json()["email_request_id"]
+        current_app.send_task(outbox.SEND_TASK, args=[pk], queue=queue)
+        wait_for(lambda: EmailRequest.objects.get(pk=pk).status == "SENT", message="support mail sent")
+
+        user = User.objects.create_user("support", password="pw")
+        user.user_permissions.set(
+            Permission.objects.filter(codename__in=["view_emailrequest", "change_emailrequest"])
+        )
+        staff = APIClient()
+        staff.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+        assert (
+            staff.get(f"/api/email/emails/?email={fields['email']}&search={fields['subject']}").status_code
+            == 200
+        )
+        assert staff.get(f"/api/email/emails/?email={fields['email']}&created_after=x").status_code == 400
+        reply = staff.post(f"/api/email/emails/{pk}/replies/", {"body": "We will call you."}, format="json")
+        current_app.send_task(outbox.SEND_TASK, args=[reply.json()["id"]], queue=queue)
+        wait_for(
+            lambda: EmailRequest.objects.get(pk=reply.json()["id"]).status == "SENT", message="reply sent"
+        )
+    finally:
+        worker.stop()
+
+    support = [m for m in smtp.messages if m["rcpt_tos"] == [settings.SUPPORT_EMAIL]]
+    assert len(support) == 1
+    worker_log, web_log = worker.output(), log_output.getvalue()
+    # Both processes logged the request's journey, so the search below looked at real lines.
+    assert f"Email request {pk}: PENDING -> PROCESSING" in worker_log
+    assert f"Email request {pk} created" in web_log
+    markers = [*fields.values(), fields["phone"].replace(" ", ""), file_name, file_text]
+    for marker in markers:
+        for text in every_text_of(support[0]["raw"]):
+            assert marker not in text
+        assert marker not in worker_log, marker
+        assert marker not in web_log, marker
+    # The reply did reach the submitter, who is the one place their address belongs.
+    assert any(m["message"]["X-Email-Reply-ID"] for m in smtp.to(fields["email"]))
