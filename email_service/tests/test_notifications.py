@@ -219,3 +219,21 @@ def test_minimal_mode_end_to_end_leaves_no_marker_in_the_support_mail_or_any_log
         assert marker not in web_log, marker
     # The reply did reach the submitter, who is the one place their address belongs.
     assert any(m["message"]["X-Email-Reply-ID"] for m in smtp.to(fields["email"]))
+
+
+def test_the_local_sink_names_each_kind_of_mail_in_either_mode(marked_request, settings):
+    from email_service.mailsink import _kind
+    from email_service.models import RowKind
+
+    reply = EmailRequest.objects.create(kind=RowKind.REPLY, parent=marked_request, message="Hi")
+    for mode in ("full", "minimal"):
+        settings.EMAIL_NOTIFICATION_MODE = mode
+        kinds = [
+            _kind(message_from_bytes(delivery.message_bytes(build(row)), policy=default_policy))
+            for build, row in (
+                (delivery.build_support_message, marked_request),
+                (delivery.build_confirmation_message, marked_request),
+                (delivery.build_message, reply),
+            )
+        ]
+        assert kinds == ["support", "acknowledgement", "reply"]
