@@ -19,13 +19,19 @@ logger = logging.getLogger(__name__)
 BODY_MAX_LENGTH = 10000
 
 
+class ReplyNotAllowed(Exception):
+    """The request cannot be answered: it is itself a reply, or its address was erased."""
+
+
 def reply_create(*, email_request, body, author=None, request=None, channel):
     """Store a reply to `email_request`'s submitter, record it in the audit trail, queue it to send.
 
     `request` (Django's or DRF's) names the author and the client IP for the audit entry.
     """
     if email_request.is_reply:
-        raise ValueError("A reply answers a contact request, not another reply.")
+        raise ReplyNotAllowed("A reply answers a contact request, not another reply.")
+    if not email_request.email:
+        raise ReplyNotAllowed("This request has no address to reply to.")
     if author is None and request is not None and request.user.is_authenticated:
         author = request.user
     with transaction.atomic():

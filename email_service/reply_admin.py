@@ -6,7 +6,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from .audit import AuditChannel
-from .replies import BODY_MAX_LENGTH, replies_of, reply_create
+from .replies import BODY_MAX_LENGTH, ReplyNotAllowed, replies_of, reply_create
 from .reports import STATUS_COLOURS
 from .validators import validate_no_nul
 
@@ -89,9 +89,14 @@ class RepliesAdminMixin:
     def save_related(self, request, form, formsets, change):
         super().save_related(request, form, formsets, change)
         body = form.reply_body() if isinstance(form, ReplyForm) else ""
-        if body:
+        if not body:
+            return
+        try:
             reply_create(email_request=form.instance, body=body, request=request, channel=AuditChannel.ADMIN)
-            self.message_user(request, "Reply queued: it is sent to the submitter shortly.", messages.SUCCESS)
+        except ReplyNotAllowed as exc:
+            self.message_user(request, f"Reply not sent: {exc}", messages.ERROR)
+            return
+        self.message_user(request, "Reply queued: it is sent to the submitter shortly.", messages.SUCCESS)
 
 
 def _time(value):

@@ -156,7 +156,7 @@ EMAIL_REQUEST_VIEWSET = {
             summary="Reply to the submitter, through the outbox",
             description="Threaded under the support mail (In-Reply-To); its status is that of any mail.",
             request=EmailReplyCreateSerializer,
-            responses={201: EmailReplySerializer, **_errors(400, 401, 403, 404)},
+            responses={201: EmailReplySerializer, **_errors(400, 401, 403, 404, 409)},
         ),
     ],
     "attachment": extend_schema(

@@ -22,7 +22,7 @@ from .idempotency import Replay, idempotent
 from .models import EmailRequest, EmailStatus
 from .pagination import EmailRequestPagination
 from .permissions import EmailRequestPermission, can_view_personal_data, required_permission
-from .replies import replies_of, reply_create
+from .replies import ReplyNotAllowed, replies_of, reply_create
 from .serializers import (
     EmailReplyCreateSerializer,
     EmailReplySerializer,
@@ -170,12 +170,15 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         if request.method == "POST":
             serializer = EmailReplyCreateSerializer(data=request.data)
             serializer.is_valid(raise_exception=True)
-            reply = reply_create(
-                email_request=email_request,
-                body=serializer.validated_data["body"],
-                request=request,
-                channel=AuditChannel.API,
-            )
+            try:
+                reply = reply_create(
+                    email_request=email_request,
+                    body=serializer.validated_data["body"],
+                    request=request,
+                    channel=AuditChannel.API,
+                )
+            except ReplyNotAllowed as exc:
+                raise Conflict(str(exc)) from exc
             return Response(EmailReplySerializer(reply).data, status=status.HTTP_201_CREATED)
         return Response(EmailReplySerializer(replies_of(email_request), many=True).data)
 

@@ -227,3 +227,18 @@ def test_a_reply_written_through_the_api_reaches_the_submitter_through_the_real_
     [mail] = [m for m in smtp.to(SUBMITTER) if m["message"]["X-Email-Reply-ID"] == reply_id]
     assert mail["message"]["In-Reply-To"] == row.message_id
     assert "Your results are in." in mail["message"].get_body(("plain",)).get_content()
+
+
+def test_a_request_whose_address_was_erased_cannot_be_answered(sent_request, client):
+    row, _ = sent_request
+    EmailRequest.objects.filter(pk=row.pk).update(email="")
+    user = staff("view_emailrequest", "change_emailrequest")
+    response = api_client(user).post(f"{URL}{row.pk}/replies/", {"body": "Hello"}, format="json")
+    assert response.status_code == 409
+    assert response.json() == {"detail": "This request has no address to reply to."}
+    client.force_login(user)
+    row.refresh_from_db()
+    page = client.post(change_page(row), admin_reply_form(row, "Hello"), follow=True).content.decode()
+    assert "Reply not sent: This request has no address to reply to." in page
+    assert not EmailRequest.objects.replies().exists()
+    assert not AuditEntry.objects.filter(action="reply").exists()
