@@ -161,10 +161,16 @@ class EmailRequestQuerySet(models.QuerySet):
         decides in every database: a row another worker took meanwhile is not ours.
 
         A row created a moment ago on a host whose clock runs slightly ahead still counts as due:
-        CLAIM_CLOCK_TOLERANCE covers that skew, far below any retry backoff.
+        CLAIM_CLOCK_TOLERANCE covers that skew for rows never tried. A retry waits its whole
+        backoff, however short: the tolerance would otherwise let the loop that just deferred a
+        row take it straight back.
         """
         now = now or timezone.now()
-        due = self.due(now + timedelta(seconds=CLAIM_CLOCK_TOLERANCE))
+        early = now + timedelta(seconds=CLAIM_CLOCK_TOLERANCE)
+        due = self.filter(
+            Q(next_attempt_at__lte=now) | Q(retry_count=0, next_attempt_at__lte=early),
+            status=EmailStatus.PENDING,
+        )
         token = uuid.uuid4()
         with transaction.atomic(using=self.db):
             pick = due.select_for_update(skip_locked=True)
@@ -421,7 +427,7 @@ class EmailRequest(models.Model):
     claimed_by = models.CharField(max_length=255, blank=True, editable=False)
     lease_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
 
-    confirmation_sent_at = models.DateTimeField(null=True, blank=True, editable=False)
+    confirmation_sent_at = models.DateTimeField(null=True, blank=True, editable=False, db_index=True)
     confirmation_error = models.TextField(blank=True, editable=False)
     client_ip = models.GenericIPAddressField(null=True, blank=True, editable=False)
 
@@ -454,6 +460,11 @@ class EmailRequest(models.Model):
             models.Index(fields=["status", "next_attempt_at"], name="email_status_due_idx"),
             models.Index(fields=["status", "lease_expires_at"], name="email_status_lease_idx"),
             models.Index(fields=["email", "-created_at"], name="email_address_created_idx"),
+        ]
+        # Subject access and erasure (GDPR art. 15 and 17), granted apart from the model's own.
+        permissions = [
+            ("export_subject", "Can export everything kept about a person"),
+            ("erase_subject", "Can erase everything kept about a person"),
         ]
 
     def __str__(self):
@@ -508,6 +519,27 @@ class EmailAttempt(models.Model):
 
     def __str__(self):
         return f"attempt {self.number} of {self.request_id}: {self.outcome or 'running'}"
+
+
+class EmailReplyManager(models.Manager.from_queryset(EmailRequestQuerySet)):
+    def get_queryset(self):
+        return super().get_queryset().filter(kind=RowKind.REPLY)
+
+
+class EmailReply(EmailRequest):
+    """A staff reply to a submitter: the REPLY rows of the outbox, `parent` the request answered.
+
+    A proxy, not a table: a reply is sent by the same state machine and send loop as a request
+    (see replies.py); this names those rows for the code that reads them apart (subject export).
+    """
+
+    objects = EmailReplyManager()
+
+    class Meta:
+        proxy = True
+        ordering = ["created_at"]
+        verbose_name = "reply"
+        verbose_name_plural = "replies"
 
 
 # The audit trail's model lives in its own module; imported here so the app registry finds it.

@@ -11,7 +11,7 @@ import logging
 from django.db import transaction
 
 from . import audit, outbox
-from .models import RowKind
+from .models import EmailReply, RowKind
 
 logger = logging.getLogger(__name__)
 
@@ -51,4 +51,4 @@ def reply_create(*, email_request, body, author=None, request=None, channel):
 
 def replies_of(email_request):
     """The replies to a request, oldest first, with their authors."""
-    return email_request.replies.filter(kind=RowKind.REPLY).select_related("author").order_by("created_at")
+    return EmailReply.objects.filter(parent=email_request).select_related("author").order_by("created_at")

@@ -242,3 +242,22 @@ def test_a_request_whose_address_was_erased_cannot_be_answered(sent_request, cli
     assert "Reply not sent: This request has no address to reply to." in page
     assert not EmailRequest.objects.replies().exists()
     assert not AuditEntry.objects.filter(action="reply").exists()
+
+
+def test_a_persons_export_holds_the_replies_and_their_erasure_removes_them(sent_request, tmp_path):
+    import json
+    import zipfile
+
+    from email_service import subjects
+
+    row, _ = sent_request
+    reply = outbox.create_email_request(data={"kind": RowKind.REPLY, "parent": row, "message": "Call us."})
+    out = tmp_path / "subject.zip"
+    counts = subjects.export_subject_to_path(SUBMITTER, out, channel="command")
+    assert (counts["requests"], counts["replies"]) == (1, 1)
+    with zipfile.ZipFile(out) as archive:
+        text = "".join(archive.read(name).decode("utf-8", "replace") for name in archive.namelist())
+    assert "Call us." in text and str(reply.pk) in text
+    assert json.dumps(str(row.pk)) in text
+    subjects.erase_subject(SUBMITTER, channel="command")
+    assert not EmailRequest.objects.filter(pk__in=[row.pk, reply.pk]).exists()

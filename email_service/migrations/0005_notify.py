@@ -7,7 +7,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("email_service", "0002_auditentry"),
+        ("email_service", "0004_audit_hooks"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
@@ -45,5 +45,18 @@ class Migration(migrations.Migration):
                 related_name="replies",
                 to="email_service.emailrequest",
             ),
+        ),
+        migrations.CreateModel(
+            name="EmailReply",
+            fields=[],
+            options={
+                "verbose_name": "reply",
+                "verbose_name_plural": "replies",
+                "ordering": ["created_at"],
+                "proxy": True,
+                "indexes": [],
+                "constraints": [],
+            },
+            bases=("email_service.emailrequest",),
         ),
     ]
