@@ -25,6 +25,7 @@ from . import actions, audit, csv_export, reports, subjects
 from .audit import AuditAction, AuditChannel
 from .encryption import normalise_address
 from .models import CONTACT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
+from .reply_admin import HISTORY_FIELD, RepliesAdminMixin
 from .reports import STATUS_COLOURS
 from .serializers import EmailRequestUpdateSerializer
 
@@ -129,7 +130,7 @@ class AttachmentFilter(admin.SimpleListFilter):
 
 
 @admin.register(EmailRequest)
-class EmailRequestAdmin(admin.ModelAdmin):
+class EmailRequestAdmin(RepliesAdminMixin, admin.ModelAdmin):
     form = EmailRequestAdminForm
     list_display = (
         "created",
@@ -194,6 +195,7 @@ class EmailRequestAdmin(admin.ModelAdmin):
         "updated_at",
         "sent_at",
         "access_history",
+        HISTORY_FIELD,
     )
 
     def get_queryset(self, request):

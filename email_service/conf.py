@@ -224,3 +224,13 @@ def captcha_timeout():
 def min_fill_seconds():
     """Seconds after the contact page was served before its form may be sent; 0 turns the check off."""
     return settings.EMAIL_MIN_FILL_SECONDS
+
+
+def notification_mode():
+    """`full`: the support mail carries the form and the file; `minimal`: only a reference and a link."""
+    return settings.EMAIL_NOTIFICATION_MODE
+
+
+def admin_base_url():
+    """Where staff reach the admin, without a trailing slash, for the links in minimal mails."""
+    return settings.EMAIL_ADMIN_BASE_URL.rstrip("/")

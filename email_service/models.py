@@ -17,6 +17,7 @@ import logging
 import uuid
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import connections, models, transaction
 from django.db.models import Count, Q
 from django.db.models.functions import TruncDate
@@ -47,6 +48,13 @@ class VirusScan(models.TextChoices):
     DISABLED = "disabled", _("Not scanned: scanning is off")
 
 
+class RowKind(models.TextChoices):
+    """What an outbox row carries: a submission to support, or a staff reply to its submitter."""
+
+    REQUEST = "REQUEST", _("Contact request")
+    REPLY = "REPLY", _("Reply to the submitter")
+
+
 FINAL_STATUSES = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
 # What the submitter wrote: editable by staff until the request is SENT.
 CONTACT_FIELDS = ("full_name", "email", "phone", "job_profession", "subject", "message")
@@ -56,6 +64,14 @@ CLAIM_CLOCK_TOLERANCE = 5
 
 class EmailRequestQuerySet(models.QuerySet):
     # --- reads -----------------------------------------------------------------------------
+    def submissions(self):
+        """Contact requests only: what lists, filters and statistics are about (replies aside)."""
+        return self.filter(kind=RowKind.REQUEST)
+
+    def replies(self):
+        """Staff replies to submitters, oldest first."""
+        return self.filter(kind=RowKind.REPLY).order_by("created_at")
+
     def due(self, now=None):
         """PENDING rows whose next attempt time has come."""
         return self.filter(status=EmailStatus.PENDING, next_attempt_at__lte=now or timezone.now())
@@ -442,6 +458,22 @@ class EmailRequest(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     sent_at = models.DateTimeField(null=True, blank=True, editable=False, db_index=True)
 
+    # A staff reply to a submission is a row of the same outbox, so that it is claimed, leased,
+    # retried, logged and relayed by the same code: `message` is its body, `parent` the request it
+    # answers (the recipient is the parent's address), `author` who wrote it.
+    kind = models.CharField(max_length=8, choices=RowKind.choices, default=RowKind.REQUEST, editable=False)
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="replies", editable=False
+    )
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        editable=False,
+    )
+
     objects = EmailRequestQuerySet.as_manager()
 
     class Meta:
@@ -464,6 +496,10 @@ class EmailRequest(models.Model):
     @property
     def has_attachment(self):
         return bool(self.file_attached)
+
+    @property
+    def is_reply(self):
+        return self.kind == RowKind.REPLY
 
     def is_editable(self):
         """Say whether staff may still edit the contact fields (see `edit_unsent`)."""
@@ -506,6 +542,27 @@ class EmailAttempt(models.Model):
 
     def __str__(self):
         return f"attempt {self.number} of {self.request_id}: {self.outcome or 'running'}"
+
+
+class EmailReplyManager(models.Manager.from_queryset(EmailRequestQuerySet)):
+    def get_queryset(self):
+        return super().get_queryset().filter(kind=RowKind.REPLY)
+
+
+class EmailReply(EmailRequest):
+    """A staff reply to a submitter: the REPLY rows of the outbox, `parent` the request answered.
+
+    A proxy, not a table: a reply is sent by the same state machine and send loop as a request
+    (see replies.py); this names those rows for the code that reads them apart (subject export).
+    """
+
+    objects = EmailReplyManager()
+
+    class Meta:
+        proxy = True
+        ordering = ["created_at"]
+        verbose_name = "reply"
+        verbose_name_plural = "replies"
 
 
 # The audit trail's model lives in its own module; imported here so the app registry finds it.

@@ -8,6 +8,7 @@ from rest_framework import serializers
 
 from . import captcha, honeypot, scanning
 from .models import CONTACT_FIELDS, AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus, VirusScan
+from .permissions import can_view_personal_data
 from .throttling import client_ip
 from .validators import (
     validate_attachment,
@@ -181,13 +182,16 @@ class EmailRequestJSONSerializer(EmailRequestCreateSerializer):
 
 
 class EmailRequestUpdateSerializer(ContactFieldsSerializer):
-    """The contact fields staff may edit; the edited request is answered in the staff shape."""
+    """The contact fields staff may edit; the edited request is answered in the staff shape, or
+    in the public one to a user who may change requests but not view them."""
 
     class Meta(ContactFieldsSerializer.Meta):
         pass
 
     def to_representation(self, instance):
-        return EmailRequestStaffSerializer(instance, context=self.context).data
+        if can_view_personal_data(self.context.get("request")):
+            return EmailRequestStaffSerializer(instance, context=self.context).data
+        return EmailRequestPublicSerializer(instance, context=self.context).data
 
 
 class EmailRequestCreatedSerializer(serializers.Serializer):
@@ -331,3 +335,34 @@ class RetryFailedSerializer(serializers.Serializer):
 
 class DetailSerializer(serializers.Serializer):
     detail = serializers.CharField()
+
+
+# --- Replies to the submitter (issue 14) --------------------------------------------------------
+class EmailReplySerializer(serializers.ModelSerializer):
+    """A staff reply to the submitter, with who wrote it and its delivery status."""
+
+    body = serializers.CharField(source="message", read_only=True)
+    author = serializers.CharField(
+        source="author.username", read_only=True, allow_null=True, help_text="Null once the user is deleted."
+    )
+
+    class Meta:
+        model = EmailRequest
+        fields = [
+            "id",
+            "body",
+            "author",
+            "status",
+            "created_at",
+            "sent_at",
+            "retry_count",
+            "error_message",
+            "message_id",
+        ]
+        read_only_fields = fields
+
+
+class EmailReplyCreateSerializer(serializers.Serializer):
+    """What staff write: the reply's text, sent as the mail's body."""
+
+    body = StrictCharField(max_length=10000, validators=[validate_no_nul])

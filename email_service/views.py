@@ -6,6 +6,7 @@ import uuid
 from django.core.files.storage import default_storage
 from django.db import transaction
 from django.http import FileResponse, Http404
+from django.utils.cache import patch_vary_headers
 from drf_spectacular.utils import extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.authentication import SessionAuthentication
@@ -23,7 +24,10 @@ from .idempotency import Replay, idempotent
 from .models import EmailRequest, EmailStatus
 from .pagination import EmailRequestPagination
 from .permissions import EmailRequestPermission, can_view_personal_data, required_permission
+from .replies import ReplyNotAllowed, replies_of, reply_create
 from .serializers import (
+    EmailReplyCreateSerializer,
+    EmailReplySerializer,
     EmailRequestCreateSerializer,
     EmailRequestJSONSerializer,
     EmailRequestPublicSerializer,
@@ -43,7 +47,8 @@ SEARCH_FILTERS = ("search", "email")
 class EmailRequestViewSet(viewsets.ModelViewSet):
     """Contact-form submissions and their delivery."""
 
-    queryset = EmailRequest.objects.all()
+    # Replies are rows of the same outbox; they are reached through `replies` below.
+    queryset = EmailRequest.objects.submissions()
     authentication_classes = [ExpiringTokenAuthentication, SessionAuthentication]
     permission_classes = [EmailRequestPermission]
     parser_classes = [SizeLimitedJSONParser, MultiPartParser, FormParser]
@@ -56,6 +61,15 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         "retrieve": [ReadRateThrottle],
         "statistics": [ReadRateThrottle],
     }
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        # The same URL answers differently by caller, and a staff answer may carry health data:
+        # no cache may keep it or hand one caller's answer to another.
+        patch_vary_headers(response, ("Authorization", "Cookie"))
+        if request.user and request.user.is_authenticated:
+            response["Cache-Control"] = "private, no-store"
+        return response
 
     def get_permissions(self):
         if required_permission(self.action) is None:
@@ -208,6 +222,27 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
             raise Conflict(str(exc)) from exc
         email_request.refresh_from_db()
         return Response(EmailRequestPublicSerializer(email_request).data)
+
+    # Few per request: answered whole, not paged nor filtered.
+    @action(detail=True, methods=["get", "post"], pagination_class=None, filter_backends=[])
+    def replies(self, request, pk=None):
+        email_request = self.get_object()
+        if request.method == "POST":
+            serializer = EmailReplyCreateSerializer(data=request.data)
+            serializer.is_valid(raise_exception=True)
+            try:
+                reply = reply_create(
+                    email_request=email_request,
+                    body=serializer.validated_data["body"],
+                    request=request,
+                    channel=AuditChannel.API,
+                )
+            except ReplyNotAllowed as exc:
+                raise Conflict(str(exc)) from exc
+            return Response(EmailReplySerializer(reply).data, status=status.HTTP_201_CREATED)
+        replies = list(replies_of(email_request))
+        self._record(AuditAction.VIEW, [email_request], replies=len(replies))
+        return Response(EmailReplySerializer(replies, many=True).data)
 
     @action(detail=True, methods=["get"], url_name="attachment")
     def attachment(self, request, pk=None):

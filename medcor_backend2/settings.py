@@ -215,6 +215,13 @@ EMAIL_ATTACHMENT_MAX_BYTES = env.int("EMAIL_ATTACHMENT_MAX_BYTES", default=10 * 
 # JSON {"MIME type": [".ext", ...]}; unset: the allow-list in email_service/validators.py.
 EMAIL_ALLOWED_ATTACHMENT_TYPES = env.json("EMAIL_ALLOWED_ATTACHMENT_TYPES", default=None)
 EMAIL_RETENTION_DAYS = env.int("EMAIL_RETENTION_DAYS", default=90)
+# --- Notifications without health data (issue 14) ---
+# full: the support mail carries every field and the file; minimal: only the reference, the time,
+# whether a file came, and a link to the request in the admin at EMAIL_ADMIN_BASE_URL.
+EMAIL_NOTIFICATION_MODE = env("EMAIL_NOTIFICATION_MODE", default="full").strip().lower()
+if EMAIL_NOTIFICATION_MODE not in ("full", "minimal"):
+    raise ImproperlyConfigured("EMAIL_NOTIFICATION_MODE must be 'full' or 'minimal'.")
+EMAIL_ADMIN_BASE_URL = env("EMAIL_ADMIN_BASE_URL", default="http://127.0.0.1:8000")
 # A request body may be the largest attachment plus this much for the other fields and the
 # multipart framing; anything larger is refused with 413 before it is read.
 EMAIL_FORM_ALLOWANCE_BYTES = env.int("EMAIL_FORM_ALLOWANCE_BYTES", default=1024 * 1024)
@@ -409,12 +416,22 @@ LOGGING = {
         "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
         "json": {"()": "medcor_backend2.logs.JsonFormatter"},
     },
+    # No address or query string reaches a log line, whichever logger wrote it (issue 14).
+    "filters": {"scrub": {"()": "medcor_backend2.logs.ScrubPersonalData"}},
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["scrub"]},
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    # aiosmtpd logs every SMTP command at INFO; the sink logs one line per mail itself.
-    "loggers": {"mail.log": {"level": "WARNING"}},
+    "loggers": {
+        # aiosmtpd logs every SMTP command at INFO; the sink logs one line per mail itself.
+        "mail.log": {"level": "WARNING"},
+        # Django's own handlers for these (console in debug, mail to ADMINS) would bypass the
+        # filter: they log through the root's handler instead, and no error mail carries a form.
+        "django": {"handlers": [], "level": "INFO", "propagate": True},
+        "django.server": {"handlers": [], "level": "INFO", "propagate": True},
+        # At DEBUG (with DJANGO_DEBUG) it logs every query with its parameters: the form's text.
+        "django.db.backends": {"level": "INFO"},
+    },
 }
 
 if not DEBUG:
