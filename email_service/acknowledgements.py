@@ -21,9 +21,11 @@ def send_confirmation(email_request):
     now = timezone.now()
     interval = conf.confirmation_interval()
     address_key = hashlib.sha256(email_request.email.strip().lower().encode()).hexdigest()
-    recently = EmailRequest.objects.filter(
-        email__iexact=email_request.email, confirmation_sent_at__gte=now - timedelta(seconds=interval)
-    ).exists()
+    recently = (
+        EmailRequest.objects.for_address(email_request.email)
+        .filter(confirmation_sent_at__gte=now - timedelta(seconds=interval))
+        .exists()
+    )
     # The cache key makes the check atomic across workers; the row check survives a cache flush.
     if recently or not cache.add(f"email-confirmation:{address_key}", 1, timeout=interval):
         return False

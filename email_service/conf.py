@@ -150,3 +150,8 @@ def clamav_required():
 def clamav_timeout():
     """Seconds to wait for clamd to connect, take a chunk or answer."""
     return settings.EMAIL_CLAMAV_TIMEOUT
+
+
+def search_scan_limit():
+    """How many rows, newest first, one free-text search may decrypt and match."""
+    return settings.EMAIL_SEARCH_SCAN_LIMIT

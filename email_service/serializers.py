@@ -6,6 +6,7 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from .fields import EncryptedEmailField
 from .models import CONTACT_FIELDS, AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus
 from .validators import (
     validate_attachment,
@@ -53,6 +54,8 @@ class ContactFieldsSerializer(serializers.ModelSerializer):
         models.CharField: StrictCharField,
         models.TextField: StrictCharField,
         models.EmailField: StrictEmailField,
+        # The address is stored encrypted (a TextField underneath), but is still an address.
+        EncryptedEmailField: StrictEmailField,
     }
 
     class Meta:
