@@ -8,7 +8,8 @@ import csv
 from collections import Counter
 
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.validators import validate_email
 from django.db.models import Count
 from django.http import HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -152,7 +153,7 @@ class EmailRequestAdmin(admin.ModelAdmin):
         term = search_term.strip()
         if not term:
             return queryset, False
-        if "@" in term and " " not in term:
+        if _is_address(term):
             return queryset.for_address(term), False
         found, scanned, limited = queryset.matching_text(term)
         if limited:
@@ -308,6 +309,14 @@ class EmailRequestAdmin(admin.ModelAdmin):
             "oldest_pending": reports.duration(report["oldest_pending_seconds"]),
         }
         return TemplateResponse(request, "admin/email_service/emailrequest/statistics.html", context)
+
+
+def _is_address(text):
+    try:
+        validate_email(text)
+    except ValidationError:
+        return False
+    return True
 
 
 def _short_time(value):

@@ -24,6 +24,9 @@ from .fields import EncryptedTextField
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 500
+# Every count the report gives, zeros included, so that its shape never depends on the data.
+VALUE_OUTCOMES = ("current", "rotated", "sealed", "empty", "unknown_key", "unreadable", "changed_meanwhile")
+FILE_OUTCOMES = ("current", "rotated", "sealed", "unknown_key", "unreadable", "missing", "changed_meanwhile")
 
 
 @dataclass
@@ -42,7 +45,12 @@ class RotationReport:
 
     def as_detail(self):
         """Return the counts, for the audit entry (which holds counts only)."""
-        return {key: self.counts[key] for key in sorted(self.counts)}
+        keys = {
+            *self.counts,
+            *(f"values_{outcome}" for outcome in VALUE_OUTCOMES),
+            *(f"files_{outcome}" for outcome in FILE_OUTCOMES),
+        }
+        return {key: self.counts[key] for key in sorted(keys)}
 
     def affected_requests(self):
         """Return the ids of the requests with a value or file this run could not rotate."""
