@@ -200,3 +200,63 @@ def test_in_minimal_mode_the_support_mail_carries_no_marker(settings, media_root
     headers = "\n".join(f"{name}: {value}" for name, value in message.items())
     assert found_in(headers.encode(), needles) == [] and "Reply-To" not in message
     assert pk[:8] in message["Subject"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_encrypts_existing_rows_and_files_and_its_reverse_opens_them(media_root):
+    from django.core.files.storage import default_storage
+    from django.db.migrations.executor import MigrationExecutor
+
+    from email_service.encryption import is_encrypted
+
+    before, after = [("email_service", "0002_auditentry")], [("email_service", "0003_encrypt")]
+    executor = MigrationExecutor(connection)
+    executor.migrate(before)
+    try:
+        _, fields, file_marker, file_name = markers()
+        plaintext = pdf_bytes(text=file_marker)
+        (media_root / "email_attachments").mkdir(parents=True)
+        (media_root / "email_attachments" / "old.pdf").write_bytes(plaintext)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO email_service_emailrequest (id, full_name, email, phone, job_profession, subject,"
+                " message, file_attached, attachment_name, attachment_content_type, status, error_message,"
+                " retry_count, max_retries, manual_retries, celery_task_id, message_id, next_attempt_at,"
+                " claimed_by, confirmation_error, client_ip, created_at, updated_at) VALUES (%s, %s, %s, %s,"
+                " %s, %s, %s, %s, %s, 'application/pdf', 'SENT', '', 0, 3, 0, '', '', now(), '', '', %s,"
+                " now(), now())",
+                [
+                    "6f1c1f52-0d5e-4a55-9f53-3d3b7c1e0a01",
+                    *fields.values(),
+                    "email_attachments/old.pdf",
+                    file_name,
+                    CLIENT_IP,
+                ],
+            )
+        executor = MigrationExecutor(connection)
+        executor.migrate(after)
+        row = EmailRequest.objects.get()
+        assert {name: getattr(row, name) for name in fields} == fields
+        assert (row.client_ip, row.attachment_name) == (CLIENT_IP, file_name)
+        assert EmailRequest.objects.for_address(fields["email"].upper()).get() == row
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT full_name, client_ip FROM email_service_emailrequest")
+            assert all(is_encrypted(value) for value in cursor.fetchone())
+        assert row.file_attached.name != "email_attachments/old.pdf"
+        assert not default_storage.exists("email_attachments/old.pdf")
+        assert row.file_attached.open("rb").read() == plaintext
+        for _, content in media_bytes(media_root):
+            assert found_in(content, needles_of(fields, file_marker, file_name)) == []
+
+        executor = MigrationExecutor(connection)
+        executor.migrate(before)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT full_name, email, host(client_ip), file_attached FROM email_service_emailrequest"
+            )
+            full_name, email, client_ip, name = cursor.fetchone()
+        assert (full_name, email, client_ip) == (fields["full_name"], fields["email"], CLIENT_IP)
+        assert (media_root / name).read_bytes() == plaintext
+    finally:
+        executor = MigrationExecutor(connection)
+        executor.migrate(executor.loader.graph.leaf_nodes())
