@@ -31,6 +31,8 @@ from .throttling import CreateRateThrottle, ReadRateThrottle, client_ip
 
 logger = logging.getLogger(__name__)
 
+# The columns behind EmailRequestPublicSerializer's fields.
+PUBLIC_COLUMNS = ("id", "status", "file_attached", "created_at", "sent_at")
 ACCEPTED_MESSAGE = "Your message has been received and will be delivered to our support team."
 
 
@@ -64,6 +66,9 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         queryset = super().get_queryset()
         if self.action in ("list", "retrieve") and can_view_personal_data(self.request):
             queryset = queryset.prefetch_related("attempts")
+        elif self.action in ("list", "retrieve"):
+            # Anonymous callers get no personal field, so none is read (and none decrypted).
+            queryset = queryset.only(*PUBLIC_COLUMNS)
         return queryset
 
     def get_serializer_class(self):

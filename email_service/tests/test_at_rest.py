@@ -260,3 +260,50 @@ def test_the_migration_encrypts_existing_rows_and_files_and_its_reverse_opens_th
     finally:
         executor = MigrationExecutor(connection)
         executor.migrate(executor.loader.graph.leaf_nodes())
+
+
+@pytest.mark.django_db
+def test_the_address_index_follows_edits_and_finds_the_mailbox_however_typed(staff, dispatched):
+    editor = User.objects.create_user("editor", password="pw-for-tests-only")
+    editor.user_permissions.set(
+        Permission.objects.filter(codename__in=["view_emailrequest", "change_emailrequest"])
+    )
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=editor).key}")
+    row = EmailRequest.objects.create(full_name="Index Person", email="First.Person+clinic@Gmail.com")
+    assert EmailRequest.objects.for_address("firstperson@googlemail.com").get() == row
+    assert staff.get(URL, {"email": "first.person@gmail.com"}).json()["count"] == 1
+    assert client.patch(f"{URL}{row.pk}/", {"email": "second@example.org"}, format="json").status_code == 200
+    assert staff.get(URL, {"email": "first.person@gmail.com"}).json()["count"] == 0
+    assert [r["id"] for r in staff.get(URL, {"email": "SECOND@example.org"}).json()["results"]] == [
+        str(row.pk)
+    ]
+
+
+@pytest.mark.django_db
+def test_search_reads_at_most_the_limit_newest_first_and_says_when_it_stopped(settings, staff, dispatched):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    now = timezone.now()
+    old = EmailRequest.objects.create(
+        full_name="Needle Old", email="a@example.org", created_at=now - timedelta(days=2)
+    )
+    new = EmailRequest.objects.create(full_name="needle new", email="b@example.org", created_at=now)
+    EmailRequest.objects.create(full_name="Other", email="c@example.org", created_at=now - timedelta(days=1))
+    settings.EMAIL_SEARCH_SCAN_LIMIT = 2
+    body = staff.get(URL, {"search": "NEEDLE"}).json()
+    assert [r["id"] for r in body["results"]] == [str(new.pk)]
+    assert body["search_scan"] == {"scanned": 2, "limit": 2, "limit_reached": True}
+    # Narrowed by another filter, the older row is within reach.
+    body = staff.get(
+        URL, {"search": "needle", "created_before": (now - timedelta(hours=1)).isoformat()}
+    ).json()
+    assert [r["id"] for r in body["results"]] == [str(old.pk)]
+    assert body["search_scan"] == {"scanned": 2, "limit": 2, "limit_reached": False}
+    settings.EMAIL_SEARCH_SCAN_LIMIT = 5000
+    body = staff.get(URL, {"search": "needle", "ordering": "created_at"}).json()
+    assert [r["id"] for r in body["results"]] == [str(old.pk), str(new.pk)]
+    assert "search_scan" not in staff.get(URL).json()
+    assert APIClient().get(URL, {"search": "needle"}).status_code in (401, 403)
