@@ -307,3 +307,31 @@ def test_search_reads_at_most_the_limit_newest_first_and_says_when_it_stopped(se
     assert [r["id"] for r in body["results"]] == [str(old.pk), str(new.pk)]
     assert "search_scan" not in staff.get(URL).json()
     assert APIClient().get(URL, {"search": "needle"}).status_code in (401, 403)
+
+
+def test_the_storage_is_chosen_by_settings_alone():
+    import sys
+
+    code = (
+        "import django; django.setup(); from django.core.files.storage import storages; "
+        "s = storages['default']; print(type(s).__name__, getattr(s, 'bucket_name', ''), "
+        "getattr(s, 'endpoint_url', ''))"
+    )
+
+    def run(**env):
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert run().stdout.split() == ["EncryptedFileSystemStorage"]
+    s3 = run(
+        MEDCOR_STORAGE="s3", AWS_STORAGE_BUCKET_NAME="medcor-files", AWS_S3_ENDPOINT_URL="http://127.0.0.1:9"
+    )
+    assert s3.stdout.split() == ["EncryptedS3Storage", "medcor-files", "http://127.0.0.1:9"], s3.stderr
+    missing = run(MEDCOR_STORAGE="s3")
+    assert missing.returncode != 0 and "AWS_STORAGE_BUCKET_NAME" in missing.stderr
+    assert "filesystem (the default) or s3" in run(MEDCOR_STORAGE="ftp").stderr
