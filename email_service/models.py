@@ -25,7 +25,7 @@ from django.utils.translation import gettext_lazy as _
 
 from . import conf
 from .aggregates import SecondsBetweenPercentile
-from .encryption import address_index
+from .encryption import address_index, domain_index
 from .fields import (
     EncryptedCharField,
     EncryptedEmailField,
@@ -177,10 +177,16 @@ class EmailRequestQuerySet(models.QuerySet):
         decides in every database: a row another worker took meanwhile is not ours.
 
         A row created a moment ago on a host whose clock runs slightly ahead still counts as due:
-        CLAIM_CLOCK_TOLERANCE covers that skew, far below any retry backoff.
+        CLAIM_CLOCK_TOLERANCE covers that skew for rows never tried. A retry waits its whole
+        backoff, however short: the tolerance would otherwise let the loop that just deferred a
+        row take it straight back.
         """
         now = now or timezone.now()
-        due = self.due(now + timedelta(seconds=CLAIM_CLOCK_TOLERANCE))
+        early = now + timedelta(seconds=CLAIM_CLOCK_TOLERANCE)
+        due = self.filter(
+            Q(next_attempt_at__lte=now) | Q(retry_count=0, next_attempt_at__lte=early),
+            status=EmailStatus.PENDING,
+        )
         token = uuid.uuid4()
         with transaction.atomic(using=self.db):
             pick = due.select_for_update(skip_locked=True)
@@ -340,7 +346,7 @@ class EmailRequestQuerySet(models.QuerySet):
     def edit_unsent(self, **fields):
         """Write `fields` on the rows among these not yet SENT; return how many were changed."""
         if "email" in fields:
-            fields["email_index"] = address_index(fields["email"]) if fields["email"] else ""
+            fields.update(_address_indexes(fields["email"]))
         return self.exclude(status=EmailStatus.SENT).update(**fields, updated_at=timezone.now())
 
     def reclaim(self, row, *, now=None):
@@ -378,6 +384,13 @@ class EmailRequestQuerySet(models.QuerySet):
     def forget_dispatch(self, pk):
         """Note that a dispatch did not reach the broker, so the next periodic run sends it."""
         return self.filter(pk=pk, status=EmailStatus.PENDING).update(dispatched_at=None)
+
+
+def _address_indexes(email):
+    """The index columns of an address: its mailbox's keyed hash and its domain's."""
+    if not email:
+        return {"email_index": "", "email_domain_index": ""}
+    return {"email_index": address_index(email), "email_domain_index": domain_index(email)}
 
 
 def success_rate(sent, failed):
@@ -421,6 +434,8 @@ class EmailRequest(models.Model):
     full_name = EncryptedCharField(max_length=200)
     email = EncryptedEmailField(max_length=254)
     email_index = models.CharField(max_length=64, blank=True, editable=False)
+    # The same for the mailbox's domain, for the acknowledgements' daily share per domain.
+    email_domain_index = models.CharField(max_length=64, blank=True, editable=False)
     phone = EncryptedCharField(max_length=32, blank=True)
     job_profession = EncryptedCharField(max_length=200, blank=True)
     subject = EncryptedCharField(max_length=200, blank=True)
@@ -449,7 +464,7 @@ class EmailRequest(models.Model):
     claimed_by = models.CharField(max_length=255, blank=True, editable=False)
     lease_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
 
-    confirmation_sent_at = models.DateTimeField(null=True, blank=True, editable=False)
+    confirmation_sent_at = models.DateTimeField(null=True, blank=True, editable=False, db_index=True)
     confirmation_error = EncryptedTextField(blank=True, editable=False)
     client_ip = EncryptedGenericIPAddressField(null=True, blank=True, editable=False)
 
@@ -466,16 +481,25 @@ class EmailRequest(models.Model):
             models.Index(fields=["status", "next_attempt_at"], name="email_status_due_idx"),
             models.Index(fields=["status", "lease_expires_at"], name="email_status_lease_idx"),
             models.Index(fields=["email_index", "-created_at"], name="email_index_created_idx"),
+            models.Index(
+                fields=["email_domain_index", "confirmation_sent_at"], name="email_domain_confirmed_idx"
+            ),
+        ]
+        # Subject access and erasure (GDPR art. 15 and 17), granted apart from the model's own.
+        permissions = [
+            ("export_subject", "Can export everything kept about a person"),
+            ("erase_subject", "Can erase everything kept about a person"),
         ]
 
     def __str__(self):
         return f"{self.id} ({self.status})"
 
     def save(self, *args, **kwargs):
-        self.email_index = address_index(self.email) if self.email else ""
+        for name, value in _address_indexes(self.email).items():
+            setattr(self, name, value)
         update_fields = kwargs.get("update_fields")
         if update_fields is not None and "email" in update_fields:
-            kwargs["update_fields"] = {*update_fields, "email_index"}
+            kwargs["update_fields"] = {*update_fields, "email_index", "email_domain_index"}
         super().save(*args, **kwargs)
 
     @property

@@ -209,7 +209,7 @@ def test_the_migration_encrypts_existing_rows_and_files_and_its_reverse_opens_th
 
     from email_service.encryption import is_encrypted
 
-    before, after = [("email_service", "0002_auditentry")], [("email_service", "0003_encrypt")]
+    before, after = [("email_service", "0004_audit_hooks")], [("email_service", "0005_encrypt")]
     executor = MigrationExecutor(connection)
     executor.migrate(before)
     try:
