@@ -56,7 +56,7 @@ from bench.stack import (
     reset_peak,
     wait_http,
 )
-from email_service.encryption import Keyring, address_index, encrypt_text, parse_key
+from email_service.encryption import Keyring, address_index, domain_index, encrypt_text, parse_key
 from medcor_backend2.keys import generate_key
 
 DATABASE = os.environ.get("BENCH_DATABASE", "medcor_bench")
@@ -302,11 +302,11 @@ class Bench:
         count = self.args.deliveries
         seal = self.sealed
         rows = self._sql(
-            f"""INSERT INTO {TABLE} (id, full_name, email, email_index, phone, job_profession, subject,
-                message, file_attached, attachment_name, attachment_content_type, status, error_message,
-                retry_count, max_retries, manual_retries, celery_task_id, message_id, next_attempt_at,
-                dispatched_at, claimed_by, confirmation_error, created_at, updated_at)
-            SELECT gen_random_uuid(), %s, %s, %s, '', '', %s, %s, '', '', '', 'PENDING', '', 0, 3, 0,
+            f"""INSERT INTO {TABLE} (id, full_name, email, email_index, email_domain_index, phone,
+                job_profession, subject, message, file_attached, attachment_name, attachment_content_type,
+                status, error_message, retry_count, max_retries, manual_retries, celery_task_id, message_id,
+                next_attempt_at, dispatched_at, claimed_by, confirmation_error, created_at, updated_at)
+            SELECT gen_random_uuid(), %s, %s, %s, %s, '', '', %s, %s, '', '', '', 'PENDING', '', 0, 3, 0,
                 gen_random_uuid()::text, '<bench-' || g || '-' || md5(random()::text) || '@tcall.ai>',
                 now() - interval '1 second', now(), '', '', now(), now()
             FROM generate_series(1, %s::int) AS g RETURNING id, celery_task_id""",
@@ -314,6 +314,7 @@ class Bench:
                 seal("Bench Delivery"),
                 seal("bench@example.org"),
                 address_index("bench@example.org", self.index_key),
+                domain_index("bench@example.org", self.index_key),
                 seal("Delivery bench"),
                 seal(CONTACT["message"]),
                 count,
@@ -444,12 +445,12 @@ def seed(db, first, last, seal):
     waiting for a retry tomorrow (so no worker picks them up), created over the last 90 days. Their
     personal fields are sealed by `seal` (one value for all rows: each read decrypts it all the same)."""
     db.execute(
-        f"""INSERT INTO {TABLE} (id, full_name, email, email_index, phone, job_profession, subject, message,
-            file_attached, attachment_name, attachment_content_type, status, error_message, retry_count,
-            max_retries, manual_retries, celery_task_id, message_id, next_attempt_at, dispatched_at,
-            claimed_by, confirmation_error, created_at, updated_at, sent_at)
-        SELECT gen_random_uuid(), %s, %s, md5((g %% 50000)::text) || md5(g::text), '', '', %s, %s, '', '',
-            '', s.status, '', 0, 3, 0,
+        f"""INSERT INTO {TABLE} (id, full_name, email, email_index, email_domain_index, phone, job_profession,
+            subject, message, file_attached, attachment_name, attachment_content_type, status, error_message,
+            retry_count, max_retries, manual_retries, celery_task_id, message_id, next_attempt_at,
+            dispatched_at, claimed_by, confirmation_error, created_at, updated_at, sent_at)
+        SELECT gen_random_uuid(), %s, %s, md5((g %% 50000)::text) || md5(g::text),
+            md5('example.org') || md5(''), '', '', %s, %s, '', '', '', s.status, '', 0, 3, 0,
             '', '', CASE WHEN s.status = 'PENDING' THEN now() + interval '1 day' ELSE s.created END,
             s.created, '', '', s.created, s.created,
             CASE WHEN s.status = 'SENT' THEN s.created + interval '1 second' * (1 + g %% 30) END

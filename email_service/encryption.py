@@ -211,9 +211,9 @@ def address_index(email, index_key=None):
     return hmac.new(secret, normalise_address(email).encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def domain_index(email):
+def domain_index(email, index_key=None):
     """Return the keyed hash (as address_index) of the domain an address's mailbox is at."""
-    secret = _index_secret(conf.index_key())
+    secret = _index_secret(index_key or conf.index_key())
     domain = normalise_address(email).rpartition("@")[2]
     return hmac.new(secret, b"domain:" + domain.encode("utf-8"), hashlib.sha256).hexdigest()
 
