@@ -56,6 +56,7 @@ from bench.stack import (
     reset_peak,
     wait_http,
 )
+from email_service.encryption import Keyring, address_index, domain_index, encrypt_text, parse_key
 from medcor_backend2.keys import generate_key
 
 DATABASE = os.environ.get("BENCH_DATABASE", "medcor_bench")
@@ -101,6 +102,9 @@ class Bench:
         self.db = None
         self.processes = None
         self.database, self.broker, self.contact = DATABASE, BROKER, CONTACT
+        # The stack's keys, known here so that rows inserted in SQL are sealed as the service seals them.
+        self.encryption_key, self.index_key = generate_key(), generate_key()
+        self.keyring = Keyring([parse_key(self.encryption_key)])
 
     # --- the stack ---------------------------------------------------------------------------
     def start(self):
@@ -110,8 +114,8 @@ class Bench:
         env.update(
             DJANGO_SECRET_KEY="bench-run",
             AUDIT_HMAC_KEY="bench-run",
-            MEDCOR_ENCRYPTION_KEYS=generate_key(),
-            MEDCOR_INDEX_KEY=generate_key(),
+            MEDCOR_ENCRYPTION_KEYS=self.encryption_key,
+            MEDCOR_INDEX_KEY=self.index_key,
             DJANGO_ALLOWED_HOSTS="127.0.0.1",
             DJANGO_DEBUG="false",
             DATABASE_URL=f"{PG}/{DATABASE}",
@@ -198,6 +202,10 @@ class Bench:
             except NotFound:  # the worker has not declared it yet
                 return 0, 0
         return messages, consumers
+
+    def sealed(self, text):
+        """Encrypt `text` under the stack's key, as the service stores a personal field."""
+        return encrypt_text(text, self.keyring)
 
     def _sql(self, query, params=None):
         cursor = self.db.execute(query, params)
@@ -292,17 +300,25 @@ class Bench:
     # --- 3: delivery rate ----------------------------------------------------------------------
     def delivery(self):
         count = self.args.deliveries
+        seal = self.sealed
         rows = self._sql(
-            f"""INSERT INTO {TABLE} (id, full_name, email, phone, job_profession, subject, message,
-                file_attached, attachment_name, attachment_content_type, status, error_message, retry_count,
-                max_retries, manual_retries, celery_task_id, message_id, next_attempt_at, dispatched_at,
-                claimed_by, confirmation_error, created_at, updated_at)
-            SELECT gen_random_uuid(), 'Bench ' || g, 'bench' || g || '@example.org', '', '', 'Delivery bench',
-                %s, '', '', '', 'PENDING', '', 0, 3, 0, gen_random_uuid()::text,
-                '<bench-' || g || '-' || md5(random()::text) || '@tcall.ai>', now() - interval '1 second', now(),
-                '', '', now(), now()
+            f"""INSERT INTO {TABLE} (id, full_name, email, email_index, email_domain_index, phone,
+                job_profession, subject, message, file_attached, attachment_name, attachment_content_type,
+                status, error_message, retry_count, max_retries, manual_retries, celery_task_id, message_id,
+                next_attempt_at, dispatched_at, claimed_by, confirmation_error, created_at, updated_at)
+            SELECT gen_random_uuid(), %s, %s, %s, %s, '', '', %s, %s, '', '', '', 'PENDING', '', 0, 3, 0,
+                gen_random_uuid()::text, '<bench-' || g || '-' || md5(random()::text) || '@tcall.ai>',
+                now() - interval '1 second', now(), '', '', now(), now()
             FROM generate_series(1, %s::int) AS g RETURNING id, celery_task_id""",
-            (CONTACT["message"], count),
+            (
+                seal("Bench Delivery"),
+                seal("bench@example.org"),
+                address_index("bench@example.org", self.index_key),
+                domain_index("bench@example.org", self.index_key),
+                seal("Delivery bench"),
+                seal(CONTACT["message"]),
+                count,
+            ),
         )
         self.sink.kept = []
         start = time.perf_counter()
@@ -314,7 +330,7 @@ class Bench:
         deadline = time.monotonic() + 600
         while True:
             [(sent,)] = self._sql(
-                f"SELECT count(*) FROM {TABLE} WHERE subject = 'Delivery bench' AND status = 'SENT'"
+                f"SELECT count(*) FROM {TABLE} WHERE message_id LIKE '<bench-%%' AND status = 'SENT'"
             )
             if sent == count:
                 break
@@ -406,7 +422,7 @@ class Bench:
         curve = {}
         current = 0
         for size in self.args.sizes:
-            seed(self.db, current + 1, size)
+            seed(self.db, current + 1, size, self.sealed)
             current = size
             # What autovacuum would have done by the time a table reached this size.
             self.db.execute(f"VACUUM ANALYZE {TABLE}")
@@ -424,16 +440,17 @@ class Bench:
         return curve
 
 
-def seed(db, first, last):
+def seed(db, first, last, seal):
     """Insert rows `first`..`last` in one statement: 90% SENT, 5% FAILED, 3% CANCELLED, 2% PENDING
-    waiting for a retry tomorrow (so no worker picks them up), created over the last 90 days."""
+    waiting for a retry tomorrow (so no worker picks them up), created over the last 90 days. Their
+    personal fields are sealed by `seal` (one value for all rows: each read decrypts it all the same)."""
     db.execute(
-        f"""INSERT INTO {TABLE} (id, full_name, email, phone, job_profession, subject, message, file_attached,
-            attachment_name, attachment_content_type, status, error_message, retry_count, max_retries,
-            manual_retries, celery_task_id, message_id, next_attempt_at, dispatched_at, claimed_by,
-            confirmation_error, created_at, updated_at, sent_at)
-        SELECT gen_random_uuid(), 'Seeded ' || g, 'seeded' || (g %% 50000) || '@example.org', '', '',
-            'Seeded row', 'A seeded message for the query benchmark.', '', '', '', s.status, '', 0, 3, 0,
+        f"""INSERT INTO {TABLE} (id, full_name, email, email_index, email_domain_index, phone, job_profession,
+            subject, message, file_attached, attachment_name, attachment_content_type, status, error_message,
+            retry_count, max_retries, manual_retries, celery_task_id, message_id, next_attempt_at,
+            dispatched_at, claimed_by, confirmation_error, created_at, updated_at, sent_at)
+        SELECT gen_random_uuid(), %s, %s, md5((g %% 50000)::text) || md5(g::text),
+            md5('example.org') || md5(''), '', '', %s, %s, '', '', '', s.status, '', 0, 3, 0,
             '', '', CASE WHEN s.status = 'PENDING' THEN now() + interval '1 day' ELSE s.created END,
             s.created, '', '', s.created, s.created,
             CASE WHEN s.status = 'SENT' THEN s.created + interval '1 second' * (1 + g %% 30) END
@@ -441,7 +458,14 @@ def seed(db, first, last):
         LATERAL (SELECT now() - interval '90 days' * random() AS created,
                         CASE WHEN g %% 100 < 90 THEN 'SENT' WHEN g %% 100 < 95 THEN 'FAILED'
                              WHEN g %% 100 < 98 THEN 'CANCELLED' ELSE 'PENDING' END AS status) AS s""",
-        (first, last),
+        (
+            seal("Seeded Person"),
+            seal("seeded@example.org"),
+            seal("Seeded row"),
+            seal("A seeded message for the query benchmark."),
+            first,
+            last,
+        ),
     )
 
 

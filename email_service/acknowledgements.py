@@ -14,11 +14,10 @@ import time
 from datetime import timedelta
 
 from django.core.cache import cache
-from django.db.models import Q
 from django.utils import timezone
 
 from . import conf, delivery
-from .encryption import GMAIL_DOMAINS, address_index, normalise_address
+from .encryption import address_index, domain_index, normalise_address
 from .models import EmailRequest
 from .outcomes import AttemptOutcome
 
@@ -132,23 +131,21 @@ def _decrement(key):
 
 def _capped_by_rows(mailbox, domain):
     """Tell from the rows whether the mailbox had an acknowledgement within the interval, or the
-    domain has had its day's share; what a flushed cache forgets, the rows still know."""
+    domain has had its day's share; what a flushed cache forgets, the rows still know.
+
+    Addresses are encrypted at rest, so both are found by their keyed hashes (models.py).
+    """
     now = timezone.now()
     interval = timedelta(seconds=conf.confirmation_interval())
     limit = conf.confirmation_domain_daily_limit()
-    since = now - max(interval, timedelta(seconds=DAY_SECONDS) if limit > 0 else interval)
-    domains = GMAIL_DOMAINS if domain in GMAIL_DOMAINS else (domain,)
-    in_domain = Q()
-    for name in domains:
-        # A trailing dot names the same domain.
-        in_domain |= Q(email__iendswith=f"@{name}") | Q(email__iendswith=f"@{name}.")
-    # Only this domain's acknowledgements of the last day: at most its daily cap of rows.
-    sent = EmailRequest.objects.filter(in_domain, confirmation_sent_at__gte=since).values_list(
-        "email", "confirmation_sent_at"
+    acknowledged = EmailRequest.objects.filter(confirmation_sent_at__isnull=False)
+    if acknowledged.for_address(mailbox).filter(confirmation_sent_at__gte=now - interval).exists():
+        return True
+    if limit <= 0:
+        return False
+    day = acknowledged.filter(
+        email_domain_index=domain_index(mailbox),
+        confirmation_sent_at__gte=now - timedelta(seconds=DAY_SECONDS),
     )
-    day_count = 0
-    for address, sent_at in sent.iterator():
-        if sent_at >= now - interval and normalise_address(address) == mailbox:
-            return True
-        day_count += 1
-    return limit > 0 and day_count >= limit
+    # Only this domain's acknowledgements of the last day: at most its daily cap of rows.
+    return day[:limit].count() >= limit

@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.validators import validate_email
 from django.db import transaction
 from django.db.models import Count
 from django.http import FileResponse, HttpResponse, HttpResponseRedirect
@@ -201,6 +202,23 @@ class EmailRequestAdmin(RepliesAdminMixin, admin.ModelAdmin):
         # One query for the whole page: the attempts are counted in SQL, not per row.
         return super().get_queryset(request).annotate(attempts_count=Count("attempts"))
 
+    def get_search_results(self, request, queryset, search_term):
+        """Find an address by its index; other text by decrypting the newest rows, within a limit."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        if _is_address(term):
+            return queryset.for_address(term), False
+        found, scanned, limited = queryset.matching_text(term)
+        if limited:
+            self.message_user(
+                request,
+                f"Searched only the newest {scanned} requests (EMAIL_SEARCH_SCAN_LIMIT): narrow the list "
+                "with the filters or dates to search older ones.",
+                messages.WARNING,
+            )
+        return found, False
+
     def get_readonly_fields(self, request, obj=None):
         if obj is not None and not obj.is_editable():
             return self.readonly_fields + CONTACT_FIELDS + ("max_retries",)
@@ -230,13 +248,14 @@ class EmailRequestAdmin(RepliesAdminMixin, admin.ModelAdmin):
             obj.status,
         )
 
-    @admin.display(description="Submitter", ordering="full_name")
+    # No `ordering` on columns of encrypted fields: the database would sort ciphertext.
+    @admin.display(description="Submitter")
     def submitter(self, obj):
         return format_html(
             '{}<br><span style="color:var(--body-quiet-color)">{}</span>', obj.full_name, obj.email
         )
 
-    @admin.display(description="Attachment", ordering="attachment_name")
+    @admin.display(description="Attachment")
     def attachment_link(self, obj):
         if not obj.has_attachment:
             return "-"
@@ -485,6 +504,14 @@ class EmailRequestAdmin(RepliesAdminMixin, admin.ModelAdmin):
             "oldest_pending": reports.duration(report["oldest_pending_seconds"]),
         }
         return TemplateResponse(request, "admin/email_service/emailrequest/statistics.html", context)
+
+
+def _is_address(text):
+    try:
+        validate_email(text)
+    except ValidationError:
+        return False
+    return True
 
 
 def _short_time(value):

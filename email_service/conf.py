@@ -234,3 +234,8 @@ def notification_mode():
 def admin_base_url():
     """Where staff reach the admin, without a trailing slash, for the links in minimal mails."""
     return settings.EMAIL_ADMIN_BASE_URL.rstrip("/")
+
+
+def search_scan_limit():
+    """How many rows, newest first, one free-text search may decrypt and match."""
+    return settings.EMAIL_SEARCH_SCAN_LIMIT

@@ -27,6 +27,7 @@ from django.template.loader import render_to_string
 from django.urls import reverse
 
 from . import conf, oauth
+from .encryption import DecryptionError
 from .outcomes import AttemptOutcome
 
 logger = logging.getLogger(__name__)
@@ -507,6 +508,9 @@ def classify(exc):
         return DeliveryResult(
             AttemptOutcome.TRANSIENT, None, name, "The send took longer than its time limit."
         )
+    if isinstance(exc, DecryptionError):
+        # A changed file, or one under a key no longer configured: another try reads the same bytes.
+        return DeliveryResult(AttemptOutcome.PERMANENT, None, name, f"The attachment cannot be read: {exc}")
     if isinstance(exc, FileNotFoundError):
         return DeliveryResult(AttemptOutcome.PERMANENT, None, name, "The attachment is missing from storage.")
     if isinstance(exc, (smtplib.SMTPServerDisconnected, socket.timeout, TimeoutError, ssl.SSLError)):

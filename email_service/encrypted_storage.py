@@ -20,6 +20,7 @@ from storages.utils import clean_name
 
 from .encryption import (
     CHUNK_BYTES,
+    FILE_MAGIC,
     HEADER_BYTES,
     DecryptingReader,
     EncryptingReader,
@@ -69,6 +70,22 @@ class EncryptedStorage:
         copy_name = self.get_alternative_name(*os.path.splitext(name))
         with self.open(name) as plaintext:
             return self.save(copy_name, plaintext)
+
+    def is_sealed(self, name):
+        """Tell whether a stored file is in the sealed format (a file from before encryption is not)."""
+        with self._open_sealed(name)[0] as raw:
+            return raw.read(len(FILE_MAGIC)) == FILE_MAGIC
+
+    def seal(self, name):
+        """Save a sealed copy of a plaintext file stored before encryption; return the copy's name."""
+        with self._open_sealed(name)[0] as raw:
+            return self.save(self.get_alternative_name(*os.path.splitext(name)), File(raw, name=name))
+
+    def unseal(self, name):
+        """Save a plaintext copy of a sealed file, for undoing encryption; return the copy's name."""
+        copy_name = self.get_available_name(self.get_alternative_name(*os.path.splitext(name)))
+        with self.open(name) as plaintext:
+            return super()._save(copy_name, plaintext)
 
 
 class EncryptedFileSystemStorage(EncryptedStorage, FileSystemStorage):

@@ -140,9 +140,10 @@ def is_encrypted(value):
     return isinstance(value, str) and value.startswith(TEXT_PREFIX)
 
 
-def encrypt_text(text):
-    """Encrypt a string under the first key; the result is ASCII and differs on every call."""
-    key = keyring().primary
+def encrypt_text(text, ring=None):
+    """Encrypt a string under the first key (of `ring`, by default the configured keyring); the
+    result is ASCII and differs on every call."""
+    key = (ring or keyring()).primary
     nonce = os.urandom(NONCE_BYTES)
     sealed = key.text_cipher.encrypt(nonce, text.encode("utf-8"), _text_aad(key.id))
     return TEXT_PREFIX + base64.urlsafe_b64encode(key.id + nonce + sealed).decode("ascii")
@@ -203,10 +204,18 @@ def normalise_address(email):
     return f"{local}@{domain}"
 
 
-def address_index(email):
-    """Return the keyed hash (HMAC-SHA256 under MEDCOR_INDEX_KEY, hex) of the normalised address."""
-    secret = _index_secret(conf.index_key())
+def address_index(email, index_key=None):
+    """Return the keyed hash (HMAC-SHA256 under MEDCOR_INDEX_KEY, or `index_key`, hex) of the
+    normalised address."""
+    secret = _index_secret(index_key or conf.index_key())
     return hmac.new(secret, normalise_address(email).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def domain_index(email, index_key=None):
+    """Return the keyed hash (as address_index) of the domain an address's mailbox is at."""
+    secret = _index_secret(index_key or conf.index_key())
+    domain = normalise_address(email).rpartition("@")[2]
+    return hmac.new(secret, b"domain:" + domain.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 # --- files --------------------------------------------------------------------------------

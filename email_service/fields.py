@@ -55,6 +55,15 @@ class EncryptedCharField(EncryptedTextField):
         return super().formfield(**{"form_class": forms.CharField, "widget": None, **kwargs})
 
 
+class EncryptedEmailField(EncryptedCharField):
+    """An email address stored encrypted, validated as EmailField validates it."""
+
+    default_validators = [validators.validate_email]
+
+    def formfield(self, **kwargs):
+        return super().formfield(**{"form_class": forms.EmailField, **kwargs})
+
+
 class EncryptedGenericIPAddressField(EncryptedTextField):
     """An IPv4 or IPv6 address stored encrypted, normalised as GenericIPAddressField does."""
 

@@ -4,10 +4,10 @@ from datetime import UTC
 
 import django_filters
 from django import forms
-from django.db.models import Q
 from django_filters.fields import IsoDateTimeField
 from rest_framework.exceptions import PermissionDenied
 
+from . import conf
 from .models import EmailRequest, EmailStatus
 from .permissions import can_view_personal_data
 
@@ -63,10 +63,15 @@ class EmailRequestFilter(django_filters.FilterSet):
     created_after = UTCDateTimeFilter(field_name="created_at", lookup_expr="gte")
     created_before = UTCDateTimeFilter(field_name="created_at", lookup_expr="lte")
     email = django_filters.CharFilter(
-        method="filter_email", help_text="Staff only: the submitter's address, case-insensitive."
+        method="filter_email",
+        help_text="Staff only: the submitter's address; the same mailbox however it is typed (case, +tag, "
+        "Gmail dots).",
     )
     search = django_filters.CharFilter(
-        method="filter_search", help_text="Staff only: text in name, email, subject or message."
+        method="filter_search",
+        help_text="Staff only: text in name, email, subject or message, case-insensitive. The fields are "
+        "encrypted, so only the newest EMAIL_SEARCH_SCAN_LIMIT rows the other filters leave are read; "
+        "`search_scan` in the answer says how many and whether the limit was reached.",
     )
     ordering = django_filters.OrderingFilter(fields=(("created_at", "created_at"), ("sent_at", "sent_at")))
 
@@ -94,13 +99,25 @@ class EmailRequestFilter(django_filters.FilterSet):
 
     def filter_email(self, queryset, name, value):
         self._require_staff()
-        return queryset.filter(email__iexact=value)
+        return queryset.for_address(value)
 
     def filter_search(self, queryset, name, value):
         self._require_staff()
-        return queryset.filter(
-            Q(full_name__icontains=value)
-            | Q(email__icontains=value)
-            | Q(subject__icontains=value)
-            | Q(message__icontains=value)
-        )
+        # Deferred to filter_queryset: the search decrypts what the other filters leave, so it
+        # runs after all of them (django-filter applies them in declaration order).
+        return queryset
+
+    def filter_queryset(self, queryset):
+        queryset = super().filter_queryset(queryset)
+        text = self.form.cleaned_data.get("search")
+        if not text:
+            return queryset
+        queryset, scanned, limited = queryset.matching_text(text)
+        if self.request is not None:
+            # The list's answer says how far the search read (pagination.py).
+            self.request.search_scan = {
+                "scanned": scanned,
+                "limit": conf.search_scan_limit(),
+                "limit_reached": limited,
+            }
+        return queryset

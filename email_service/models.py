@@ -26,6 +26,13 @@ from django.utils.translation import gettext_lazy as _
 
 from . import conf
 from .aggregates import SecondsBetweenPercentile
+from .encryption import address_index, domain_index
+from .fields import (
+    EncryptedCharField,
+    EncryptedEmailField,
+    EncryptedGenericIPAddressField,
+    EncryptedTextField,
+)
 from .outcomes import AttemptOutcome
 from .storage import attachment_upload_to
 
@@ -60,6 +67,8 @@ FINAL_STATUSES = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
 CONTACT_FIELDS = ("full_name", "email", "phone", "job_profession", "subject", "message")
 # Seconds of clock difference between web and worker hosts that a claim tolerates.
 CLAIM_CLOCK_TOLERANCE = 5
+# The fields the staff's free-text search decrypts and matches.
+SEARCH_FIELDS = ("full_name", "email", "subject", "message")
 
 
 class EmailRequestQuerySet(models.QuerySet):
@@ -85,6 +94,29 @@ class EmailRequestQuerySet(models.QuerySet):
     def stale_claims(self, now=None):
         """PROCESSING rows whose lease ran out: their worker died or hung."""
         return self.filter(status=EmailStatus.PROCESSING, lease_expires_at__lt=now or timezone.now())
+
+    def for_address(self, address):
+        """Rows from this address, found by its keyed index: the same mailbox however it was typed."""
+        return self.filter(email_index=address_index(address))
+
+    def matching_text(self, text, *, limit=None):
+        """Rows among these, newest first and at most `limit` of them read, with `text` in a
+        personal field; return (queryset, rows scanned, whether the limit stopped the scan).
+
+        The columns are encrypted, so the database cannot search them: the rows are decrypted
+        here, one batch at a time, and matched case-insensitively.
+        """
+        limit = conf.search_scan_limit() if limit is None else limit
+        wanted = text.casefold()
+        matched, scanned = [], 0
+        candidates = self.order_by("-created_at", "-pk").only("pk", *SEARCH_FIELDS)[: limit + 1]
+        for row in candidates.iterator(chunk_size=500):
+            if scanned == limit:
+                return self.filter(pk__in=matched), scanned, True
+            scanned += 1
+            if any(wanted in (getattr(row, name) or "").casefold() for name in SEARCH_FIELDS):
+                matched.append(row.pk)
+        return self.filter(pk__in=matched), scanned, False
 
     def with_attachment(self):
         return self.exclude(file_attached="")
@@ -276,7 +308,13 @@ class EmailRequestQuerySet(models.QuerySet):
             cursor.execute(
                 _complete_with_attempt_sql(tuple(fields)),
                 [
-                    *(getattr(attempt, name) for name in ATTEMPT_RESULT_FIELDS),
+                    # Prepared as the ORM would: error_text is stored encrypted.
+                    *(
+                        EmailAttempt._meta.get_field(name).get_db_prep_save(
+                            getattr(attempt, name), connections[self.db]
+                        )
+                        for name in ATTEMPT_RESULT_FIELDS
+                    ),
                     attempt.pk,
                     *fields.values(),
                     pk,
@@ -333,6 +371,8 @@ class EmailRequestQuerySet(models.QuerySet):
 
     def edit_unsent(self, **fields):
         """Write `fields` on the rows among these not yet SENT; return how many were changed."""
+        if "email" in fields:
+            fields.update(_address_indexes(fields["email"]))
         return self.exclude(status=EmailStatus.SENT).update(**fields, updated_at=timezone.now())
 
     def reclaim(self, row, *, now=None):
@@ -372,6 +412,13 @@ class EmailRequestQuerySet(models.QuerySet):
         return self.filter(pk=pk, status=EmailStatus.PENDING).update(dispatched_at=None)
 
 
+def _address_indexes(email):
+    """The index columns of an address: its mailbox's keyed hash and its domain's."""
+    if not email:
+        return {"email_index": "", "email_domain_index": ""}
+    return {"email_index": address_index(email), "email_domain_index": domain_index(email)}
+
+
 def success_rate(sent, failed):
     """Percent of finished requests (SENT or FAILED) that were SENT, to 2 places; 0.0 when none."""
     finished = sent + failed
@@ -408,14 +455,19 @@ def _complete_with_attempt_sql(request_fields):
 
 class EmailRequest(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    full_name = models.CharField(max_length=200)
-    email = models.EmailField(max_length=254)
-    phone = models.CharField(max_length=32, blank=True)
-    job_profession = models.CharField(max_length=200, blank=True)
-    subject = models.CharField(max_length=200, blank=True)
-    message = models.TextField(max_length=10000, blank=True)
+    # Personal fields are encrypted at rest (fields.py); `email_index` finds an address without
+    # decrypting (encryption.address_index), and is set from `email` on every save.
+    full_name = EncryptedCharField(max_length=200)
+    email = EncryptedEmailField(max_length=254)
+    email_index = models.CharField(max_length=64, blank=True, editable=False)
+    # The same for the mailbox's domain, for the acknowledgements' daily share per domain.
+    email_domain_index = models.CharField(max_length=64, blank=True, editable=False)
+    phone = EncryptedCharField(max_length=32, blank=True)
+    job_profession = EncryptedCharField(max_length=200, blank=True)
+    subject = EncryptedCharField(max_length=200, blank=True)
+    message = EncryptedTextField(max_length=10000, blank=True)
     file_attached = models.FileField(upload_to=attachment_upload_to, max_length=255, blank=True)
-    attachment_name = models.CharField(
+    attachment_name = EncryptedCharField(
         max_length=255, blank=True, help_text="The file's original name, used in the mail."
     )
     attachment_size = models.PositiveBigIntegerField(null=True, blank=True)
@@ -424,7 +476,8 @@ class EmailRequest(models.Model):
     status = models.CharField(
         max_length=16, choices=EmailStatus.choices, default=EmailStatus.PENDING, editable=False
     )
-    error_message = models.TextField(blank=True, editable=False)
+    # An SMTP error may quote an address, so error texts are encrypted too.
+    error_message = EncryptedTextField(blank=True, editable=False)
     retry_count = models.PositiveIntegerField(default=0, editable=False)
     max_retries = models.PositiveIntegerField(default=conf.max_retries)
     manual_retries = models.PositiveIntegerField(default=0, editable=False)
@@ -438,8 +491,8 @@ class EmailRequest(models.Model):
     lease_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     confirmation_sent_at = models.DateTimeField(null=True, blank=True, editable=False, db_index=True)
-    confirmation_error = models.TextField(blank=True, editable=False)
-    client_ip = models.GenericIPAddressField(null=True, blank=True, editable=False)
+    confirmation_error = EncryptedTextField(blank=True, editable=False)
+    client_ip = EncryptedGenericIPAddressField(null=True, blank=True, editable=False)
     # Intake checks that could not be made: accepted rather than lose a person's message.
     captcha_unverified = models.BooleanField(
         default=False,
@@ -482,7 +535,10 @@ class EmailRequest(models.Model):
             models.Index(fields=["status", "-created_at"], name="email_status_created_idx"),
             models.Index(fields=["status", "next_attempt_at"], name="email_status_due_idx"),
             models.Index(fields=["status", "lease_expires_at"], name="email_status_lease_idx"),
-            models.Index(fields=["email", "-created_at"], name="email_address_created_idx"),
+            models.Index(fields=["email_index", "-created_at"], name="email_index_created_idx"),
+            models.Index(
+                fields=["email_domain_index", "confirmation_sent_at"], name="email_domain_confirmed_idx"
+            ),
         ]
         # Subject access and erasure (GDPR art. 15 and 17), granted apart from the model's own.
         permissions = [
@@ -492,6 +548,14 @@ class EmailRequest(models.Model):
 
     def __str__(self):
         return f"{self.id} ({self.status})"
+
+    def save(self, *args, **kwargs):
+        for name, value in _address_indexes(self.email).items():
+            setattr(self, name, value)
+        update_fields = kwargs.get("update_fields")
+        if update_fields is not None and "email" in update_fields:
+            kwargs["update_fields"] = {*update_fields, "email_index", "email_domain_index"}
+        super().save(*args, **kwargs)
 
     @property
     def has_attachment(self):
@@ -530,7 +594,7 @@ class EmailAttempt(models.Model):
     outcome = models.CharField(max_length=16, choices=AttemptOutcome.choices, blank=True)
     smtp_code = models.PositiveIntegerField(null=True, blank=True)
     error_class = models.CharField(max_length=100, blank=True)
-    error_text = models.TextField(blank=True)
+    error_text = EncryptedTextField(blank=True)
     worker = models.CharField(max_length=255, blank=True)
     duration_ms = models.PositiveIntegerField(null=True, blank=True)
 

@@ -61,6 +61,29 @@ class EmailRequestPagination(PageNumberPagination):
             parameter["schema"]["minimum"] = 1
         return parameters
 
+    def get_paginated_response(self, data):
+        response = super().get_paginated_response(data)
+        # Set by the `search` filter: how many rows it decrypted, and whether its limit cut it short.
+        search_scan = getattr(self.request, "search_scan", None)
+        if search_scan is not None:
+            response.data["search_scan"] = search_scan
+        return response
+
+    def get_paginated_response_schema(self, schema):
+        schema = super().get_paginated_response_schema(schema)
+        schema["properties"]["search_scan"] = {
+            "type": "object",
+            "description": "Only with `search`: rows read (newest first) and whether the limit stopped the "
+            "search before the oldest row the other filters leave.",
+            "properties": {
+                "scanned": {"type": "integer"},
+                "limit": {"type": "integer"},
+                "limit_reached": {"type": "boolean"},
+            },
+            "required": ["scanned", "limit", "limit_reached"],
+        }
+        return schema
+
     def get_page_size(self, request):
         value = request.query_params.get(self.page_size_query_param)
         if value is not None and not (value.isdigit() and int(value) > 0):

@@ -7,6 +7,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from . import captcha, honeypot, scanning
+from .fields import EncryptedEmailField
 from .models import CONTACT_FIELDS, AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus, VirusScan
 from .permissions import can_view_personal_data
 from .throttling import client_ip
@@ -60,6 +61,8 @@ class ContactFieldsSerializer(serializers.ModelSerializer):
         models.CharField: StrictCharField,
         models.TextField: StrictCharField,
         models.EmailField: StrictEmailField,
+        # The address is stored encrypted (a TextField underneath), but is still an address.
+        EncryptedEmailField: StrictEmailField,
     }
 
     class Meta:

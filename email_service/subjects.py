@@ -11,19 +11,15 @@ import os
 import shutil
 import zipfile
 from dataclasses import dataclass, field
-from functools import reduce
-from operator import or_
 
 from django.apps import apps
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models, transaction
-from django.db.models import Q
 from django.db.models.fields.files import FieldFile
 from django.utils import timezone
 
 from . import audit
 from .audit import AuditAction
-from .encryption import GMAIL_DOMAINS, normalise_address
 from .models import EmailAttempt, EmailRequest
 from .storage import clean_filename
 
@@ -66,17 +62,8 @@ class SubjectRecords:
 
 def requests_of(address):
     """Return a QuerySet of every request whose address reaches the same mailbox as `address`."""
-    finder = getattr(EmailRequest.objects, "for_address", None)
-    if finder is not None:
-        return finder(address)
-    # Until the keyed address index exists: the plain column, narrowed by domain in SQL, then
-    # compared in its normal form so that Jane.Doe+x@GMAIL.com finds janedoe@googlemail.com.
-    wanted = normalise_address(address)
-    domain = wanted.rpartition("@")[2]
-    domains = GMAIL_DOMAINS if domain in GMAIL_DOMAINS else (domain,)
-    candidates = EmailRequest.objects.filter(reduce(or_, (Q(email__iendswith=f"@{d}") for d in domains)))
-    pks = [pk for pk, email in candidates.values_list("pk", "email") if normalise_address(email) == wanted]
-    return EmailRequest.objects.filter(pk__in=pks)
+    # Through the keyed address index: the address columns are encrypted.
+    return EmailRequest.objects.for_address(address)
 
 
 def find_subject(address, *, lock=False):

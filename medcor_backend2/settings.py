@@ -162,8 +162,32 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 # Attachments are private: MEDIA_URL is never routed, files are read through the storage API.
 MEDIA_ROOT = env("MEDIA_ROOT", default="") or str(BASE_DIR / "media")
 MEDIA_URL = "/media/"
+# Attachments are sealed at rest (email_service/encrypted_storage.py), under MEDIA_ROOT by default
+# or, with MEDCOR_STORAGE=s3, in an S3-compatible bucket (django-storages' own AWS_* settings).
+MEDCOR_STORAGE = env("MEDCOR_STORAGE", default="filesystem")
+if MEDCOR_STORAGE == "s3":
+    _default_storage = {
+        "BACKEND": "email_service.encrypted_storage.EncryptedS3Storage",
+        "OPTIONS": {
+            "bucket_name": env("AWS_STORAGE_BUCKET_NAME", default=""),
+            "endpoint_url": env("AWS_S3_ENDPOINT_URL", default="") or None,
+            "region_name": env("AWS_S3_REGION_NAME", default="") or None,
+            "access_key": env("AWS_ACCESS_KEY_ID", default="") or None,
+            "secret_key": env("AWS_SECRET_ACCESS_KEY", default="") or None,
+            "location": env("AWS_LOCATION", default=""),
+            # Random names never collide; refusing to overwrite keeps rotation's copies apart.
+            "file_overwrite": False,
+            "default_acl": None,
+        },
+    }
+    if not _default_storage["OPTIONS"]["bucket_name"]:
+        raise ImproperlyConfigured("MEDCOR_STORAGE=s3 needs AWS_STORAGE_BUCKET_NAME.")
+elif MEDCOR_STORAGE == "filesystem":
+    _default_storage = {"BACKEND": "email_service.encrypted_storage.EncryptedFileSystemStorage"}
+else:
+    raise ImproperlyConfigured("MEDCOR_STORAGE is filesystem (the default) or s3.")
 STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "default": _default_storage,
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 # Uploads larger than this go to a temporary file instead of the web process's memory.
@@ -222,6 +246,8 @@ EMAIL_NOTIFICATION_MODE = env("EMAIL_NOTIFICATION_MODE", default="full").strip()
 if EMAIL_NOTIFICATION_MODE not in ("full", "minimal"):
     raise ImproperlyConfigured("EMAIL_NOTIFICATION_MODE must be 'full' or 'minimal'.")
 EMAIL_ADMIN_BASE_URL = env("EMAIL_ADMIN_BASE_URL", default="http://127.0.0.1:8000")
+# The staff's free-text search decrypts rows to match them: at most this many, newest first.
+EMAIL_SEARCH_SCAN_LIMIT = env.int("EMAIL_SEARCH_SCAN_LIMIT", default=5000)
 # A request body may be the largest attachment plus this much for the other fields and the
 # multipart framing; anything larger is refused with 413 before it is read.
 EMAIL_FORM_ALLOWANCE_BYTES = env.int("EMAIL_FORM_ALLOWANCE_BYTES", default=1024 * 1024)

@@ -447,3 +447,55 @@ def log_output():
     handler.setFormatter(old_formatter)
     handler.setLevel(old_level)
     logging.getLogger().setLevel(root_level)
+
+
+# --- S3: moto's server on loopback ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A moto S3 server (moto[server]) in its own process on 127.0.0.1; yield its URL."""
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401
+    except ImportError as exc:
+        skip_or_fail(f"boto3 or moto[server] is not installed: {exc}")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def answers():
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
+                return True
+        except OSError:
+            return server.poll() is not None
+
+    try:
+        wait_for(answers, timeout=60, interval=0.2, message="moto's server")
+        if server.poll() is not None:
+            pytest.fail("moto's server exited early")
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        log.close()
+
+
+S3_CREDENTIALS = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket on the moto server; return (boto3 client, bucket name)."""
+    import boto3
+
+    bucket = f"medcor-{os.urandom(4).hex()}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, **S3_CREDENTIALS)
+    client.create_bucket(Bucket=bucket)
+    return client, bucket

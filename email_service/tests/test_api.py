@@ -51,7 +51,9 @@ def test_multipart_create_stores_the_file_privately(client, media_root):
     assert row.attachment_name == "My scan.pdf"
     assert row.attachment_content_type == "application/pdf"
     assert row.file_attached.name.startswith("email_attachments/")
-    assert (media_root / row.file_attached.name).read_bytes() == pdf_bytes()
+    # Sealed on disk (encrypted_storage.py), the plaintext through the storage.
+    assert not (media_root / row.file_attached.name).read_bytes().startswith(b"%PDF")
+    assert row.file_attached.open("rb").read() == pdf_bytes()
 
 
 @pytest.mark.django_db
@@ -207,4 +209,6 @@ def test_a_failing_dispatch_after_commit_keeps_the_row_and_its_file(client, medi
     response = client.post(URL, {**VALID, "file_attached": upload}, format="multipart")
     assert response.status_code == 201
     row = EmailRequest.objects.get()
-    assert (media_root / row.file_attached.name).read_bytes() == pdf_bytes()
+    # Sealed on disk (encrypted_storage.py), the plaintext through the storage.
+    assert not (media_root / row.file_attached.name).read_bytes().startswith(b"%PDF")
+    assert row.file_attached.open("rb").read() == pdf_bytes()

@@ -38,7 +38,6 @@ from email_service.encryption import (
     plaintext_size,
 )
 from email_service.fields import EncryptedCharField, EncryptedGenericIPAddressField, EncryptedTextField
-from email_service.tests.conftest import free_port, skip_or_fail, wait_for
 from medcor_backend2.keys import generate_key
 
 KEY_A, KEY_B = generate_key(), generate_key()
@@ -552,50 +551,11 @@ def test_encrypted_files_open_only_for_reading(storage):
 # --- S3: django-storages against moto's server on loopback -----------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """A moto S3 server in its own process on 127.0.0.1."""
-    try:
-        import boto3  # noqa: F401
-        import moto.server  # noqa: F401
-    except ImportError as exc:
-        skip_or_fail(f"boto3 or moto[server] is not installed: {exc}")
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-
-    def answers():
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
-                return True
-        except OSError:
-            return server.poll() is not None
-
-    try:
-        wait_for(answers, timeout=60, interval=0.2, message="moto's server")
-        if server.poll() is not None:
-            pytest.fail("moto's server exited early")
-        yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        log.close()
-
-
 @pytest.fixture
-def s3(s3_endpoint, keys):
-    import boto3
+def s3(s3_endpoint, s3_bucket, keys):
     from boto3.s3.transfer import TransferConfig
 
-    bucket = f"medcor-{os.urandom(4).hex()}"
-    credentials = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
-    client = boto3.client("s3", endpoint_url=s3_endpoint, **credentials)
-    client.create_bucket(Bucket=bucket)
+    client, bucket = s3_bucket
     storage = EncryptedS3Storage(
         bucket_name=bucket,
         endpoint_url=s3_endpoint,
