@@ -61,6 +61,8 @@ def encrypted_models():
     """Return (model, encrypted fields) for every model of the app that has encrypted fields."""
     found = []
     for model in apps.get_app_config("email_service").get_models():
+        if model._meta.proxy:
+            continue  # its rows are its concrete model's (replies are EmailRequest rows)
         fields = [f for f in model._meta.concrete_fields if isinstance(f, EncryptedTextField)]
         if fields:
             found.append((model, fields))

@@ -18,10 +18,10 @@ from django.conf import settings as django_settings
 from django.contrib.auth.models import Permission, User
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from email_service import conf, sending
+from email_service.authentication import issue_token
 from email_service.models import EmailRequest, EmailStatus
 
 from .conftest import S3_CREDENTIALS, skip_or_fail, wait_for
@@ -85,7 +85,7 @@ def staff():
     user = User.objects.create_user("reader", password="pw-for-tests-only")
     user.user_permissions.set(Permission.objects.filter(codename="view_emailrequest"))
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {issue_token(user)}")
     return client
 
 
@@ -208,7 +208,7 @@ def test_the_migration_encrypts_existing_rows_and_files_and_its_reverse_opens_th
 
     from email_service.encryption import is_encrypted
 
-    before, after = [("email_service", "0004_audit_hooks")], [("email_service", "0005_encrypt")]
+    before, after = [("email_service", "0007_notify")], [("email_service", "0008_encrypt")]
     executor = MigrationExecutor(connection)
     executor.migrate(before)
     try:
@@ -221,9 +221,10 @@ def test_the_migration_encrypts_existing_rows_and_files_and_its_reverse_opens_th
                 "INSERT INTO email_service_emailrequest (id, full_name, email, phone, job_profession, subject,"
                 " message, file_attached, attachment_name, attachment_content_type, status, error_message,"
                 " retry_count, max_retries, manual_retries, celery_task_id, message_id, next_attempt_at,"
-                " claimed_by, confirmation_error, client_ip, created_at, updated_at) VALUES (%s, %s, %s, %s,"
+                " claimed_by, confirmation_error, client_ip, created_at, updated_at, captcha_unverified,"
+                " virus_scan, kind) VALUES (%s, %s, %s, %s,"
                 " %s, %s, %s, %s, %s, 'application/pdf', 'SENT', '', 0, 3, 0, '', '', now(), '', '', %s,"
-                " now(), now())",
+                " now(), now(), false, '', 'REQUEST')",
                 [
                     "6f1c1f52-0d5e-4a55-9f53-3d3b7c1e0a01",
                     *fields.values(),
@@ -268,7 +269,7 @@ def test_the_address_index_follows_edits_and_finds_the_mailbox_however_typed(sta
         Permission.objects.filter(codename__in=["view_emailrequest", "change_emailrequest"])
     )
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=editor).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {issue_token(editor)}")
     row = EmailRequest.objects.create(full_name="Index Person", email="First.Person+clinic@Gmail.com")
     assert EmailRequest.objects.for_address("firstperson@googlemail.com").get() == row
     assert staff.get(URL, {"email": "first.person@gmail.com"}).json()["count"] == 1

@@ -5,11 +5,11 @@ from django.contrib.auth.models import Permission, User
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import CommandError, call_command
 from django.db import connection
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from email_service import rotation
 from email_service.audit import AuditAction, AuditEntry
+from email_service.authentication import issue_token
 from email_service.encryption import is_encrypted, key_index
 from email_service.models import EmailAttempt, EmailRequest
 from medcor_backend2.keys import generate_key
@@ -36,7 +36,7 @@ def staff():
     user = User.objects.create_user("viewer", password="pw-for-tests-only")
     user.user_permissions.set(Permission.objects.filter(codename="view_emailrequest"))
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {issue_token(user)}")
     return client
 
 
