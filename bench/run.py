@@ -305,10 +305,11 @@ class Bench:
             f"""INSERT INTO {TABLE} (id, full_name, email, email_index, email_domain_index, phone,
                 job_profession, subject, message, file_attached, attachment_name, attachment_content_type,
                 status, error_message, retry_count, max_retries, manual_retries, celery_task_id, message_id,
-                next_attempt_at, dispatched_at, claimed_by, confirmation_error, created_at, updated_at)
+                next_attempt_at, dispatched_at, claimed_by, confirmation_error, created_at, updated_at,
+                captcha_unverified, virus_scan, kind)
             SELECT gen_random_uuid(), %s, %s, %s, %s, '', '', %s, %s, '', '', '', 'PENDING', '', 0, 3, 0,
                 gen_random_uuid()::text, '<bench-' || g || '-' || md5(random()::text) || '@tcall.ai>',
-                now() - interval '1 second', now(), '', '', now(), now()
+                now() - interval '1 second', now(), '', '', now(), now(), false, '', 'REQUEST'
             FROM generate_series(1, %s::int) AS g RETURNING id, celery_task_id""",
             (
                 seal("Bench Delivery"),
@@ -448,12 +449,14 @@ def seed(db, first, last, seal):
         f"""INSERT INTO {TABLE} (id, full_name, email, email_index, email_domain_index, phone, job_profession,
             subject, message, file_attached, attachment_name, attachment_content_type, status, error_message,
             retry_count, max_retries, manual_retries, celery_task_id, message_id, next_attempt_at,
-            dispatched_at, claimed_by, confirmation_error, created_at, updated_at, sent_at)
+            dispatched_at, claimed_by, confirmation_error, created_at, updated_at, sent_at,
+            captcha_unverified, virus_scan, kind)
         SELECT gen_random_uuid(), %s, %s, md5((g %% 50000)::text) || md5(g::text),
             md5('example.org') || md5(''), '', '', %s, %s, '', '', '', s.status, '', 0, 3, 0,
             '', '', CASE WHEN s.status = 'PENDING' THEN now() + interval '1 day' ELSE s.created END,
             s.created, '', '', s.created, s.created,
-            CASE WHEN s.status = 'SENT' THEN s.created + interval '1 second' * (1 + g %% 30) END
+            CASE WHEN s.status = 'SENT' THEN s.created + interval '1 second' * (1 + g %% 30) END,
+            false, '', 'REQUEST'
         FROM generate_series(%s::int, %s::int) AS g,
         LATERAL (SELECT now() - interval '90 days' * random() AS created,
                         CASE WHEN g %% 100 < 90 THEN 'SENT' WHEN g %% 100 < 95 THEN 'FAILED'
