@@ -7,7 +7,7 @@ from datetime import timedelta
 from django.core.cache import cache
 from django.utils import timezone
 
-from . import conf, delivery
+from . import brake, conf, delivery, quotas
 from .models import EmailRequest
 from .outcomes import AttemptOutcome
 
@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 def send_confirmation(email_request):
     """Acknowledge receipt to the submitter, at most once per address per interval; never raise."""
-    if not conf.send_confirmation():
+    if not conf.send_confirmation() or not _within_sending_limits():
         return False
     now = timezone.now()
     interval = conf.confirmation_interval()
@@ -27,10 +27,7 @@ def send_confirmation(email_request):
     # The cache key makes the check atomic across workers; the row check survives a cache flush.
     if recently or not cache.add(f"email-confirmation:{address_key}", 1, timeout=interval):
         return False
-    try:
-        result = delivery.send(delivery.build_confirmation_message(email_request))
-    except Exception as exc:
-        result = delivery.classify(exc)
+    result = _send_counted(delivery.build_confirmation_message(email_request))
     if result.outcome == AttemptOutcome.SENT:
         EmailRequest.objects.filter(pk=email_request.pk).update(confirmation_sent_at=timezone.now())
         return True
@@ -43,3 +40,25 @@ def send_confirmation(email_request):
         extra={"email_request_id": str(email_request.pk)},
     )
     return False
+
+
+def _within_sending_limits():
+    """Say whether an acknowledgement may go: sending runs, and support mail keeps its share of the day."""
+    return brake.current().gate() is brake.Gate.RUN and quotas.allows_acknowledgement()
+
+
+def _send_counted(message):
+    """Send one acknowledgement within the quotas; a provider-wide outcome engages the brake."""
+    try:
+        reservation = quotas.reserve()
+    except quotas.QuotaReached as reached:
+        return delivery.DeliveryResult(AttemptOutcome.TRANSIENT, None, "QuotaReached", str(reached))
+    try:
+        result = delivery.send(message)
+    except Exception as exc:
+        result = delivery.classify(exc)
+    if result.outcome != AttemptOutcome.SENT:
+        quotas.give_back(reservation)
+    if result.is_provider_wide:
+        brake.engage_for(result)
+    return result

@@ -8,6 +8,7 @@ one line per row (`_log_transition`).
     PENDING --claim--> PROCESSING --complete--> SENT
        ^                  |  |
        |---- defer -------+  +------ fail ----> FAILED --retry--> PENDING
+       |---- hold --------+  (sending stopped as a whole: no retry spent)
     PENDING --cancel--> CANCELLED
     PROCESSING (lease expired) --reclaim--> PENDING or FAILED
 """
@@ -190,6 +191,26 @@ class EmailRequestQuerySet(models.QuerySet):
             next_attempt_at=now,
             dispatched_at=None,
             updated_at=now,
+        )
+
+    def hold(self, pks, token, *, until=None, error="", note="held by the sending brake"):
+        """Give claimed rows back to PENDING when sending stops as a whole, spending no retry.
+
+        Nothing was wrong with these mails (a quota, a throttle, a login the provider refused),
+        so retry_count stays as it was; they are due again when the brake's wait ends.
+        """
+        now = timezone.now()
+        fields = {"error_message": error} if error else {}
+        return self.filter(pk__in=pks, claim_token=token)._move(
+            EmailStatus.PROCESSING,
+            EmailStatus.PENDING,
+            note,
+            claim_token=None,
+            lease_expires_at=None,
+            next_attempt_at=max(until or now, now),
+            dispatched_at=None,
+            updated_at=now,
+            **fields,
         )
 
     def _move(self, source, target, note="", **fields):
@@ -476,3 +497,6 @@ class EmailAttempt(models.Model):
 
 # The audit trail's model lives in its own module; imported here so the app registry finds it.
 from .audit import AuditEntry  # noqa: E402, F401
+
+# The sender-wide brake's row, likewise.
+from .brake import SendingBrake  # noqa: E402, F401
