@@ -413,3 +413,13 @@ def google_smtp(google_token_endpoint, tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_brake():
+    """Each test starts with no cached read of the sending brake (its row rolls back with the test)."""
+    from email_service import brake
+
+    brake.forget()
+    yield
+    brake.forget()
