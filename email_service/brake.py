@@ -32,7 +32,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from . import audit, conf, quotas
+from . import conf, quotas
 from .outcomes import OPERATOR_ONLY_BRAKES, BrakeKind
 
 logger = logging.getLogger(__name__)
@@ -316,34 +316,3 @@ def drop_probe(probe):
     """Give up a probe that found nothing to send, so the next mail may probe at once."""
     SendingBrake.objects.filter(pk=ROW_ID, probe_token=probe).update(probe_token=None, probe_expires_at=None)
     forget()
-
-
-# --- what operators call (the `sending` command and the admin) -------------------------------
-
-
-def pause_sending(reason="", *, channel, actor=None, request=None):
-    """Pause every worker's sending as an operator, with an audit entry; return the new state."""
-    changed = pause(reason)
-    if changed:
-        audit.record(audit.AuditAction.PAUSE, channel=channel, actor=actor, request=request)
-    return current(refresh=True)
-
-
-def resume_sending(*, channel, actor=None, request=None):
-    """Resume sending as an operator, whatever engaged the brake, with an audit entry."""
-    changed = resume()
-    if changed:
-        audit.record(audit.AuditAction.RESUME, channel=channel, actor=actor, request=request)
-        _publish_waiting()
-    return current(refresh=True)
-
-
-def _publish_waiting():
-    # The rows that waited have no message on the broker; the relay's next run would find them,
-    # but an operator who just resumed expects mail to move now.
-    from celery import current_app
-
-    try:
-        current_app.send_task("email_service.tasks.dispatch_due_emails", retry=False)
-    except Exception as exc:
-        logger.warning("Broker unavailable, the periodic dispatch will send them: %s", exc)

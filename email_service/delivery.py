@@ -178,6 +178,11 @@ class _SharedConnection(threading.local):
 _shared = _SharedConnection()
 
 
+def is_connected():
+    """Say whether this thread holds an open SMTP connection (its next send needs no login)."""
+    return _shared.backend is not None and _shared.backend.connection is not None
+
+
 def close_connection():
     """Close this thread's SMTP connection, if any."""
     backend, _shared.backend = _shared.backend, None

@@ -353,6 +353,13 @@ class EmailRequestQuerySet(models.QuerySet):
             )
         return reclaimed
 
+    def wake_held(self, until, *, now=None):
+        """Make PENDING rows that wait until `until` (the brake's end) due now; return how many."""
+        now = now or timezone.now()
+        return self.filter(
+            status=EmailStatus.PENDING, next_attempt_at__gt=now, next_attempt_at__lte=until
+        ).update(next_attempt_at=now, dispatched_at=None, updated_at=now)
+
     def mark_dispatched(self, pks, *, now=None):
         return self.filter(pk__in=pks, status=EmailStatus.PENDING).update(dispatched_at=now or timezone.now())
 

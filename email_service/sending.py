@@ -8,11 +8,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from celery.exceptions import SoftTimeLimitExceeded
+from django.core.cache import cache
 from django.db import OperationalError, transaction
 from django.db.models import Count
 from django.utils import timezone
 
-from . import brake, conf, delivery, outbox, quotas
+from . import audit, brake, conf, delivery, outbox, quotas
 from .acknowledgements import send_confirmation
 from .models import ATTEMPT_RESULT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
 from .outcomes import AttemptOutcome, BrakeKind
@@ -139,7 +140,8 @@ def _send_batch(rows, token, worker, *, window_ends, started, probe=None):
     )
     statuses = {}
     tried = 0
-    held = None  # when the untried rows may go, once sending stopped as a whole
+    # Once sending stopped as a whole: (when the untried rows may go, None for "when resumed").
+    held = None
     try:
         for row, attempt in zip(rows, attempts, strict=True):
             # The first mail of a task always goes; each later one only while another send fits.
@@ -153,21 +155,62 @@ def _send_batch(rows, token, worker, *, window_ends, started, probe=None):
             try:
                 reservation = quotas.reserve()
             except quotas.QuotaReached as reached:
-                held = _quota_reached(reached, probe)
+                held = (_quota_reached(reached, probe),)
+                break
+            turn = _login_turn(worker)
+            if turn is False:
+                quotas.give_back(reservation)
+                held = (brake.current().until,)
                 break
             tried += 1
-            status, result = _send_claimed(row, attempt, token, reservation=reservation, probe=probe)
+            try:
+                status, result = _send_claimed(row, attempt, token, reservation=reservation, probe=probe)
+            finally:
+                if turn:
+                    _end_login_turn(worker)
             statuses[str(row.pk)] = status
             if result.is_provider_wide:
-                held = brake.current().until
+                held = (brake.current().until,)
                 break
     finally:
         untried = rows[tried:]
         if untried and held is not None:
-            _hold_untried(untried, attempts[tried:], token, held)
+            _hold_untried(untried, attempts[tried:], token, held[0])
         elif untried:
             _give_back(untried, attempts[tried:], token)
     return statuses, bool(untried)
+
+
+LOGIN_TURN_KEY = "email-service:smtp-login-turn"
+
+
+def _login_turn(worker):
+    """Wait for this worker's turn to open an SMTP connection: True once it has the turn, None when
+    its connection is open already (no turn needed), False if the brake engaged meanwhile.
+
+    Workers log in one at a time, so a refused password is tried by one worker, once, and the
+    brake it engages stops the others before they try it too (a burst of failed logins is what
+    gets an account locked). A worker with an open connection needs no turn.
+    """
+    if delivery.is_connected():
+        return None
+    deadline = time.monotonic() + conf.smtp_timeout()
+    while not cache.add(LOGIN_TURN_KEY, worker, timeout=conf.smtp_timeout() * 2 + 5):
+        if brake.current(refresh=True).gate() is brake.Gate.HOLD:
+            return False
+        if time.monotonic() > deadline:
+            return None  # a turn-holder that hung: its key expires; this send goes anyway
+        time.sleep(0.05)
+    # The turn came after another worker's login: if that one engaged the brake, stop here.
+    if brake.current(refresh=True).gate() is brake.Gate.HOLD:
+        _end_login_turn(worker)
+        return False
+    return True
+
+
+def _end_login_turn(worker):
+    if cache.get(LOGIN_TURN_KEY) == worker:
+        cache.delete(LOGIN_TURN_KEY)
 
 
 def _quota_reached(reached, probe):
@@ -303,3 +346,25 @@ def _record_result(email_request, token, result, *, attempt, hold_until=None):
         )
         return None
     return new_status
+
+
+# --- what operators call (the `sending` command and the admin) -------------------------------
+
+
+def pause_sending(reason="", *, channel, actor=None, request=None):
+    """Pause every worker's sending as an operator, with an audit entry; return the new state."""
+    if brake.pause(reason):
+        audit.record(audit.AuditAction.PAUSE, channel=channel, actor=actor, request=request)
+    return brake.current(refresh=True)
+
+
+def resume_sending(*, channel, actor=None, request=None):
+    """Resume sending as an operator, whatever engaged the brake, and send the rows that waited."""
+    before = brake.current(refresh=True)
+    if brake.resume():
+        audit.record(audit.AuditAction.RESUME, channel=channel, actor=actor, request=request)
+        # Rows held until a quota's window ends are due now: the operator says it is over.
+        if before.until is not None:
+            EmailRequest.objects.wake_held(before.until)
+        outbox.dispatch_due_soon()
+    return brake.current(refresh=True)

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from email_service import brake
+from email_service import brake, sending
 from email_service.audit import AuditChannel
 
 
@@ -16,9 +16,9 @@ class Command(BaseCommand):
 
     def handle(self, *args, action, reason, **options):
         if action == "pause":
-            state = brake.pause_sending(reason, channel=AuditChannel.COMMAND)
+            state = sending.pause_sending(reason, channel=AuditChannel.COMMAND)
         elif action == "resume":
-            state = brake.resume_sending(channel=AuditChannel.COMMAND)
+            state = sending.resume_sending(channel=AuditChannel.COMMAND)
         else:
             state = brake.current(refresh=True)
         self.stdout.write(status_line(state))
