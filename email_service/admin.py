@@ -16,7 +16,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from . import actions, reports
+from . import actions, reports, sending_admin
 from .models import CONTACT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
 from .reports import STATUS_COLOURS
 
@@ -272,7 +272,17 @@ class EmailRequestAdmin(admin.ModelAdmin):
             self.admin_site.admin_view(self.statistics_view),
             name="email_service_emailrequest_statistics",
         )
-        return [statistics, *super().get_urls()]
+        resume_sending = path(
+            "resume-sending/",
+            self.admin_site.admin_view(sending_admin.resume_view(self)),
+            name="email_service_emailrequest_resume_sending",
+        )
+        return [statistics, resume_sending, *super().get_urls()]
+
+    def changelist_view(self, request, extra_context=None):
+        # The banner that says sending is paused, with its resume button.
+        context = {**sending_admin.banner_context(request, self), **(extra_context or {})}
+        return super().changelist_view(request, extra_context=context)
 
     def statistics_view(self, request):
         """Show whether mail is flowing: counts, the last 30 days, delivery times, the oldest PENDING."""
@@ -288,6 +298,7 @@ class EmailRequestAdmin(admin.ModelAdmin):
             "median_delivery": reports.duration(report["median_delivery_seconds"]),
             "p95_delivery": reports.duration(report["p95_delivery_seconds"]),
             "oldest_pending": reports.duration(report["oldest_pending_seconds"]),
+            **sending_admin.banner_context(request, self),
         }
         return TemplateResponse(request, "admin/email_service/emailrequest/statistics.html", context)
 

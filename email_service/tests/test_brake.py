@@ -420,3 +420,59 @@ def test_acknowledgements_wait_while_the_brake_holds(smtp, loop, settings):
     [row] = _rows(1)
     brake.engage(BrakeKind.THROTTLE, "421 4.7.0")
     assert send_confirmation(row) is False and smtp.data_commands == 0
+
+
+# --- the admin's banner and resume button --------------------------------------------------------
+
+CHANGELIST = "/admin/email_service/emailrequest/"
+STATISTICS = "/admin/email_service/emailrequest/statistics/"
+RESUME = "/admin/email_service/emailrequest/resume-sending/"
+
+
+def _staff(client, *codenames):
+    from django.contrib.auth.models import Permission, User
+
+    user = User.objects.create_user(f"staff-{uuid.uuid4().hex[:6]}", password="pw", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(codename__in=codenames))
+    client.force_login(user)
+    return user
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("page", [CHANGELIST, STATISTICS])
+def test_the_banner_says_why_and_until_when_and_offers_resume_to_who_may_change(client, page):
+    _staff(client, "view_emailrequest", "change_emailrequest")
+    assert b"mc-sending-paused" not in client.get(page).content
+    brake.engage(BrakeKind.CREDENTIALS, "535 5.7.8 SMTPAuthenticationError")
+    brake.forget()
+    html = client.get(page).content.decode()
+    assert "Sending is paused." in html and "535 5.7.8 SMTPAuthenticationError" in html
+    assert "resumes only when someone resumes it" in html and 'id="mc-resume-sending"' in html
+
+
+@pytest.mark.django_db
+def test_view_only_staff_see_the_banner_without_the_button_and_cannot_resume(client):
+    _staff(client, "view_emailrequest")
+    brake.engage(BrakeKind.THROTTLE, "421 4.7.0 SMTPSenderRefused")
+    brake.forget()
+    html = client.get(CHANGELIST).content.decode()
+    assert "Sending is paused." in html and "the next try is at" in html
+    assert 'id="mc-resume-sending"' not in html
+    assert client.post(RESUME).status_code == 403
+    assert brake.current(refresh=True).is_engaged
+
+
+@pytest.mark.django_db
+def test_the_resume_button_resumes_audits_and_goes_back(client, monkeypatch):
+    monkeypatch.setattr(outbox, "dispatch_due_soon", lambda: None)
+    user = _staff(client, "view_emailrequest", "change_emailrequest")
+    brake.pause("maintenance")
+    assert client.get(RESUME).status_code == 405
+    response = client.post(RESUME, {"next": STATISTICS})
+    assert response.status_code == 302 and response["Location"] == STATISTICS
+    assert not brake.current(refresh=True).is_engaged
+    entry = AuditEntry.objects.get(action=AuditAction.RESUME)
+    assert (entry.channel, entry.actor) == ("admin", user.username)
+    # Only a path on this site: no open redirect.
+    brake.pause("again")
+    assert client.post(RESUME, {"next": "https://evil.example/"})["Location"] == CHANGELIST
