@@ -47,6 +47,6 @@ def _check_broker():
 
 def _sending():
     try:
-        return brake.describe(brake.current())
+        return brake.describe(brake.current(refresh=True))
     except Exception as exc:  # the brake's table missing (migration not run) must not hide the rest
         return {"sending": f"error: {type(exc).__name__}"}

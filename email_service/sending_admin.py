@@ -13,8 +13,10 @@ from .audit import AuditChannel
 
 def banner_context(request, model_admin):
     """Return the template context of the banner shown while sending is paused."""
-    info = brake.describe(brake.current())
-    until = brake.current().until
+    # Read afresh: one query per page, and an operator sees the state as it is now.
+    state = brake.current(refresh=True)
+    info = brake.describe(state)
+    until = state.until
     info["until_display"] = timezone.localtime(until).strftime("%Y-%m-%d %H:%M:%S %Z") if until else ""
     info["can_resume"] = model_admin.has_change_permission(request)
     return {"sending_brake": info}

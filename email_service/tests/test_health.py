@@ -33,6 +33,9 @@ def test_healthz_is_200_with_database_and_broker_up(client, db):
         "database": "ok",
         "broker": "ok",
         "oldest_pending_seconds": None,
+        "sending": "running",
+        "sending_paused_reason": "",
+        "sending_paused_until": None,
     }
 
 
