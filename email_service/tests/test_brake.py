@@ -476,3 +476,26 @@ def test_the_resume_button_resumes_audits_and_goes_back(client, monkeypatch):
     # Only a path on this site: no open redirect.
     brake.pause("again")
     assert client.post(RESUME, {"next": "https://evil.example/"})["Location"] == CHANGELIST
+
+
+def test_the_brake_and_quota_checks_cost_no_query_per_mail(smtp, loop, limits, monkeypatch):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    limits.EMAIL_DAILY_LIMIT = 1000
+    limits.EMAIL_MINUTE_LIMIT = 1000
+    limits.EMAIL_BRAKE_CACHE_SECONDS = 60  # a slow machine must not see a periodic re-read here
+
+    def queries_for(count):
+        rows = _rows(count)
+        with CaptureQueriesContext(connection) as queries:
+            sending.send_due_emails(rows[0].pk, worker="test", batch_size=count)
+        assert set(_statuses(rows).values()) == {EmailStatus.SENT}
+        return len(queries)
+
+    queries_for(1)  # the connection is open: a new one costs one read of the brake, once
+    with_checks = queries_for(10)
+    monkeypatch.setattr(brake, "current", lambda refresh=False: brake.RUNNING)
+    monkeypatch.setattr(quotas, "reserve", lambda now=None: quotas.Reservation())
+    without_checks = queries_for(10)
+    assert with_checks == without_checks
