@@ -39,7 +39,8 @@ chaos: install
 	$(BIN)/python bench/chaos.py
 
 # The service against baselines measured in the same run (needs PostgreSQL, RabbitMQ and Redis on
-# 127.0.0.1, and wrk); writes bench/results.json and prints a Markdown table. See bench/README.md.
+# 127.0.0.1, and wrk; makes var/peers-venv for the side-by-side peers); writes bench/results.json and
+# prints the Markdown tables. See bench/README.md.
 bench: install bench-tools
 	$(BIN)/python bench/run.py
 

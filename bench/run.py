@@ -42,6 +42,7 @@ from kombu import Connection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.side_by_side import SideBySide, side_by_side_table
 from bench.stack import (
     PG,
     ROOT,
@@ -57,7 +58,7 @@ from bench.stack import (
 )
 from medcor_backend2.keys import generate_key
 
-DATABASE = "medcor_bench"
+DATABASE = os.environ.get("BENCH_DATABASE", "medcor_bench")
 BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
 MB = 1024 * 1024
@@ -76,7 +77,7 @@ TABLE = "email_service_emailrequest"
 WEB_WORKERS, WEB_THREADS = 3, 2
 WORKER_CONCURRENCY, WORKER_PREFETCH = 4, 1
 
-MEASUREMENTS = ("accept", "non_blocking", "delivery", "memory", "queries")
+MEASUREMENTS = ("accept", "non_blocking", "delivery", "side_by_side", "memory", "queries")
 GOALS = {
     "accept": "throughput >= 0.7x baseline",
     "non_blocking": "p99 <= 1.2x fast-sink p99",
@@ -99,6 +100,7 @@ class Bench:
         self.base = f"http://127.0.0.1:{self.web_port}"
         self.db = None
         self.processes = None
+        self.database, self.broker, self.contact = DATABASE, BROKER, CONTACT
 
     # --- the stack ---------------------------------------------------------------------------
     def start(self):
@@ -147,20 +149,24 @@ class Bench:
             str(args.web_threads),
             env={"DJANGO_SETTINGS_MODULE": "bench.settings", "GUNICORN_ACCESS_LOG": ""},
         )
+        self.start_worker()
         celery = [sys.executable, "-m", "celery", "-A", "medcor_backend2"]
-        self.processes.spawn(
-            "worker",
-            *celery,
-            "worker",
-            f"--concurrency={args.worker_concurrency}",
-            f"--prefetch-multiplier={args.worker_prefetch}",
-            f"--hostname=bench-{self.queue}@%h",
-        )
         self.processes.spawn("beat", *celery, "beat", f"--schedule={self.run_dir / 'beat-schedule'}")
         wait_http(f"{self.base}/healthz", self.processes)
         self.db = psycopg.connect(f"{PG}/{DATABASE}", autocommit=True)
         self.celery = Celery(broker=BROKER)
         self._wait_for_worker()
+
+    def start_worker(self):
+        args = self.args
+        self.processes.spawn(
+            "worker",
+            *[sys.executable, "-m", "celery", "-A", "medcor_backend2"],
+            "worker",
+            f"--concurrency={args.worker_concurrency}",
+            f"--prefetch-multiplier={args.worker_prefetch}",
+            f"--hostname=bench-{self.queue}@%h",
+        )
 
     def _wait_for_worker(self, timeout=60):
         deadline = time.monotonic() + timeout
@@ -212,7 +218,7 @@ class Bench:
         raise RuntimeError(f"the stack did not drain within {timeout} s")
 
     # --- 1 and 2: accept rate and non-blocking ------------------------------------------------
-    def wrk(self, path, seconds):
+    def wrk(self, path, seconds, base=None):
         script = self.run_dir / "post.lua"
         script.write_text(
             'wrk.method = "POST"\n'
@@ -232,7 +238,7 @@ class Bench:
             "10s",
             "-s",
             str(script),
-            self.base + path,
+            (base or self.base) + path,
         ]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         return parse_wrk(output)
@@ -502,7 +508,7 @@ def table(results):
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name in MEASUREMENTS:
-        if name in results:
+        if name in results and name in ROWS:
             lines.extend(ROWS[name](results[name]))
     return "\n".join(lines)
 
@@ -615,6 +621,13 @@ def main():
     parser.add_argument("--worker-prefetch", type=int, default=WORKER_PREFETCH)
     parser.add_argument("--connections", type=int, default=16, help="wrk's fixed concurrency")
     parser.add_argument("--only", help="comma-separated subset of the measurements, for tuning")
+    parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run django-post_office and django-mailer side by side (default: not under --quick)",
+    )
+    parser.add_argument("--forms", type=int, help="forms per system in the side-by-side rows")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rounds, args.deliveries, args.files = 3, 1, 300, 1
@@ -623,7 +636,14 @@ def main():
         args.seconds, args.rounds, args.deliveries, args.files = 10, 2, 2000, 3
         args.sizes, args.repeats = [10_000, 100_000, 1_000_000], 30
 
+    if args.peers is None:
+        args.peers = not args.quick
+    if args.forms is None:
+        args.forms = 2000 if args.peers and not args.quick else 200
     chosen = set(args.only.split(",")) if args.only else set(MEASUREMENTS)
+    if args.quick and not args.peers and not args.only:
+        # The smoke run keeps its two minutes: no side-by-side rows unless --peers asks for them.
+        chosen.discard("side_by_side")
     if chosen - set(MEASUREMENTS):
         parser.error(f"--only takes some of {','.join(MEASUREMENTS)}")
 
@@ -668,6 +688,11 @@ def main():
         if wanted("delivery"):
             step("3. delivery rate")
             results["delivery"] = bench.delivery()
+        if wanted("side_by_side"):
+            step("side by side: the service, its peers and the limits")
+            results["side_by_side"] = SideBySide(bench, args.forms, peers=args.peers).run(step)
+            bench.start_worker()
+            bench._wait_for_worker()
         if wanted("memory"):
             step("4. attachment memory")
             results["memory"] = bench.memory()
@@ -684,6 +709,9 @@ def main():
         f"prefetch {args.worker_prefetch}, wrk {args.connections} connections\n"
     )
     print(table(results))
+    if "side_by_side" in results:
+        print()
+        print(side_by_side_table(results["side_by_side"]))
     return 0
 
 

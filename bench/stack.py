@@ -6,6 +6,7 @@ an in-process aiosmtpd sink, and gunicorn and Celery as subprocesses with enviro
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 PG = os.environ.get("BENCH_POSTGRES", "postgres://postgres@127.0.0.1:5432")
+# The marker a side-by-side run puts in each form's subject, to tell every mail apart at the sink.
+TOKEN = re.compile(rb"sbs-\d+-\d+")
 
 
 def free_port():
@@ -41,6 +44,7 @@ class Sink:
         self.count = 0
         self.delay = 0.0
         self.kept = None
+        self.seen = None
         self.lock = threading.Lock()
 
     async def handle_DATA(self, server, session, envelope):
@@ -51,6 +55,9 @@ class Sink:
             self.count += 1
             if self.kept is not None:
                 self.kept.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+            if self.seen is not None:
+                found = TOKEN.search(envelope.original_content)
+                self.seen.append((time.monotonic(), found and found.group().decode()))
         return "250 OK"
 
 
@@ -130,6 +137,30 @@ def children(pid):
             except (OSError, IndexError, ValueError):
                 continue
     return found
+
+
+def descendants(pid):
+    """`pid` and every process below it."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children(current))
+    return found
+
+
+def tree_cpu(pid):
+    """CPU seconds of `pid`'s process tree: each live process's own and its reaped children's."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for each in descendants(pid):
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited meanwhile: its time is in its parent's cutime once reaped
+        # utime, stime, cutime, cstime are fields 14-17 of proc(5); [2:] of what follows the ')'.
+        total += sum(int(value) for value in fields[11:15])
+    return total / ticks
 
 
 def _status_kb(pid, field):

@@ -1,37 +1,55 @@
-"""The short acknowledgement to the submitter, sent after their request went out."""
+"""The short acknowledgement to the submitter, sent after their request went out.
+
+Anyone can type anyone's address into the form, so the acknowledgement is capped where it lands:
+at most one per mailbox per EMAIL_CONFIRMATION_INTERVAL, the mailbox being the normalised
+address (case, +tags and Gmail's dots do not make a new one), and at most
+EMAIL_CONFIRMATION_DOMAIN_DAILY_LIMIT per destination domain in a rolling 24 h. Each cap is
+taken atomically in the shared cache (add, incr), so two workers cannot both pass it, and is
+checked against the rows too, so a flushed cache does not reopen it.
+"""
 
 import hashlib
 import logging
+import time
 from datetime import timedelta
 
 from django.core.cache import cache
+from django.db.models import Q
 from django.utils import timezone
 
 from . import brake, conf, delivery, quotas
+from .encryption import GMAIL_DOMAINS, address_index, normalise_address
 from .models import EmailRequest
 from .outcomes import AttemptOutcome
 
 logger = logging.getLogger(__name__)
 
+DAY_SECONDS = 24 * 3600
+# The rolling day is counted in hourly buckets in the cache: a slot comes back within an hour of
+# its acknowledgement turning 24 h old.
+BUCKET_SECONDS = 3600
+BUCKETS = DAY_SECONDS // BUCKET_SECONDS
+
 
 def send_confirmation(email_request):
-    """Acknowledge receipt to the submitter, at most once per address per interval; never raise."""
+    """Acknowledge receipt to the submitter within the mailbox and domain caps; never raise."""
     if not conf.send_confirmation() or not _within_sending_limits():
         return False
-    now = timezone.now()
-    interval = conf.confirmation_interval()
-    address_key = hashlib.sha256(email_request.email.strip().lower().encode()).hexdigest()
-    recently = EmailRequest.objects.filter(
-        email__iexact=email_request.email, confirmation_sent_at__gte=now - timedelta(seconds=interval)
-    ).exists()
-    # The cache key makes the check atomic across workers; the row check survives a cache flush.
-    if recently or not cache.add(f"email-confirmation:{address_key}", 1, timeout=interval):
+    mailbox = normalise_address(email_request.email)
+    domain = mailbox.rpartition("@")[2]
+    claim = _claim(mailbox, domain)
+    if claim is None:
+        logger.info(
+            "Email request %s acknowledgement skipped: its mailbox or domain had one recently",
+            email_request.pk,
+            extra={"email_request_id": str(email_request.pk)},
+        )
         return False
     result = _send_counted(delivery.build_confirmation_message(email_request))
     if result.outcome == AttemptOutcome.SENT:
         EmailRequest.objects.filter(pk=email_request.pk).update(confirmation_sent_at=timezone.now())
         return True
-    cache.delete(f"email-confirmation:{address_key}")
+    claim.release()
     EmailRequest.objects.filter(pk=email_request.pk).update(confirmation_error=result.error_message)
     logger.warning(
         "Email request %s acknowledgement not sent: %s",
@@ -40,6 +58,94 @@ def send_confirmation(email_request):
         extra={"email_request_id": str(email_request.pk)},
     )
     return False
+
+
+class _Claim:
+    """The caps one acknowledgement has taken in the cache, to give back if it is not sent."""
+
+    def __init__(self, mailbox_key, bucket_key):
+        self.mailbox_key, self.bucket_key = mailbox_key, bucket_key
+
+    def release(self):
+        cache.delete(self.mailbox_key)
+        if self.bucket_key is not None:
+            _decrement(self.bucket_key)
+
+
+def _claim(mailbox, domain):
+    """Take the mailbox's and the domain's cap for one acknowledgement, or return None."""
+    if _capped_by_rows(mailbox, domain):
+        return None
+    interval = conf.confirmation_interval()
+    mailbox_key = f"email-confirmation:{address_index(mailbox)}"
+    if not cache.add(mailbox_key, 1, timeout=interval):
+        return None
+    bucket_key = None
+    if conf.confirmation_domain_daily_limit() > 0:
+        bucket_key = _take_domain_slot(domain)
+        if bucket_key is None:
+            cache.delete(mailbox_key)
+            return None
+    return _Claim(mailbox_key, bucket_key)
+
+
+def _domain_keys(domain, now=None):
+    """The cache keys of the domain's hourly buckets of the last 24 h, the current one first."""
+    digest = hashlib.sha256(domain.encode()).hexdigest()
+    hour = int((time.time() if now is None else now) // BUCKET_SECONDS)
+    return [f"email-confirmation-domain:{digest}:{hour - age}" for age in range(BUCKETS)]
+
+
+def _take_domain_slot(domain, now=None):
+    """Count one acknowledgement to `domain` if the rolling day has room; return its bucket's key.
+
+    The current bucket is incremented first and the day summed after, so that of two workers
+    racing for the last slot at most one stays counted: neither can see a total without its own.
+    """
+    limit = conf.confirmation_domain_daily_limit()
+    current, *older = _domain_keys(domain, now)
+    cache.add(current, 0, timeout=DAY_SECONDS + BUCKET_SECONDS)
+    try:
+        count = cache.incr(current)
+    except ValueError:  # expired between add and incr: start the bucket again
+        cache.add(current, 1, timeout=DAY_SECONDS + BUCKET_SECONDS)
+        count = 1
+    total = count + sum(int(value) for value in cache.get_many(older).values())
+    if total > limit:
+        _decrement(current)
+        return None
+    return current
+
+
+def _decrement(key):
+    try:
+        cache.decr(key)
+    except ValueError:
+        pass  # the bucket expired: nothing left to give back
+
+
+def _capped_by_rows(mailbox, domain):
+    """Tell from the rows whether the mailbox had an acknowledgement within the interval, or the
+    domain has had its day's share; what a flushed cache forgets, the rows still know."""
+    now = timezone.now()
+    interval = timedelta(seconds=conf.confirmation_interval())
+    limit = conf.confirmation_domain_daily_limit()
+    since = now - max(interval, timedelta(seconds=DAY_SECONDS) if limit > 0 else interval)
+    domains = GMAIL_DOMAINS if domain in GMAIL_DOMAINS else (domain,)
+    in_domain = Q()
+    for name in domains:
+        # A trailing dot names the same domain.
+        in_domain |= Q(email__iendswith=f"@{name}") | Q(email__iendswith=f"@{name}.")
+    # Only this domain's acknowledgements of the last day: at most its daily cap of rows.
+    sent = EmailRequest.objects.filter(in_domain, confirmation_sent_at__gte=since).values_list(
+        "email", "confirmation_sent_at"
+    )
+    day_count = 0
+    for address, sent_at in sent.iterator():
+        if sent_at >= now - interval and normalise_address(address) == mailbox:
+            return True
+        day_count += 1
+    return limit > 0 and day_count >= limit
 
 
 def _within_sending_limits():

@@ -2,7 +2,7 @@
 
 from django.db import transaction
 
-from .models import EmailRequest
+from .models import EmailRequest, EmailStatus
 from .outbox import dispatch_due_soon
 
 
@@ -19,11 +19,21 @@ def cancel_email_request(email_request):
 
 def retry_failed(queryset=None):
     """Requeue FAILED requests with a fresh retry budget and dispatch them; return how many."""
-    queryset = EmailRequest.objects.all() if queryset is None else queryset
-    count = queryset.requeue_failed()
+    return len(retry_failed_requests(queryset))
+
+
+def retry_failed_requests(queryset=None):
+    """Requeue FAILED requests as `retry_failed` does; return the ids of those requeued."""
+    failed = EmailRequest.objects.filter(status=EmailStatus.FAILED)
+    if queryset is not None:
+        failed = failed.filter(pk__in=queryset.values("pk"))
+    with transaction.atomic():
+        # Locked first, so that the ids returned are exactly the rows the requeue moves.
+        pks = list(failed.select_for_update().values_list("pk", flat=True))
+        count = EmailRequest.objects.filter(pk__in=pks).requeue_failed() if pks else 0
     if count:
         transaction.on_commit(dispatch_due_soon)
-    return count
+    return pks
 
 
 def edit_email_request(email_request, fields):

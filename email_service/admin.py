@@ -5,18 +5,24 @@ the admin never assigns a status or saves a whole row over a worker's changes.
 """
 
 import csv
+import tempfile
 from collections import Counter
+from urllib.parse import urlencode
 
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.db.models import Count
-from django.http import HttpResponse, HttpResponseRedirect
+from django.http import FileResponse, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
-from . import actions, reports, sending_admin
+from . import actions, audit, reports, sending_admin, subjects
+from .audit import AuditAction, AuditChannel
+from .encryption import normalise_address
 from .models import CONTACT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
 from .reports import STATUS_COLOURS
 
@@ -40,6 +46,8 @@ CSV_COLUMNS = (
 )
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# How many of a request's audit entries its change page lists; a link leads to all of them.
+ACCESS_HISTORY_ROWS = 25
 
 
 class EmailAttemptInline(admin.TabularInline):
@@ -97,7 +105,7 @@ class EmailRequestAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     list_per_page = 50
     inlines = [EmailAttemptInline]
-    actions = ["retry_selected", "cancel_selected", "export_csv"]
+    actions = ["retry_selected", "cancel_selected", "export_csv", "export_subject", "erase_subject"]
     fieldsets = (
         ("Contact", {"fields": CONTACT_FIELDS}),
         ("Attachment", {"fields": ("attachment_link", "attachment_size", "attachment_content_type")}),
@@ -141,6 +149,7 @@ class EmailRequestAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
         "sent_at",
+        "access_history",
     )
 
     def get_queryset(self, request):
@@ -194,6 +203,71 @@ class EmailRequestAdmin(admin.ModelAdmin):
     def attempts_count(self, obj):
         return obj.attempts_count
 
+    # --- the audit trail: every page and action that shows or changes personal data -------------
+    def changelist_view(self, request, extra_context=None):
+        # With the banner that says sending is paused, and its resume button.
+        extra_context = {**sending_admin.banner_context(request, self), **(extra_context or {})}
+        response = super().changelist_view(request, extra_context)
+        changelist = (getattr(response, "context_data", None) or {}).get("cl")
+        # An action's POST returns the action's own response, which records itself.
+        if request.method == "GET" and changelist is not None:
+            action = AuditAction.SEARCH if changelist.query else AuditAction.LIST
+            _record(request, action, changelist.result_list)
+        return response
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        response = super().change_view(request, object_id, form_url, extra_context)
+        # A page shown (also one re-shown with a form's errors); saves record their update.
+        # The page renders after this, so its access history includes this view.
+        shown = (getattr(response, "context_data", None) or {}).get("original")
+        if shown is not None:
+            _record(request, AuditAction.VIEW, [shown])
+        return response
+
+    def delete_model(self, request, obj):
+        pk = obj.pk  # deleting sets it to None
+        super().delete_model(request, obj)
+        _record(request, AuditAction.DELETE, [pk])
+
+    def delete_queryset(self, request, queryset):
+        with transaction.atomic():
+            pks = list(queryset.values_list("pk", flat=True))
+            super().delete_queryset(request, queryset)
+            _record(request, AuditAction.DELETE, pks, requests=len(pks))
+
+    def get_fieldsets(self, request, obj=None):
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is not None and request.user.has_perm("email_service.view_auditentry"):
+            fieldsets = (*fieldsets, ("Access history", {"fields": ("access_history",)}))
+        return fieldsets
+
+    @admin.display(description="Access history")
+    def access_history(self, obj):
+        entries = audit.entries_about(obj.pk).order_by("-pk")
+        shown = list(entries[:ACCESS_HISTORY_ROWS])
+        link = reverse("admin:email_service_auditentry_changelist") + "?" + urlencode({"request_id": obj.pk})
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    _short_time(e.time),
+                    e.actor or "-",
+                    e.get_action_display(),
+                    e.get_channel_display(),
+                    e.ip or "-",
+                )
+                for e in shown
+            ),
+        )
+        return format_html(
+            "<table><thead><tr><th>Time</th><th>Who</th><th>Action</th><th>Channel</th><th>IP</th></tr>"
+            '</thead><tbody>{}</tbody></table><p><a href="{}">All entries about this request in the audit '
+            "trail</a></p>",
+            rows,
+            link,
+        )
+
     # --- saving --------------------------------------------------------------------------------
     def save_model(self, request, obj, form, change):
         # `obj.save()` would write back every column as loaded, status included, undoing whatever a
@@ -202,6 +276,9 @@ class EmailRequestAdmin(admin.ModelAdmin):
         obj.edit_refused = False
         if fields:
             obj.edit_refused = not EmailRequest.objects.filter(pk=obj.pk).edit_unsent(**fields)
+            if not obj.edit_refused:
+                # changeform_view is one transaction: the edit and its entry commit together.
+                _record(request, AuditAction.UPDATE, [obj], fields=len(fields))
 
     def response_change(self, request, obj):
         if getattr(obj, "edit_refused", False):
@@ -218,7 +295,10 @@ class EmailRequestAdmin(admin.ModelAdmin):
     @admin.action(description="Retry selected failed requests", permissions=["change"])
     def retry_selected(self, request, queryset):
         statuses = Counter(queryset.values_list("status", flat=True))
-        changed = actions.retry_failed(queryset)
+        with transaction.atomic():
+            requeued = actions.retry_failed_requests(queryset)
+            _record(request, AuditAction.RETRY, requeued, requests=len(requeued))
+        changed = len(requeued)
         skipped = {status: count for status, count in statuses.items() if status != EmailStatus.FAILED}
         self._report(
             request,
@@ -230,14 +310,18 @@ class EmailRequestAdmin(admin.ModelAdmin):
 
     @admin.action(description="Cancel selected pending requests", permissions=["change"])
     def cancel_selected(self, request, queryset):
-        changed, skipped = 0, Counter()
-        for email_request in queryset.only("pk", "status"):
-            try:
-                actions.cancel_email_request(email_request)
-                changed += 1
-            except actions.TransitionNotAllowed:
-                # `cancel_email_request` reloaded the status, so the reason is current.
-                skipped[email_request.status] += 1
+        cancelled, skipped = [], Counter()
+        with transaction.atomic():
+            for email_request in queryset.only("pk", "status"):
+                try:
+                    with transaction.atomic():
+                        actions.cancel_email_request(email_request)
+                    cancelled.append(email_request.pk)
+                except actions.TransitionNotAllowed:
+                    # `cancel_email_request` reloaded the status, so the reason is current.
+                    skipped[email_request.status] += 1
+            _record(request, AuditAction.CANCEL, cancelled, requests=len(cancelled))
+        changed = len(cancelled)
         self._report(
             request, f"{changed} request(s) cancelled", skipped, 0, "only PENDING requests can be cancelled"
         )
@@ -250,9 +334,77 @@ class EmailRequestAdmin(admin.ModelAdmin):
         response["Cache-Control"] = "private, no-store"
         writer = csv.writer(response)
         writer.writerow(CSV_COLUMNS)
+        exported = []
         for row in queryset.order_by("created_at").iterator():
             writer.writerow(_csv_cell(_csv_value(row, column)) for column in CSV_COLUMNS)
+            exported.append(row.pk)
+        _record(request, AuditAction.EXPORT, exported, requests=len(exported))
         return response
+
+    # --- subject access and erasure ------------------------------------------------------------
+    def has_export_subject_permission(self, request):
+        return request.user.has_perm("email_service.export_subject")
+
+    def has_erase_subject_permission(self, request):
+        return request.user.has_perm("email_service.erase_subject")
+
+    @admin.action(
+        description="Export everything kept about the person who sent these (subject access)",
+        permissions=["export_subject"],
+    )
+    def export_subject(self, request, queryset):
+        addresses = _addresses(queryset)
+        if len(addresses) != 1:
+            self.message_user(
+                request, "Select requests of one person: an export is per person.", messages.ERROR
+            )
+            return None
+        # Written to an unnamed temporary file, gone once the download closes it.
+        archive = tempfile.TemporaryFile()
+        try:
+            subjects.export_subject(addresses.pop(), archive, channel=AuditChannel.ADMIN, request=request)
+        except BaseException:
+            archive.close()
+            raise
+        archive.seek(0)
+        filename = f"subject-export-{timezone.now():%Y%m%d-%H%M%S}.zip"
+        response = FileResponse(
+            archive, as_attachment=True, filename=filename, content_type="application/zip"
+        )
+        response["Cache-Control"] = "private, no-store"
+        return response
+
+    @admin.action(
+        description="Erase everything kept about the people who sent these (erasure)",
+        permissions=["erase_subject"],
+    )
+    def erase_subject(self, request, queryset):
+        addresses = sorted(_addresses(queryset))
+        if request.POST.get("post") != "yes":
+            # Nothing is erased before a second, explicit confirmation of what will go.
+            found = [subjects.find_subject(address).counts() for address in addresses]
+            context = {
+                **self.admin_site.each_context(request),
+                "opts": self.model._meta,
+                "title": "Erase everything kept about these people?",
+                "people": len(addresses),
+                "totals": {key: sum(counts[key] for counts in found) for key in subjects.COUNT_KEYS},
+                "selected": [str(pk) for pk in queryset.values_list("pk", flat=True)],
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(request, "admin/email_service/emailrequest/erase_subject.html", context)
+        totals = dict.fromkeys(subjects.COUNT_KEYS, 0)
+        with transaction.atomic():
+            for address in addresses:
+                _, counts = subjects.erase_subject(address, channel=AuditChannel.ADMIN, request=request)
+                totals = {key: totals[key] + counts[key] for key in subjects.COUNT_KEYS}
+        self.message_user(
+            request,
+            f"Erased {totals['requests']} request(s), {totals['attempts']} attempt(s), "
+            f"{totals['replies']} reply(ies) and {totals['files']} file(s) of {len(addresses)} person(s).",
+            messages.SUCCESS,
+        )
+        return None
 
     def _report(self, request, done, skipped, lost_races, rule):
         parts = [f"{count} {status}" for status, count in sorted(skipped.items())]
@@ -278,11 +430,6 @@ class EmailRequestAdmin(admin.ModelAdmin):
             name="email_service_emailrequest_resume_sending",
         )
         return [statistics, resume_sending, *super().get_urls()]
-
-    def changelist_view(self, request, extra_context=None):
-        # The banner that says sending is paused, with its resume button.
-        context = {**sending_admin.banner_context(request, self), **(extra_context or {})}
-        return super().changelist_view(request, extra_context=context)
 
     def statistics_view(self, request):
         """Show whether mail is flowing: counts, the last 30 days, delivery times, the oldest PENDING."""
@@ -318,3 +465,12 @@ def _csv_cell(value):
     if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
         return "'" + value
     return "" if value is None else value
+
+
+def _record(request, action, request_ids, **detail):
+    audit.record(action, request=request, channel=AuditChannel.ADMIN, request_ids=request_ids, detail=detail)
+
+
+def _addresses(queryset):
+    """Return the distinct people (normalised addresses) who sent the selected requests."""
+    return {normalise_address(email) for email in queryset.values_list("email", flat=True)}

@@ -202,6 +202,18 @@ def export(*, since=None):
         yield entry.as_export()
 
 
+def entries_about(request_id, entries=None):
+    """Return the entries (of `entries`, or of the whole trail) whose request_ids name this request."""
+    entries = AuditEntry.objects.all() if entries is None else entries
+    request_id = str(uuid.UUID(str(request_id)))
+    if connections[entries.db].vendor == "postgresql":
+        # jsonb containment (`@>`), which the GIN index on request_ids serves.
+        return entries.filter(request_ids__contains=[request_id])
+    # No JSON containment elsewhere (SQLite): a whole, validated UUID matched as text in the
+    # JSON list finds exactly the entries naming it.
+    return entries.filter(request_ids__icontains=request_id)
+
+
 def parse_since(value):
     """Turn an ISO date or date-time into an aware datetime (UTC unless it names a zone)."""
     moment = parse_datetime(value)

@@ -9,7 +9,7 @@ from django.http import StreamingHttpResponse
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from .audit import AuditEntry
+from .audit import AuditEntry, entries_about
 
 CSV_COLUMNS = ("id", "time", "actor", "actor_user_id", "ip", "action", "channel", "request_ids", "detail")
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
@@ -133,6 +133,4 @@ def _uuid(value):
 
 
 def _about_request(queryset, request_id):
-    # A whole, validated UUID: a text match on the JSON list finds exactly the entries naming it,
-    # on every database (JSON containment is not available on SQLite).
-    return queryset.filter(request_ids__icontains=request_id)
+    return entries_about(request_id, queryset)

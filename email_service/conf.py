@@ -81,8 +81,13 @@ def dispatch_async():
 
 
 def confirmation_interval():
-    """Seconds between two acknowledgements to the same address."""
+    """Seconds between two acknowledgements to the same mailbox."""
     return settings.EMAIL_CONFIRMATION_INTERVAL
+
+
+def confirmation_domain_daily_limit():
+    """Acknowledgements one destination domain may receive in a rolling 24 h; 0 means no cap."""
+    return settings.EMAIL_CONFIRMATION_DOMAIN_DAILY_LIMIT
 
 
 def ratelimit_create():
@@ -183,3 +188,18 @@ def minute_limit():
 def acknowledgement_share():
     """Part of the daily limit past which acknowledgements stop, leaving the rest to support mail."""
     return settings.EMAIL_ACKNOWLEDGEMENT_SHARE
+
+
+def auth_method():
+    """How the SMTP login is made: "password" or "xoauth2"."""
+    return settings.EMAIL_AUTH_METHOD
+
+
+def oauth2_client():
+    """The OAuth2 client and refresh token for XOAUTH2: (client id, secret, refresh token, token URL)."""
+    return (
+        settings.EMAIL_OAUTH2_CLIENT_ID,
+        settings.EMAIL_OAUTH2_CLIENT_SECRET,
+        settings.EMAIL_OAUTH2_REFRESH_TOKEN,
+        settings.EMAIL_OAUTH2_TOKEN_URL,
+    )

@@ -19,11 +19,13 @@ from email.utils import make_msgid
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.files.storage import default_storage
-from django.core.mail import EmailMultiAlternatives, get_connection
+from django.core.mail import EmailMultiAlternatives
+from django.core.mail.backends.smtp import EmailBackend
 from django.core.mail.message import sanitize_address
+from django.core.mail.utils import DNS_NAME
 from django.template.loader import render_to_string
 
-from . import conf
+from . import conf, oauth
 from .outcomes import AttemptOutcome, BrakeKind
 
 logger = logging.getLogger(__name__)
@@ -167,12 +169,76 @@ def build_confirmation_message(email_request):
 # A connection idle longer than this is checked with NOOP before use: servers drop idle clients.
 IDLE_CHECK_SECONDS = 5.0
 
+# smtplib's own order of preference for a password; only the first the server offers is tried.
+PASSWORD_MECHANISMS = ("CRAM-MD5", "PLAIN", "LOGIN")
+
+
+def log_in(smtp, user, password):
+    """Authenticate once on an open (and, where configured, TLS) connection: one AUTH command.
+
+    smtplib's `login()` goes on to the next mechanism after a refusal, so one wrong password
+    would count as two failed logins against the account; here one mechanism is chosen. With
+    XOAUTH2 a refused token that came from the cache is replaced once and tried again: it may
+    have been revoked or superseded, which a new token fixes.
+    """
+    smtp.ehlo_or_helo_if_needed()
+    if not smtp.has_extn("auth"):
+        raise smtplib.SMTPNotSupportedError("The SMTP server offers no AUTH (is STARTTLS needed first?)")
+    offered = smtp.esmtp_features["auth"].upper().split()
+    if conf.auth_method() == "xoauth2":
+        if "XOAUTH2" not in offered:
+            raise smtplib.SMTPNotSupportedError("The SMTP server does not offer AUTH XOAUTH2")
+        source = oauth.token_source()
+        token, fresh = source.access_token()
+        try:
+            return smtp.auth("XOAUTH2", oauth.xoauth2_response(user, token))
+        except smtplib.SMTPAuthenticationError as exc:
+            if exc.smtp_code != 535 or fresh:
+                raise
+        token, _ = source.access_token(stale=token)
+        return smtp.auth("XOAUTH2", oauth.xoauth2_response(user, token))
+    mechanism = next((name for name in PASSWORD_MECHANISMS if name in offered), None)
+    if mechanism is None:
+        raise smtplib.SMTPNotSupportedError(
+            f"No AUTH mechanism in common with the server ({' '.join(offered)})"
+        )
+    smtp.user, smtp.password = user, password
+    return smtp.auth(mechanism, getattr(smtp, "auth_" + mechanism.lower().replace("-", "_")))
+
+
+class SMTPBackend(EmailBackend):
+    """Django's SMTP backend with one login attempt per connection, by password or XOAUTH2."""
+
+    def open(self):
+        """Connect, start TLS as configured and log in once; keep the connection only once set up."""
+        if self.connection:
+            return False
+        # As Django's backend: the cached FQDN (getfqdn() is slow), the timeout, the TLS context.
+        params = {"local_hostname": DNS_NAME.get_fqdn()}
+        if self.timeout is not None:
+            params["timeout"] = self.timeout
+        if self.use_ssl:
+            params["context"] = self.ssl_context
+        connection = self.connection_class(self.host, self.port, **params)
+        try:
+            if self.use_tls and not self.use_ssl:
+                connection.starttls(context=self.ssl_context)
+            if self.username and (self.password or conf.auth_method() == "xoauth2"):
+                log_in(connection, self.username, self.password)
+        except BaseException:
+            connection.close()
+            raise
+        self.connection = connection
+        return True
+
 
 class _SharedConnection(threading.local):
     """One SMTP connection per worker thread, opened on first use and kept across tasks."""
 
     backend = None
     last_used = 0.0
+    # Whether the connection has carried a mail: only such a one can have gone stale.
+    used = False
 
 
 _shared = _SharedConnection()
@@ -187,7 +253,10 @@ def close_connection():
     """Close this thread's SMTP connection, if any."""
     backend, _shared.backend = _shared.backend, None
     if backend is not None:
-        backend.close()
+        try:
+            backend.close()
+        except (smtplib.SMTPException, OSError):
+            pass  # a connection being dropped has nothing left to say
 
 
 def _is_alive(backend):
@@ -204,29 +273,63 @@ def _connection():
         if time.monotonic() - _shared.last_used < IDLE_CHECK_SECONDS or _is_alive(backend):
             return backend
     close_connection()
-    backend = get_connection(fail_silently=False, timeout=conf.smtp_timeout())
+    backend = SMTPBackend(fail_silently=False, timeout=conf.smtp_timeout())
     backend.open()
     # DATA goes out in several writes; without this each small one after a large one could
     # wait for the server's delayed ACK.
     backend.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    _shared.backend = backend
+    _shared.backend, _shared.used = backend, False
     return backend
+
+
+class _NotStarted(Exception):
+    """MAIL FROM was not accepted, so the server holds nothing of the message; `error` says why."""
+
+    stale = False  # set when the connection had carried a mail before: then it may just be stale
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
 
 
 def send(message):
     """Send one message on the shared connection and return what happened.
 
-    A failed send is never repeated here: once DATA has gone out, the server may have kept the
-    message, so only the caller's retry policy decides about another attempt.
+    A failed send is never repeated here once MAIL FROM was accepted: after DATA the server may
+    have kept the message, so only the caller's retry policy decides about another attempt. A
+    kept connection that turns out stale before that (the server closed it, or answers 421) has
+    carried nothing, so the message goes once more on a new connection.
     """
     try:
-        _transmit(_connection().connection, message)
+        try:
+            _send_on(_connection(), message)
+        except _NotStarted as exc:
+            close_connection()
+            if not exc.stale:
+                raise
+            logger.info(
+                "The kept SMTP connection was stale (%s); sending on a new one", type(exc.error).__name__
+            )
+            _send_on(_connection(), message)
+    except _NotStarted as exc:
+        close_connection()
+        return classify(exc.error)
     except Exception as exc:  # every failure becomes a result the caller records
         close_connection()
         return classify(exc)
     finally:
         _shared.last_used = time.monotonic()
     return DeliveryResult(AttemptOutcome.SENT, smtp_code=250)
+
+
+def _send_on(backend, message):
+    reused = _shared.used
+    try:
+        _transmit(backend.connection, message)
+    except _NotStarted as exc:
+        exc.stale = reused
+        raise
+    _shared.used = True
 
 
 _LEADING_DOT = re.compile(rb"(?m)^\.")
@@ -256,8 +359,19 @@ def _transmit(smtp, message):
         tail += CRLF
     size = len(head) + len(tail) + (_encoded_size(default_storage.size(name)) if name else 0)
     smtp.ehlo_or_helo_if_needed()
-    options = [f"SIZE={size}"] if smtp.does_esmtp and smtp.has_extn("size") else []
-    code, reply = smtp.mail(sender, options)
+    options = []
+    if smtp.does_esmtp and smtp.has_extn("size"):
+        options.append(f"SIZE={size}")
+    # Text parts may go as 8bit (the attachment is base64): say so where the server allows it.
+    if smtp.does_esmtp and smtp.has_extn("8bitmime") and not (head + tail).isascii():
+        options.append("BODY=8BITMIME")
+    try:
+        code, reply = smtp.mail(sender, options)
+    except (smtplib.SMTPServerDisconnected, OSError) as exc:
+        raise _NotStarted(exc) from exc
+    if code == 421:
+        # The server is closing this connection: a stale one answers so to the next command.
+        raise _NotStarted(smtplib.SMTPSenderRefused(code, reply, sender))
     if code != 250:
         _reset(smtp)
         raise smtplib.SMTPSenderRefused(code, reply, sender)
@@ -394,9 +508,13 @@ def _login_result(exc, name):
     if brake == BrakeKind.AUTH_TEMPORARY:
         summary = f"The SMTP server could not check the login now ({text}); sending resumes by itself."
     else:
+        secret = (
+            "the EMAIL_OAUTH2_* settings"
+            if conf.auth_method() == "xoauth2"
+            else "EMAIL_HOST_PASSWORD (for Gmail an app password, or EMAIL_AUTH_METHOD=xoauth2)"
+        )
         summary = (
-            f"The SMTP server refused the login ({text}). Check EMAIL_HOST_USER and "
-            "EMAIL_HOST_PASSWORD (for Gmail an app password, or EMAIL_AUTH_METHOD=xoauth2), "
+            f"The SMTP server refused the login ({text}). Check EMAIL_HOST_USER and {secret}, "
             "then resume sending."
         )
     return DeliveryResult(AttemptOutcome.TRANSIENT, exc.smtp_code, name, summary, brake=brake)
@@ -444,6 +562,9 @@ def classify(exc):
             "EMAIL_HOST and the trust store, then resume sending.",
             brake=BrakeKind.TLS,
         )
+    if isinstance(exc, oauth.TokenUnavailableError):
+        # No token, no login for any mail: wait it out like a temporary login failure.
+        return DeliveryResult(AttemptOutcome.TRANSIENT, None, name, str(exc), brake=BrakeKind.AUTH_TEMPORARY)
     if isinstance(exc, (ConnectionRefusedError, socket.gaierror)):
         # Nothing was sent, and every other mail would meet the same closed door.
         return DeliveryResult(AttemptOutcome.TRANSIENT, None, name, str(exc), brake=BrakeKind.CONNECTION)

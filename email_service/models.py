@@ -146,10 +146,16 @@ class EmailRequestQuerySet(models.QuerySet):
         decides in every database: a row another worker took meanwhile is not ours.
 
         A row created a moment ago on a host whose clock runs slightly ahead still counts as due:
-        CLAIM_CLOCK_TOLERANCE covers that skew, far below any retry backoff.
+        CLAIM_CLOCK_TOLERANCE covers that skew for rows never tried. A retry waits its whole
+        backoff, however short: the tolerance would otherwise let the loop that just deferred a
+        row take it straight back.
         """
         now = now or timezone.now()
-        due = self.due(now + timedelta(seconds=CLAIM_CLOCK_TOLERANCE))
+        early = now + timedelta(seconds=CLAIM_CLOCK_TOLERANCE)
+        due = self.filter(
+            Q(next_attempt_at__lte=now) | Q(retry_count=0, next_attempt_at__lte=early),
+            status=EmailStatus.PENDING,
+        )
         token = uuid.uuid4()
         with transaction.atomic(using=self.db):
             pick = due.select_for_update(skip_locked=True)
@@ -433,7 +439,7 @@ class EmailRequest(models.Model):
     claimed_by = models.CharField(max_length=255, blank=True, editable=False)
     lease_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
 
-    confirmation_sent_at = models.DateTimeField(null=True, blank=True, editable=False)
+    confirmation_sent_at = models.DateTimeField(null=True, blank=True, editable=False, db_index=True)
     confirmation_error = models.TextField(blank=True, editable=False)
     client_ip = models.GenericIPAddressField(null=True, blank=True, editable=False)
 
@@ -450,6 +456,11 @@ class EmailRequest(models.Model):
             models.Index(fields=["status", "next_attempt_at"], name="email_status_due_idx"),
             models.Index(fields=["status", "lease_expires_at"], name="email_status_lease_idx"),
             models.Index(fields=["email", "-created_at"], name="email_address_created_idx"),
+        ]
+        # Subject access and erasure (GDPR art. 15 and 17), granted apart from the model's own.
+        permissions = [
+            ("export_subject", "Can export everything kept about a person"),
+            ("erase_subject", "Can erase everything kept about a person"),
         ]
 
     def __str__(self):

@@ -5,6 +5,8 @@ from datetime import timedelta
 from django.core.files.storage import default_storage
 from django.utils import timezone
 
+from . import audit
+from .audit import AuditAction, AuditChannel
 from .models import EmailRequest
 from .storage import ATTACHMENT_FOLDER
 
@@ -14,13 +16,23 @@ def purge_expired(*, dry_run=False):
     expired = EmailRequest.objects.expired()
     rows = expired.count()
     files = expired.with_attachment().count()
+    deleted = []
     if not dry_run:
         # Deleting row by row fires post_delete, which removes each file from storage.
         for email_request in expired.iterator():
             # Checked again row by row: staff may have requeued it since the count.
             for row in EmailRequest.objects.expired().filter(pk=email_request.pk):
+                deleted.append(row.pk)
                 row.delete()
     orphans = purge_orphan_files(dry_run=dry_run)
+    if deleted or (orphans and not dry_run):
+        # The rows go, their entries stay: the trail names which requests the purge removed.
+        audit.record(
+            AuditAction.PURGE,
+            channel=AuditChannel.COMMAND,
+            request_ids=deleted,
+            detail={"requests": len(deleted), "orphan_files": orphans},
+        )
     return {"rows": rows, "files": files, "orphans": orphans}
 
 

@@ -4,6 +4,7 @@ import logging
 import uuid
 
 from django.core.files.storage import default_storage
+from django.db import transaction
 from django.http import FileResponse
 from drf_spectacular.utils import extend_schema_view
 from rest_framework import status, viewsets
@@ -13,7 +14,8 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
-from . import actions, outbox, reports, schema
+from . import actions, audit, outbox, reports, schema
+from .audit import AuditAction, AuditChannel
 from .exceptions import Conflict, SizeLimitedJSONParser
 from .filters import EmailRequestFilter
 from .idempotency import Replay, idempotent
@@ -32,6 +34,8 @@ from .throttling import CreateRateThrottle, ReadRateThrottle, client_ip
 logger = logging.getLogger(__name__)
 
 ACCEPTED_MESSAGE = "Your message has been received and will be delivered to our support team."
+# List filters whose value is a person's data: a list using one is recorded as a search.
+SEARCH_FILTERS = ("search", "email")
 
 
 @extend_schema_view(**schema.EMAIL_REQUEST_VIEWSET)
@@ -115,6 +119,27 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
             "task_id": email_request.celery_task_id,
         }
 
+    # --- the audit trail: staff reads of personal data and every staff action ---------------------
+    def list(self, request, *args, **kwargs):
+        response = super().list(request, *args, **kwargs)
+        # Anonymous callers get the redacted shape and cost nothing here.
+        if can_view_personal_data(request):
+            searched = any(request.query_params.get(name) for name in SEARCH_FILTERS)
+            page = response.data.get("results", []) if isinstance(response.data, dict) else response.data
+            self._record(AuditAction.SEARCH if searched else AuditAction.LIST, [row["id"] for row in page])
+        return response
+
+    def retrieve(self, request, *args, **kwargs):
+        response = super().retrieve(request, *args, **kwargs)
+        if can_view_personal_data(request):
+            self._record(AuditAction.VIEW, [response.data["id"]])
+        return response
+
+    def _record(self, action, request_ids, **detail):
+        audit.record(
+            action, request=self.request, channel=AuditChannel.API, request_ids=request_ids, detail=detail
+        )
+
     def get_object(self):
         email_request = super().get_object()
         # A SENT request is refused before its body is read: 409 whatever the body holds.
@@ -124,10 +149,19 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
 
     def perform_update(self, serializer):
         try:
-            actions.edit_email_request(serializer.instance, serializer.validated_data)
+            # The action and its entry commit together: no change goes unrecorded.
+            with transaction.atomic():
+                actions.edit_email_request(serializer.instance, serializer.validated_data)
+                self._record(AuditAction.UPDATE, [serializer.instance], fields=len(serializer.validated_data))
         except actions.TransitionNotAllowed as exc:
             raise Conflict(str(exc)) from exc
         serializer.instance.refresh_from_db()
+
+    def perform_destroy(self, instance):
+        pk = instance.pk  # deleting sets it to None
+        with transaction.atomic():
+            super().perform_destroy(instance)
+            self._record(AuditAction.DELETE, [pk])
 
     @action(detail=False, methods=["get"])
     def statistics(self, request):
@@ -135,14 +169,19 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
 
     @action(detail=False, methods=["post"])
     def retry_failed(self, request):
-        count = actions.retry_failed()
+        with transaction.atomic():
+            requeued = actions.retry_failed_requests()
+            self._record(AuditAction.RETRY, requeued, requests=len(requeued))
+        count = len(requeued)
         return Response({"message": f"{count} failed request(s) requeued.", "count": count})
 
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
         email_request = self.get_object()
         try:
-            actions.cancel_email_request(email_request)
+            with transaction.atomic():
+                actions.cancel_email_request(email_request)
+                self._record(AuditAction.CANCEL, [email_request])
         except actions.TransitionNotAllowed as exc:
             raise Conflict(str(exc)) from exc
         email_request.refresh_from_db()
@@ -161,4 +200,6 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         )
         response["X-Content-Type-Options"] = "nosniff"
         response["Cache-Control"] = "private, no-store"
+        # Once the file opened: a download that cannot start is no access.
+        self._record(AuditAction.DOWNLOAD, [email_request])
         return response

@@ -76,6 +76,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Lets the audit trail name who changed a permission, from the request that did it.
+    "email_service.audit_hooks.AuditContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -170,6 +172,29 @@ EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=30)
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="support@tcall.ai")
 SERVER_EMAIL = DEFAULT_FROM_EMAIL
 
+# SMTP AUTH: "password" (EMAIL_HOST_PASSWORD, e.g. a Gmail app password) or "xoauth2" (Gmail
+# OAuth2: an access token from the refresh grant; see email_service/oauth.py and the README).
+EMAIL_AUTH_METHOD = env("EMAIL_AUTH_METHOD", default="password").strip().lower()
+EMAIL_OAUTH2_CLIENT_ID = env("EMAIL_OAUTH2_CLIENT_ID", default="")
+EMAIL_OAUTH2_CLIENT_SECRET = env("EMAIL_OAUTH2_CLIENT_SECRET", default="")
+EMAIL_OAUTH2_REFRESH_TOKEN = env("EMAIL_OAUTH2_REFRESH_TOKEN", default="")
+EMAIL_OAUTH2_TOKEN_URL = env("EMAIL_OAUTH2_TOKEN_URL", default="https://oauth2.googleapis.com/token")
+if EMAIL_AUTH_METHOD not in ("password", "xoauth2"):
+    raise ImproperlyConfigured("EMAIL_AUTH_METHOD must be password or xoauth2.")
+if EMAIL_AUTH_METHOD == "xoauth2":
+    _missing = [
+        name
+        for name in (
+            "EMAIL_HOST_USER",
+            "EMAIL_OAUTH2_CLIENT_ID",
+            "EMAIL_OAUTH2_CLIENT_SECRET",
+            "EMAIL_OAUTH2_REFRESH_TOKEN",
+        )
+        if not globals()[name]
+    ]
+    if _missing:
+        raise ImproperlyConfigured(f"EMAIL_AUTH_METHOD=xoauth2 needs {', '.join(_missing)}.")
+
 # --- The email service (read at call time through email_service.conf) -----------------------
 SUPPORT_EMAIL = env("SUPPORT_EMAIL", default="support@tcall.ai")
 EMAIL_SEND_CONFIRMATION = env.bool("EMAIL_SEND_CONFIRMATION", default=True)
@@ -195,6 +220,8 @@ EMAIL_CLAIM_LEASE = env.float("EMAIL_CLAIM_LEASE", default=None)
 EMAIL_SEND_BATCH_SIZE = env.int("EMAIL_SEND_BATCH_SIZE", default=20)
 EMAIL_DISPATCH_STALE_AFTER = env.float("EMAIL_DISPATCH_STALE_AFTER", default=120)
 EMAIL_CONFIRMATION_INTERVAL = env.float("EMAIL_CONFIRMATION_INTERVAL", default=3600)
+# Acknowledgements one destination domain may receive in a rolling 24 h (0: no cap).
+EMAIL_CONFIRMATION_DOMAIN_DAILY_LIMIT = env.int("EMAIL_CONFIRMATION_DOMAIN_DAILY_LIMIT", default=50)
 EMAIL_DISPATCH_ASYNC = env.bool("EMAIL_DISPATCH_ASYNC", default=True)
 EMAIL_STATISTICS_CACHE_SECONDS = env.float("EMAIL_STATISTICS_CACHE_SECONDS", default=10)
 EMAIL_LIST_COUNT_CACHE_SECONDS = env.float("EMAIL_LIST_COUNT_CACHE_SECONDS", default=10)

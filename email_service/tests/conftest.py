@@ -22,6 +22,8 @@ from django.db import connection
 
 from medcor_backend2.celery import app as celery_app
 
+from .ports import free_port
+
 ROOT = Path(settings.BASE_DIR)
 # Set by .ci/run: a test that would skip for a missing service fails instead.
 REQUIRE_SERVICES = os.environ.get("MEDCOR_REQUIRE_SERVICES", "").lower() in ("1", "true", "yes")
@@ -59,12 +61,6 @@ def wait_for(predicate, timeout=30.0, interval=0.1, message="condition"):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- a scriptable SMTP server ------------------------------------------------------------

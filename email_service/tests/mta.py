@@ -34,6 +34,8 @@ from pathlib import Path
 
 from aiosmtpd.controller import Controller
 
+from .ports import free_port
+
 POSTFIX = "/usr/sbin/postfix"
 DOVECOT = "/usr/sbin/dovecot"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
@@ -62,13 +64,6 @@ def missing_binaries():
     """Name the programs this MTA needs that are not installed."""
     wanted = [POSTFIX, DOVECOT, OPENSSL, f"{DAEMON_DIRECTORY}/master"]
     return [path for path in wanted if not os.access(path, os.X_OK)]
-
-
-def free_port():
-    """Return a TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate, timeout, message):

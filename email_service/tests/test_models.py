@@ -226,15 +226,17 @@ def test_reclaim_refuses_a_row_claimed_again_since_it_was_read():
 
 
 @pytest.mark.parametrize(
-    ("wait", "claimed"),
+    ("wait", "retry_count", "claimed"),
     [
-        pytest.param(timedelta(0), True, id="due now"),
-        pytest.param(timedelta(seconds=CLAIM_CLOCK_TOLERANCE - 2), True, id="within clock tolerance"),
-        pytest.param(timedelta(seconds=CLAIM_CLOCK_TOLERANCE + 30), False, id="waiting for a retry"),
+        pytest.param(timedelta(0), 0, True, id="due now"),
+        pytest.param(timedelta(seconds=CLAIM_CLOCK_TOLERANCE - 2), 0, True, id="new, within clock tolerance"),
+        pytest.param(timedelta(seconds=CLAIM_CLOCK_TOLERANCE - 2), 1, False, id="short retry backoff kept"),
+        pytest.param(timedelta(0), 1, True, id="retry due now"),
+        pytest.param(timedelta(seconds=CLAIM_CLOCK_TOLERANCE + 30), 1, False, id="waiting for a retry"),
     ],
 )
-def test_claim_takes_a_pending_row_only_once_it_is_due(wait, claimed):
-    row = make_row(EmailStatus.PENDING, next_attempt_at=timezone.now() + wait)
+def test_claim_takes_a_pending_row_only_once_it_is_due(wait, retry_count, claimed):
+    row = make_row(EmailStatus.PENDING, next_attempt_at=timezone.now() + wait, retry_count=retry_count)
     before = snapshot(row)
     assert bool(EmailRequest.objects.claim(row.pk, worker="w")) is claimed
     if not claimed:
