@@ -1,4 +1,9 @@
-"""The send loop: claim due requests a batch at a time, send each once, and record the outcome."""
+"""The send loop: claim due requests a batch at a time, send each once, and record the outcome.
+
+Before each claim the loop asks the sender-wide brake (`brake`) whether it may send, and before
+each mail the quotas (`quotas`); a provider-wide outcome engages the brake and holds the rows
+(PENDING, no retry spent) instead of deferring or failing them.
+"""
 
 import functools
 import logging
