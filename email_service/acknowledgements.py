@@ -33,7 +33,8 @@ BUCKETS = DAY_SECONDS // BUCKET_SECONDS
 
 def send_confirmation(email_request):
     """Acknowledge receipt to the submitter within the mailbox and domain caps; never raise."""
-    if not conf.send_confirmation() or not _within_sending_limits():
+    # A staff reply is itself the answer: nobody acknowledges it.
+    if email_request.is_reply or not conf.send_confirmation() or not _within_sending_limits():
         return False
     mailbox = normalise_address(email_request.email)
     domain = mailbox.rpartition("@")[2]
@@ -51,11 +52,13 @@ def send_confirmation(email_request):
         return True
     claim.release()
     EmailRequest.objects.filter(pk=email_request.pk).update(confirmation_error=result.error_message)
+    # The server's text often quotes the refused address: the line names the code and class only.
     logger.warning(
-        "Email request %s acknowledgement not sent: %s",
+        "Email request %s acknowledgement not sent: %s %s",
         email_request.pk,
-        result.error_message,
-        extra={"email_request_id": str(email_request.pk)},
+        result.smtp_code or "-",
+        result.error_class,
+        extra={"email_request_id": str(email_request.pk), "smtp_code": result.smtp_code},
     )
     return False
 

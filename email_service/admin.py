@@ -4,14 +4,14 @@ Every write goes through the same functions as the API (`actions`, the QuerySet 
 the admin never assigns a status or saves a whole row over a worker's changes.
 """
 
-import csv
 import tempfile
 from collections import Counter
 from urllib.parse import urlencode
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.db.models import Count
 from django.http import FileResponse, HttpResponse, HttpResponseRedirect
@@ -19,12 +19,15 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from rest_framework import serializers
 
-from . import actions, audit, reports, sending_admin, subjects
+from . import actions, audit, csv_export, reports, sending_admin, subjects
 from .audit import AuditAction, AuditChannel
 from .encryption import normalise_address
 from .models import CONTACT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
+from .reply_admin import HISTORY_FIELD, RepliesAdminMixin
 from .reports import STATUS_COLOURS
+from .serializers import EmailRequestUpdateSerializer
 
 CSV_COLUMNS = (
     "id",
@@ -44,10 +47,48 @@ CSV_COLUMNS = (
     "sent_at",
     "error_message",
 )
-# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 # How many of a request's audit entries its change page lists; a link leads to all of them.
 ACCESS_HISTORY_ROWS = 25
+
+
+def _api_rule(name):
+    """Return a clean_<name> that runs the API's own field, so the admin refuses what the API refuses."""
+
+    def clean(self):
+        field = EmailRequestUpdateSerializer().fields[name]
+        try:
+            return field.run_validation(self.cleaned_data[name])
+        except serializers.ValidationError as error:
+            raise ValidationError(
+                [ValidationError(str(message), code=message.code) for message in error.detail]
+            ) from error
+
+    clean.__name__ = f"clean_{name}"
+    return clean
+
+
+class EmailRequestAdminForm(forms.ModelForm):
+    """The change form: each contact field cleaned by the API's rules (trimming included)."""
+
+    class Meta:
+        model = EmailRequest
+        fields = CONTACT_FIELDS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in CONTACT_FIELDS:
+            if name in self.fields:
+                # The API's field trims, refusing a line break at either end rather than cutting it
+                # off, and checks the lengths and shapes itself: it must see the value as typed.
+                self.fields[name].strip = False
+                self.fields[name].validators = []
+
+    clean_full_name = _api_rule("full_name")
+    clean_email = _api_rule("email")
+    clean_phone = _api_rule("phone")
+    clean_job_profession = _api_rule("job_profession")
+    clean_subject = _api_rule("subject")
+    clean_message = _api_rule("message")
 
 
 class EmailAttemptInline(admin.TabularInline):
@@ -89,7 +130,8 @@ class AttachmentFilter(admin.SimpleListFilter):
 
 
 @admin.register(EmailRequest)
-class EmailRequestAdmin(admin.ModelAdmin):
+class EmailRequestAdmin(RepliesAdminMixin, admin.ModelAdmin):
+    form = EmailRequestAdminForm
     list_display = (
         "created",
         "colored_status",
@@ -100,7 +142,7 @@ class EmailRequestAdmin(admin.ModelAdmin):
         "sent",
     )
     list_display_links = ("created",)
-    list_filter = ("status", "created_at", "sent_at", AttachmentFilter)
+    list_filter = ("status", "created_at", "sent_at", AttachmentFilter, "captcha_unverified", "virus_scan")
     search_fields = ("full_name", "email", "subject", "message")
     date_hierarchy = "created_at"
     list_per_page = 50
@@ -128,6 +170,7 @@ class EmailRequestAdmin(admin.ModelAdmin):
             },
         ),
         ("Acknowledgement to the submitter", {"fields": ("confirmation_sent_at", "confirmation_error")}),
+        ("Intake checks", {"fields": ("captcha_unverified", "virus_scan")}),
         ("Record", {"fields": ("client_ip", "created_at", "updated_at")}),
     )
     readonly_fields = (
@@ -146,10 +189,13 @@ class EmailRequestAdmin(admin.ModelAdmin):
         "confirmation_sent_at",
         "confirmation_error",
         "client_ip",
+        "captcha_unverified",
+        "virus_scan",
         "created_at",
         "updated_at",
         "sent_at",
         "access_history",
+        HISTORY_FIELD,
     )
 
     def get_queryset(self, request):
@@ -332,11 +378,11 @@ class EmailRequestAdmin(admin.ModelAdmin):
         filename = f"email-requests-{timezone.now():%Y%m%d-%H%M%S}.csv"
         response["Content-Disposition"] = f'attachment; filename="{filename}"'
         response["Cache-Control"] = "private, no-store"
-        writer = csv.writer(response)
+        writer = csv_export.writer(response)
         writer.writerow(CSV_COLUMNS)
         exported = []
         for row in queryset.order_by("created_at").iterator():
-            writer.writerow(_csv_cell(_csv_value(row, column)) for column in CSV_COLUMNS)
+            writer.writerow(csv_export.safe_row(_csv_value(row, column) for column in CSV_COLUMNS))
             exported.append(row.pk)
         _record(request, AuditAction.EXPORT, exported, requests=len(exported))
         return response
@@ -459,12 +505,6 @@ def _csv_value(row, column):
         return row.attempts_count
     value = getattr(row, column)
     return value.isoformat() if hasattr(value, "isoformat") else value
-
-
-def _csv_cell(value):
-    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
-        return "'" + value
-    return "" if value is None else value
 
 
 def _record(request, action, request_ids, **detail):

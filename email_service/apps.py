@@ -9,7 +9,7 @@ class EmailServiceConfig(AppConfig):
     def ready(self):
         from django.db.backends.signals import connection_created
 
-        from . import audit_admin, audit_hooks, signals  # noqa: F401
+        from . import audit_admin, audit_hooks, signals, token_admin  # noqa: F401
         from .aggregates import register_sqlite_functions
 
         connection_created.connect(register_sqlite_functions)

@@ -1,6 +1,5 @@
 """The audit trail in the admin: read-only, for holders of `email_service.view_auditentry`."""
 
-import csv
 import json
 import uuid
 
@@ -9,11 +8,10 @@ from django.http import StreamingHttpResponse
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from . import csv_export
 from .audit import AuditEntry, entries_about
 
 CSV_COLUMNS = ("id", "time", "actor", "actor_user_id", "ip", "action", "channel", "request_ids", "detail")
-# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
 class ActorFilter(admin.SimpleListFilter):
@@ -85,7 +83,7 @@ class AuditEntryAdmin(admin.ModelAdmin):
     @admin.action(description=_("Export selected entries as CSV"), permissions=["view"])
     def export_csv(self, request, queryset):
         rows = queryset.order_by("pk").iterator(chunk_size=2000)
-        writer = csv.writer(_Echo())
+        writer = csv_export.writer(_Echo())
         lines = (writer.writerow(_csv_row(entry)) for entry in rows)
         response = StreamingHttpResponse(_with_header(writer, lines), content_type="text/csv; charset=utf-8")
         filename = f"audit-trail-{timezone.now():%Y%m%d-%H%M%S}.csv"
@@ -117,12 +115,7 @@ def _csv_row(entry):
         "request_ids": " ".join(entry.request_ids),
         "detail": json.dumps(entry.detail, sort_keys=True) if entry.detail else "",
     }
-    return [_csv_cell(values[column]) for column in CSV_COLUMNS]
-
-
-def _csv_cell(value):
-    text = str(value)
-    return f"'{text}" if text.startswith(FORMULA_PREFIXES) else text
+    return csv_export.safe_row(values[column] for column in CSV_COLUMNS)
 
 
 def _uuid(value):

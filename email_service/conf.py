@@ -1,5 +1,7 @@
 """The email service's settings, read at call time so that `override_settings` reaches them."""
 
+from datetime import timedelta
+
 from django.conf import settings
 
 
@@ -203,3 +205,65 @@ def oauth2_client():
         settings.EMAIL_OAUTH2_REFRESH_TOKEN,
         settings.EMAIL_OAUTH2_TOKEN_URL,
     )
+
+
+# --- Staff authentication (email_service/authentication.py) ----------------------------------
+
+
+def staff_login_failure_limit(request=None, credentials=None):
+    """Failed admin logins, per username and per IP, after which logins are refused (axes' hook)."""
+    return settings.STAFF_LOGIN_FAILURE_LIMIT
+
+
+def staff_login_cooloff(request=None):
+    """How long a lockout lasts after the last failure, as a timedelta (axes' hook)."""
+    return timedelta(seconds=settings.STAFF_LOGIN_COOLOFF_SECONDS)
+
+
+def admin_require_2fa():
+    """Whether the admin lets in only staff who passed a TOTP check in this session."""
+    return settings.ADMIN_REQUIRE_2FA
+
+
+def api_token_ttl():
+    """How long a new API token is valid, as a timedelta."""
+    return timedelta(seconds=settings.API_TOKEN_TTL)
+
+
+def captcha_provider():
+    """The CAPTCHA provider whose token a submission must carry: "" when none is set."""
+    provider = (settings.EMAIL_CAPTCHA_PROVIDER or "none").strip().lower()
+    return "" if provider == "none" else provider
+
+
+def captcha_site_key():
+    return settings.EMAIL_CAPTCHA_SITE_KEY
+
+
+def captcha_secret():
+    return settings.EMAIL_CAPTCHA_SECRET
+
+
+def captcha_verify_url():
+    """The siteverify URL set in settings; empty means the provider's own."""
+    return settings.EMAIL_CAPTCHA_VERIFY_URL
+
+
+def captcha_timeout():
+    """Seconds to wait for the CAPTCHA provider's answer before accepting the form unverified."""
+    return settings.EMAIL_CAPTCHA_TIMEOUT
+
+
+def min_fill_seconds():
+    """Seconds after the contact page was served before its form may be sent; 0 turns the check off."""
+    return settings.EMAIL_MIN_FILL_SECONDS
+
+
+def notification_mode():
+    """`full`: the support mail carries the form and the file; `minimal`: only a reference and a link."""
+    return settings.EMAIL_NOTIFICATION_MODE
+
+
+def admin_base_url():
+    """Where staff reach the admin, without a trailing slash, for the links in minimal mails."""
+    return settings.EMAIL_ADMIN_BASE_URL.rstrip("/")

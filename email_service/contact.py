@@ -14,25 +14,37 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods
 
-from . import conf
+from . import captcha, conf, honeypot
 from .models import EmailRequest, EmailStatus
-from .serializers import HONEYPOT_FIELD, EmailRequestCreateSerializer
+from .serializers import FORM_STAMP_FIELD, HONEYPOT_FIELD, EmailRequestCreateSerializer
 from .validators import allowed_extensions
 from .views import EmailRequestViewSet
 
-# Scripts and styles from this origin only (no inline script), fetches to this origin, never framed.
-CONTENT_SECURITY_POLICY = "; ".join(
-    [
-        "default-src 'none'",
-        "script-src 'self'",
-        "style-src 'self'",
-        "img-src 'self' data:",
-        "connect-src 'self'",
-        "form-action 'self'",
-        "frame-ancestors 'none'",
-        "base-uri 'none'",
-    ]
-)
+# Scripts and styles from this origin only (no inline script), fetches to this origin, never framed;
+# a CAPTCHA provider's widget adds its own sources (captcha.Provider.sources).
+CONTENT_SECURITY_POLICY = {
+    "default-src": ("'none'",),
+    "script-src": ("'self'",),
+    "style-src": ("'self'",),
+    "img-src": ("'self'", "data:"),
+    "connect-src": ("'self'",),
+    "frame-src": (),
+    "form-action": ("'self'",),
+    "frame-ancestors": ("'none'",),
+    "base-uri": ("'none'",),
+}
+
+
+def content_security_policy(provider=None):
+    """Return the page's Content-Security-Policy header, with what `provider`'s widget needs."""
+    extra = provider.sources if provider else {}
+    directives = []
+    for directive, sources in CONTENT_SECURITY_POLICY.items():
+        sources = (*sources, *extra.get(directive, ()))
+        if sources:  # an empty frame-src falls back to default-src 'none'
+            directives.append(" ".join((directive, *sources)))
+    return "; ".join(directives)
+
 
 # (name, label, input type, autocomplete, hint); required and lengths come from the serializer.
 FIELDS = [
@@ -64,7 +76,7 @@ def with_security_headers(view):
     @functools.wraps(view)
     def wrapper(request, *args, **kwargs):
         response = view(request, *args, **kwargs)
-        response["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        response["Content-Security-Policy"] = content_security_policy(captcha.active_provider())
         response["X-Content-Type-Options"] = "nosniff"
         return response
 
@@ -114,6 +126,10 @@ def contact_page(request):
 def contact_sent(request, pk):
     """Thank the sender and show the reference and the delivery status, for the form without JavaScript."""
     status = EmailRequest.objects.filter(pk=pk).values_list("status", flat=True).first()
+    if status is None:
+        # The honeypot's catch is thanked exactly as a real sender is.
+        decoy = honeypot.decoy_row(pk)
+        status = decoy["status"] if decoy else None
     context = {
         "reference": pk,
         "status": status,
@@ -157,7 +173,8 @@ def _render_form(request, *, errors=None, values=None, key="", status=200):
         }
         for name, label, input_type, autocomplete, hint in FIELDS
     ]
-    known = {name for name, *_ in FIELDS} | {FILE_FIELD}
+    provider = captcha.active_provider()
+    known = {name for name, *_ in FIELDS} | {FILE_FIELD} | ({provider.token_field} if provider else set())
     context = {
         "fields": fields,
         "file_errors": errors.get(FILE_FIELD, []),
@@ -168,5 +185,12 @@ def _render_form(request, *, errors=None, values=None, key="", status=200):
         "max_size": filesizeformat(conf.attachment_max_bytes()),
         "honeypot": HONEYPOT_FIELD,
         "idempotency_key": key or uuid.uuid4(),
+        "form_stamp_field": FORM_STAMP_FIELD,
+        # The form sent back with errors keeps the time it was first served: the person has
+        # been at it since then.
+        "form_stamp": honeypot.genuine_stamp(values.get(FORM_STAMP_FIELD)) or honeypot.form_stamp(),
+        "captcha": provider,
+        "captcha_site_key": conf.captcha_site_key(),
+        "captcha_errors": errors.get(provider.token_field, []) if provider else [],
     }
     return render(request, "email_service/contact.html", context, status=status)

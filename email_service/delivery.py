@@ -24,6 +24,7 @@ from django.core.mail.backends.smtp import EmailBackend
 from django.core.mail.message import sanitize_address
 from django.core.mail.utils import DNS_NAME
 from django.template.loader import render_to_string
+from django.urls import reverse
 
 from . import conf, oauth
 from .outcomes import AttemptOutcome, BrakeKind
@@ -63,7 +64,9 @@ def new_message_id():
 
 
 def build_support_message(email_request):
-    """Build the mail to support carrying every form field and the attachment."""
+    """Build the mail to support: every form field and the file, or in minimal mode only a link."""
+    if conf.notification_mode() == "minimal":
+        return _build_minimal_support_message(email_request)
     context = {"request": email_request}
     subject = email_request.subject or f"Contact form from {email_request.full_name}"
     message = SupportMessage(
@@ -72,16 +75,87 @@ def build_support_message(email_request):
         from_email=conf.from_email(),
         to=[conf.support_email()],
         reply_to=[email_request.email],
-        headers={
-            "X-Email-Request-ID": str(email_request.id),
-            "Message-ID": email_request.message_id or new_message_id(),
-        },
+        headers=_support_headers(email_request),
     )
     message.attach_alternative(render_to_string("email_service/support_email.html", context), "text/html")
     if email_request.file_attached:
         message.attach(_attachment_part(email_request))
         message.stored_attachment = email_request.file_attached.name
     return message
+
+
+def _build_minimal_support_message(email_request):
+    """Build the support mail that says a request came and where to read it, and nothing it says.
+
+    Support mailboxes are often hosted by a provider that may not hold health data (Gmail without
+    a BAA): so no field the submitter wrote, no file and no Reply-To with their address.
+    """
+    context = {
+        "reference": email_request.id,
+        "created_at": email_request.created_at,
+        "has_attachment": email_request.has_attachment,
+        "admin_url": admin_change_url(email_request),
+    }
+    message = SupportMessage(
+        subject=f"New contact request {short_reference(email_request)}",
+        body=render_to_string("email_service/support_email_minimal.txt", context),
+        from_email=conf.from_email(),
+        to=[conf.support_email()],
+        headers=_support_headers(email_request),
+    )
+    message.attach_alternative(
+        render_to_string("email_service/support_email_minimal.html", context), "text/html"
+    )
+    return message
+
+
+def build_message(row):
+    """Build the mail an outbox row carries: the support mail, or a staff reply to the submitter."""
+    return build_reply_message(row) if row.is_reply else build_support_message(row)
+
+
+def build_reply_message(reply):
+    """Build a staff reply to the submitter, threaded under the request's support mail.
+
+    The subject quotes nothing the submitter wrote, in either mode: only the short reference.
+    Their answer goes to support, not to the sending account.
+    """
+    request = reply.parent
+    context = {"body": reply.message, "reference": request.id}
+    thread = request.message_id
+    headers = {
+        "X-Email-Request-ID": str(request.id),
+        "X-Email-Reply-ID": str(reply.id),
+        "Message-ID": reply.message_id or new_message_id(),
+    }
+    if thread:
+        headers.update({"In-Reply-To": thread, "References": thread})
+    return EmailMultiAlternatives(
+        subject=f"Re: your message to MedCor ({short_reference(request)})",
+        body=render_to_string("email_service/reply_email.txt", context),
+        from_email=conf.from_email(),
+        to=[request.email],
+        reply_to=[conf.support_email()],
+        headers=headers,
+    )
+
+
+def _support_headers(email_request):
+    return {
+        "X-Email-Request-ID": str(email_request.id),
+        "Message-ID": email_request.message_id or new_message_id(),
+    }
+
+
+def short_reference(email_request):
+    """The first 8 characters of the request's id: enough for staff to tell requests apart."""
+    return str(email_request.id)[:8]
+
+
+def admin_change_url(email_request):
+    """The absolute address of the request's page in the admin."""
+    path = reverse("admin:email_service_emailrequest_change", args=[email_request.pk])
+    return f"{conf.admin_base_url()}{path}"
 
 
 class SupportMessage(EmailMultiAlternatives):

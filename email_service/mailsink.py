@@ -32,9 +32,14 @@ class MailboxHandler:
             len(envelope.rcpt_tos),
             len(envelope.original_content or b""),
             headers.get("X-Email-Request-ID", "-"),
-            "support"
-            if str(headers.get("Subject", "")).startswith("[MedCor contact]")
-            else "acknowledgement",
+            _kind(headers),
             name,
         )
         return "250 Message accepted for delivery"
+
+
+def _kind(headers):
+    """Name the service's mail: a staff reply, an acknowledgement, or the mail to support."""
+    if headers.get("X-Email-Reply-ID"):
+        return "reply"
+    return "acknowledgement" if headers.get("Auto-Submitted") else "support"

@@ -18,6 +18,7 @@ import logging
 import uuid
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import connections, models, transaction
 from django.db.models import Count, Q
 from django.db.models.functions import TruncDate
@@ -40,6 +41,21 @@ class EmailStatus(models.TextChoices):
     CANCELLED = "CANCELLED", _("Cancelled")
 
 
+class VirusScan(models.TextChoices):
+    """What the virus scanner said about a request's file; blank when there is no file."""
+
+    CLEAN = "clean", _("Scanned: clean")
+    UNAVAILABLE = "unavailable", _("Not scanned: the scanner was unavailable")
+    DISABLED = "disabled", _("Not scanned: scanning is off")
+
+
+class RowKind(models.TextChoices):
+    """What an outbox row carries: a submission to support, or a staff reply to its submitter."""
+
+    REQUEST = "REQUEST", _("Contact request")
+    REPLY = "REPLY", _("Reply to the submitter")
+
+
 FINAL_STATUSES = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
 # What the submitter wrote: editable by staff until the request is SENT.
 CONTACT_FIELDS = ("full_name", "email", "phone", "job_profession", "subject", "message")
@@ -49,6 +65,14 @@ CLAIM_CLOCK_TOLERANCE = 5
 
 class EmailRequestQuerySet(models.QuerySet):
     # --- reads -----------------------------------------------------------------------------
+    def submissions(self):
+        """Contact requests only: what lists, filters and statistics are about (replies aside)."""
+        return self.filter(kind=RowKind.REQUEST)
+
+    def replies(self):
+        """Staff replies to submitters, oldest first."""
+        return self.filter(kind=RowKind.REPLY).order_by("created_at")
+
     def due(self, now=None):
         """PENDING rows whose next attempt time has come."""
         return self.filter(status=EmailStatus.PENDING, next_attempt_at__lte=now or timezone.now())
@@ -96,6 +120,8 @@ class EmailRequestQuerySet(models.QuerySet):
             failed_requests=Count("id", filter=Q(status=EmailStatus.FAILED)),
             cancelled_requests=Count("id", filter=Q(status=EmailStatus.CANCELLED)),
             with_attachments=Count("id", filter=~Q(file_attached="")),
+            unverified_requests=Count("id", filter=Q(captcha_unverified=True)),
+            unscanned_attachments=Count("id", filter=Q(virus_scan=VirusScan.UNAVAILABLE)),
             requests_last_24h=Count("id", filter=Q(created_at__gte=day_ago)),
             sent_last_24h=Count("id", filter=Q(status=EmailStatus.SENT, sent_at__gte=day_ago)),
             failed_last_24h=Count("id", filter=Q(status=EmailStatus.FAILED, updated_at__gte=day_ago)),
@@ -442,10 +468,39 @@ class EmailRequest(models.Model):
     confirmation_sent_at = models.DateTimeField(null=True, blank=True, editable=False, db_index=True)
     confirmation_error = models.TextField(blank=True, editable=False)
     client_ip = models.GenericIPAddressField(null=True, blank=True, editable=False)
+    # Intake checks that could not be made: accepted rather than lose a person's message.
+    captcha_unverified = models.BooleanField(
+        default=False,
+        editable=False,
+        help_text="The CAPTCHA provider could not be reached; the form was accepted unverified.",
+    )
+    virus_scan = models.CharField(
+        max_length=16,
+        choices=VirusScan.choices,
+        blank=True,
+        editable=False,
+        help_text="What the virus scanner said about the file; blank without a file.",
+    )
 
     created_at = models.DateTimeField(default=timezone.now, editable=False, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
     sent_at = models.DateTimeField(null=True, blank=True, editable=False, db_index=True)
+
+    # A staff reply to a submission is a row of the same outbox, so that it is claimed, leased,
+    # retried, logged and relayed by the same code: `message` is its body, `parent` the request it
+    # answers (the recipient is the parent's address), `author` who wrote it.
+    kind = models.CharField(max_length=8, choices=RowKind.choices, default=RowKind.REQUEST, editable=False)
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="replies", editable=False
+    )
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        editable=False,
+    )
 
     objects = EmailRequestQuerySet.as_manager()
 
@@ -469,6 +524,10 @@ class EmailRequest(models.Model):
     @property
     def has_attachment(self):
         return bool(self.file_attached)
+
+    @property
+    def is_reply(self):
+        return self.kind == RowKind.REPLY
 
     def is_editable(self):
         """Say whether staff may still edit the contact fields (see `edit_unsent`)."""
@@ -513,8 +572,33 @@ class EmailAttempt(models.Model):
         return f"attempt {self.number} of {self.request_id}: {self.outcome or 'running'}"
 
 
+class EmailReplyManager(models.Manager.from_queryset(EmailRequestQuerySet)):
+    def get_queryset(self):
+        return super().get_queryset().filter(kind=RowKind.REPLY)
+
+
+class EmailReply(EmailRequest):
+    """A staff reply to a submitter: the REPLY rows of the outbox, `parent` the request answered.
+
+    A proxy, not a table: a reply is sent by the same state machine and send loop as a request
+    (see replies.py); this names those rows for the code that reads them apart (subject export).
+    """
+
+    objects = EmailReplyManager()
+
+    class Meta:
+        proxy = True
+        ordering = ["created_at"]
+        verbose_name = "reply"
+        verbose_name_plural = "replies"
+
+
 # The audit trail's model lives in its own module; imported here so the app registry finds it.
 from .audit import AuditEntry  # noqa: E402, F401
+from .authentication import ApiToken  # noqa: E402, F401
 
 # The sender-wide brake's row, likewise.
 from .brake import SendingBrake  # noqa: E402, F401
+
+# The honeypot's stand-ins for the submissions it caught, likewise in their own module.
+from .decoys import Decoy  # noqa: E402, F401

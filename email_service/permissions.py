@@ -1,6 +1,6 @@
 """Who may do what: anyone submits and reads redacted data; staff act through model permissions."""
 
-from rest_framework.permissions import BasePermission
+from rest_framework.permissions import SAFE_METHODS, BasePermission
 
 VIEW = "email_service.view_emailrequest"
 CHANGE = "email_service.change_emailrequest"
@@ -17,8 +17,15 @@ ACTION_PERMISSIONS = {
 }
 
 
-def required_permission(action):
+# Actions that read with one permission and write with another: what their writes need.
+WRITE_PERMISSIONS = {"replies": CHANGE}
+ACTION_PERMISSIONS["replies"] = VIEW
+
+
+def required_permission(action, method="GET"):
     """The model permission an action needs, or None for an action open to anyone."""
+    if method not in SAFE_METHODS and action in WRITE_PERMISSIONS:
+        return WRITE_PERMISSIONS[action]
     return ACTION_PERMISSIONS.get(action)
 
 
@@ -31,5 +38,5 @@ class EmailRequestPermission(BasePermission):
     """Open actions for anyone, staff actions by Django model permission."""
 
     def has_permission(self, request, view):
-        required = required_permission(view.action)
+        required = required_permission(view.action, request.method)
         return required is None or bool(request.user and request.user.has_perm(required))

@@ -31,7 +31,7 @@ def cached_statistics():
     seconds = conf.statistics_cache_seconds()
     body = cache.get(STATISTICS_CACHE_KEY) if seconds else None
     if body is None:
-        body = {**EmailRequest.objects.statistics(), "as_of": timezone.now().isoformat()}
+        body = {**EmailRequest.objects.submissions().statistics(), "as_of": timezone.now().isoformat()}
         if seconds:
             cache.set(STATISTICS_CACHE_KEY, body, timeout=seconds)
     return body
@@ -42,7 +42,7 @@ def delivery_report(now=None, days=REPORT_DAYS):
     now = now or timezone.now()
     first_day = timezone.localdate(now) - timedelta(days=days - 1)
     start = timezone.make_aware(datetime.combine(first_day, time.min))
-    window = EmailRequest.objects.filter(created_at__gte=start)
+    window = EmailRequest.objects.submissions().filter(created_at__gte=start)
     series = window.daily_counts(first_day, days)
     sent = sum(day["sent"] for day in series)
     failed = sum(day["failed"] for day in series)
@@ -53,7 +53,7 @@ def delivery_report(now=None, days=REPORT_DAYS):
         .values_list("next_attempt_at", flat=True)
         .first()
     )
-    counts = EmailRequest.objects.statistics(now)
+    counts = EmailRequest.objects.submissions().statistics(now)
     return {
         "counts": counts,
         "by_status": status_rows(counts),

@@ -5,7 +5,7 @@ from datetime import timedelta
 from django.core.files.storage import default_storage
 from django.utils import timezone
 
-from . import audit
+from . import audit, conf, honeypot
 from .audit import AuditAction, AuditChannel
 from .models import EmailRequest
 from .storage import ATTACHMENT_FOLDER
@@ -33,6 +33,9 @@ def purge_expired(*, dry_run=False):
             request_ids=deleted,
             detail={"requests": len(deleted), "orphan_files": orphans},
         )
+    if not dry_run:
+        # The honeypot's stand-ins go when real rows of their age would: read as SENT, then gone.
+        honeypot.purge_decoys(timezone.now() - timedelta(days=conf.retention_days()))
     return {"rows": rows, "files": files, "orphans": orphans}
 
 

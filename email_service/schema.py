@@ -15,6 +15,8 @@ from drf_spectacular.utils import (
 from . import validators
 from .serializers import (
     DetailSerializer,
+    EmailReplyCreateSerializer,
+    EmailReplySerializer,
     EmailRequestCreatedSerializer,
     EmailRequestCreateSerializer,
     EmailRequestJSONSerializer,
@@ -38,6 +40,10 @@ _ERRORS = {
     415: OpenApiResponse(DetailSerializer, description="Unsupported content type."),
     422: OpenApiResponse(DetailSerializer, description="Idempotency-Key reused."),
     429: OpenApiResponse(DetailSerializer, description="Rate-limited; see Retry-After."),
+    503: OpenApiResponse(
+        DetailSerializer,
+        description="The virus scanner cannot be reached and EMAIL_CLAMAV_REQUIRED refuses unscanned files.",
+    ),
 }
 
 
@@ -86,7 +92,7 @@ EMAIL_REQUEST_VIEWSET = {
             200: OpenApiResponse(
                 EmailRequestCreatedSerializer, description="A repeat with the same Idempotency-Key."
             ),
-            **_errors(400, 415, 422, 429),
+            **_errors(400, 415, 422, 429, 503),
         },
         examples=[_CONTACT_FORM_EXAMPLE],
     ),
@@ -117,11 +123,13 @@ EMAIL_REQUEST_VIEWSET = {
     ),
     "update": extend_schema(
         summary="Edit the contact fields of a request not yet SENT",
-        responses={200: EmailRequestStaffSerializer, **_errors(400, 401, 403, 404, 409)},
+        description="Answered in the staff shape, or the public one to a user who may change but not view.",
+        responses={200: _email_request_view(), **_errors(400, 401, 403, 404, 409)},
     ),
     "partial_update": extend_schema(
         summary="Edit some contact fields of a request not yet SENT",
-        responses={200: EmailRequestStaffSerializer, **_errors(400, 401, 403, 404, 409)},
+        description="Answered in the staff shape, or the public one to a user who may change but not view.",
+        responses={200: _email_request_view(), **_errors(400, 401, 403, 404, 409)},
     ),
     "destroy": extend_schema(
         summary="Delete a request and its file",
@@ -141,6 +149,20 @@ EMAIL_REQUEST_VIEWSET = {
         request=None,
         responses={200: EmailRequestPublicSerializer, **_errors(401, 403, 404, 409)},
     ),
+    "replies": [
+        extend_schema(
+            methods=["GET"],
+            summary="The replies to a request's submitter, with their status",
+            responses={200: EmailReplySerializer(many=True), **_errors(401, 403, 404)},
+        ),
+        extend_schema(
+            methods=["POST"],
+            summary="Reply to the submitter, through the outbox",
+            description="Threaded under the support mail (In-Reply-To); its status is that of any mail.",
+            request=EmailReplyCreateSerializer,
+            responses={201: EmailReplySerializer, **_errors(400, 401, 403, 404, 409)},
+        ),
+    ],
     "attachment": extend_schema(
         summary="Download the attachment",
         responses={
@@ -153,7 +175,7 @@ EMAIL_REQUEST_VIEWSET = {
 
 # The shapes of what the API answers about requests, closed: an undocumented field is a schema
 # violation, and no staff item can pass for a public one (the public fields are among the staff's).
-CLOSED_SHAPES = ("EmailRequestPublic", "EmailRequestStaff", "EmailAttempt")
+CLOSED_SHAPES = ("EmailRequestPublic", "EmailRequestStaff", "EmailAttempt", "EmailReply")
 
 
 def close_response_shapes(result, generator, request, public):

@@ -242,7 +242,7 @@ def _send_claimed(email_request, attempt, token, *, reservation=None, probe=None
     attempt.started_at = timezone.now()
     started = time.monotonic()
     try:
-        result = delivery.send(delivery.build_support_message(email_request))
+        result = delivery.send(delivery.build_message(email_request))
     except Exception as exc:
         result = delivery.classify(exc)
     send_pace.record(time.monotonic() - started)

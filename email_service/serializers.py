@@ -6,7 +6,10 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from .models import CONTACT_FIELDS, AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus
+from . import captcha, honeypot, scanning
+from .models import CONTACT_FIELDS, AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus, VirusScan
+from .permissions import can_view_personal_data
+from .throttling import client_ip
 from .validators import (
     validate_attachment,
     validate_email_shape,
@@ -20,6 +23,10 @@ from .validators import (
 TEXT_LINE_FIELDS = ["full_name", "job_profession", "subject"]
 # A field hidden from people by the contact form; only bots fill it in.
 HONEYPOT_FIELD = "website"
+# The contact page's signed time of serving (email_service/honeypot.py).
+FORM_STAMP_FIELD = "form_stamp"
+CAPTCHA_MISSING = "Please complete the CAPTCHA check."
+CAPTCHA_REFUSED = "The CAPTCHA check failed or expired; please complete it again."
 
 
 class StrictCharField(serializers.CharField):
@@ -93,32 +100,98 @@ class EmailRequestCreateSerializer(ContactFieldsSerializer):
         help_text="Leave empty. A hidden field: a submission that fills it is treated as spam.",
     )
 
+    form_stamp = StrictCharField(
+        validators=[validate_no_nul],
+        required=False,
+        allow_blank=True,
+        write_only=True,
+        max_length=200,
+        help_text="The contact page's signed time of serving, sent back as it came. Optional: a "
+        "submission that carries one sent back too soon, or a forged one, is treated as spam.",
+    )
+
     class Meta(ContactFieldsSerializer.Meta):
-        fields = [*CONTACT_FIELDS, "file_attached", HONEYPOT_FIELD]
+        fields = [*CONTACT_FIELDS, "file_attached", HONEYPOT_FIELD, FORM_STAMP_FIELD]
+
+    def get_fields(self):
+        fields = super().get_fields()
+        provider = captcha.active_provider()
+        if provider:
+            # Under the provider's own name, as its widget puts the token in the form.
+            fields[provider.token_field] = StrictCharField(
+                write_only=True,
+                max_length=captcha.TOKEN_MAX_LENGTH,
+                error_messages={"required": CAPTCHA_MISSING, "blank": CAPTCHA_MISSING},
+                help_text=f"The token of the {provider.name} widget.",
+            )
+        return fields
 
     def validate_file_attached(self, upload):
         self.context["attachment_content_type"] = validate_attachment(upload)
         return upload
 
+    def validate(self, attrs):
+        # Once every field is valid, the checks that cost a call out: the CAPTCHA first, then the
+        # virus scan, so a refused token never costs a scan. A submission the honeypot will catch
+        # goes through them too: its answer must be the one a real submission would get.
+        attrs = super().validate(attrs)
+        provider = captcha.active_provider()
+        if provider:
+            token = attrs.pop(provider.token_field)
+            outcome = captcha.verify(token, remote_ip=self._client_ip(), provider=provider)
+            if outcome == captcha.REFUSED:
+                raise serializers.ValidationError({provider.token_field: [CAPTCHA_REFUSED]}, code="captcha")
+            attrs["captcha_unverified"] = outcome == captcha.UNAVAILABLE
+        upload = attrs.get("file_attached")
+        if upload is not None:
+            attrs["virus_scan"] = self._scan(upload)
+        return attrs
+
+    def _client_ip(self):
+        request = self.context.get("request")
+        return client_ip(request) if request is not None else None
+
+    def _scan(self, upload):
+        try:
+            # Raises ScannerUnavailable (503) itself when EMAIL_CLAMAV_REQUIRED refuses unscanned files.
+            result = scanning.check_upload(upload)
+        except serializers.ValidationError as infected:
+            raise serializers.ValidationError({"file_attached": infected.detail}) from infected
+        if result is None:
+            return VirusScan.DISABLED
+        return VirusScan.CLEAN if result.is_clean else VirusScan.UNAVAILABLE
+
     def is_spam(self):
-        return bool(self.validated_data.get(HONEYPOT_FIELD))
+        """Say whether the honeypot caught this submission: its hidden field filled, or sent too fast."""
+        data = self.validated_data
+        return bool(data.get(HONEYPOT_FIELD)) or honeypot.is_filled_too_fast(data.get(FORM_STAMP_FIELD))
+
+    def contact_data(self):
+        """Return what is stored of the submission: the validated data without the honeypot's fields."""
+        data = dict(self.validated_data)
+        for name in (HONEYPOT_FIELD, FORM_STAMP_FIELD):
+            data.pop(name, None)
+        return data
 
 
 class EmailRequestJSONSerializer(EmailRequestCreateSerializer):
     """The submission as JSON: the same fields without the file, which only multipart can carry."""
 
     class Meta(EmailRequestCreateSerializer.Meta):
-        fields = [*CONTACT_FIELDS, HONEYPOT_FIELD]
+        fields = [*CONTACT_FIELDS, HONEYPOT_FIELD, FORM_STAMP_FIELD]
 
 
 class EmailRequestUpdateSerializer(ContactFieldsSerializer):
-    """The contact fields staff may edit; the edited request is answered in the staff shape."""
+    """The contact fields staff may edit; the edited request is answered in the staff shape, or
+    in the public one to a user who may change requests but not view them."""
 
     class Meta(ContactFieldsSerializer.Meta):
         pass
 
     def to_representation(self, instance):
-        return EmailRequestStaffSerializer(instance, context=self.context).data
+        if can_view_personal_data(self.context.get("request")):
+            return EmailRequestStaffSerializer(instance, context=self.context).data
+        return EmailRequestPublicSerializer(instance, context=self.context).data
 
 
 class EmailRequestCreatedSerializer(serializers.Serializer):
@@ -178,6 +251,13 @@ class EmailRequestStaffSerializer(serializers.ModelSerializer):
     has_attachment = serializers.BooleanField(read_only=True)
     attachment_url = serializers.SerializerMethodField()
     attempts = EmailAttemptSerializer(many=True, read_only=True)
+    # Declared for the same reason as EmailAttemptSerializer.outcome: blank is a value here.
+    virus_scan = serializers.ChoiceField(
+        choices=VirusScan.choices,
+        allow_blank=True,
+        read_only=True,
+        help_text="What the virus scanner said about the file; empty without a file.",
+    )
 
     class Meta:
         model = EmailRequest
@@ -201,6 +281,8 @@ class EmailRequestStaffSerializer(serializers.ModelSerializer):
             "confirmation_sent_at",
             "confirmation_error",
             "client_ip",
+            "captcha_unverified",
+            "virus_scan",
             "created_at",
             "updated_at",
             "sent_at",
@@ -225,6 +307,12 @@ class StatisticsSerializer(serializers.Serializer):
     failed_requests = serializers.IntegerField()
     cancelled_requests = serializers.IntegerField()
     with_attachments = serializers.IntegerField()
+    unverified_requests = serializers.IntegerField(
+        help_text="Accepted while the CAPTCHA provider could not be reached."
+    )
+    unscanned_attachments = serializers.IntegerField(
+        help_text="Files accepted while the virus scanner could not be reached."
+    )
     success_rate = serializers.FloatField(help_text="Percent of finished requests that were SENT.")
     requests_last_24h = serializers.IntegerField()
     sent_last_24h = serializers.IntegerField()
@@ -247,3 +335,34 @@ class RetryFailedSerializer(serializers.Serializer):
 
 class DetailSerializer(serializers.Serializer):
     detail = serializers.CharField()
+
+
+# --- Replies to the submitter (issue 14) --------------------------------------------------------
+class EmailReplySerializer(serializers.ModelSerializer):
+    """A staff reply to the submitter, with who wrote it and its delivery status."""
+
+    body = serializers.CharField(source="message", read_only=True)
+    author = serializers.CharField(
+        source="author.username", read_only=True, allow_null=True, help_text="Null once the user is deleted."
+    )
+
+    class Meta:
+        model = EmailRequest
+        fields = [
+            "id",
+            "body",
+            "author",
+            "status",
+            "created_at",
+            "sent_at",
+            "retry_count",
+            "error_message",
+            "message_id",
+        ]
+        read_only_fields = fields
+
+
+class EmailReplyCreateSerializer(serializers.Serializer):
+    """What staff write: the reply's text, sent as the mail's body."""
+
+    body = StrictCharField(max_length=10000, validators=[validate_no_nul])

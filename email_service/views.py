@@ -5,24 +5,29 @@ import uuid
 
 from django.core.files.storage import default_storage
 from django.db import transaction
-from django.http import FileResponse
+from django.http import FileResponse, Http404
+from django.utils.cache import patch_vary_headers
 from drf_spectacular.utils import extend_schema_view
 from rest_framework import status, viewsets
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import action
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
-from . import actions, audit, outbox, reports, schema
+from . import actions, audit, honeypot, outbox, reports, schema
 from .audit import AuditAction, AuditChannel
+from .authentication import ExpiringTokenAuthentication
 from .exceptions import Conflict, SizeLimitedJSONParser
 from .filters import EmailRequestFilter
 from .idempotency import Replay, idempotent
 from .models import EmailRequest, EmailStatus
 from .pagination import EmailRequestPagination
 from .permissions import EmailRequestPermission, can_view_personal_data, required_permission
+from .replies import ReplyNotAllowed, replies_of, reply_create
 from .serializers import (
+    EmailReplyCreateSerializer,
+    EmailReplySerializer,
     EmailRequestCreateSerializer,
     EmailRequestJSONSerializer,
     EmailRequestPublicSerializer,
@@ -42,8 +47,9 @@ SEARCH_FILTERS = ("search", "email")
 class EmailRequestViewSet(viewsets.ModelViewSet):
     """Contact-form submissions and their delivery."""
 
-    queryset = EmailRequest.objects.all()
-    authentication_classes = [TokenAuthentication, SessionAuthentication]
+    # Replies are rows of the same outbox; they are reached through `replies` below.
+    queryset = EmailRequest.objects.submissions()
+    authentication_classes = [ExpiringTokenAuthentication, SessionAuthentication]
     permission_classes = [EmailRequestPermission]
     parser_classes = [SizeLimitedJSONParser, MultiPartParser, FormParser]
     filterset_class = EmailRequestFilter
@@ -55,6 +61,15 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         "retrieve": [ReadRateThrottle],
         "statistics": [ReadRateThrottle],
     }
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        # The same URL answers differently by caller, and a staff answer may carry health data:
+        # no cache may keep it or hand one caller's answer to another.
+        patch_vary_headers(response, ("Authorization", "Cookie"))
+        if request.user and request.user.is_authenticated:
+            response["Cache-Control"] = "private, no-store"
+        return response
 
     def get_permissions(self):
         if required_permission(self.action) is None:
@@ -69,6 +84,17 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         if self.action in ("list", "retrieve") and can_view_personal_data(self.request):
             queryset = queryset.prefetch_related("attempts")
         return queryset
+
+    def filter_queryset(self, queryset):
+        filtered = super().filter_queryset(queryset)
+        if self.action != "list" or can_view_personal_data(self.request):
+            return filtered
+        # The honeypot's catch is listed, to anyone but staff, as a real request would be: through
+        # the same filters, in the same order (the filters already refused anything invalid).
+        decoys = self.filterset_class(
+            self.request.query_params, queryset=honeypot.decoys_as_rows(), request=self.request
+        ).qs
+        return honeypot.RequestsWithDecoys(filtered, decoys)
 
     def get_serializer_class(self):
         if self.action == "create":
@@ -94,18 +120,19 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         return Response(body, status=status.HTTP_201_CREATED)
 
     def _accept(self, serializer):
+        data = serializer.contact_data()
+        upload = data.pop("file_attached", None)
         if serializer.is_spam():
-            # Answered like a success so that the bot learns nothing; nothing is stored or sent.
+            # Answered like a success, and later read like one (see `retrieve`), so that the bot
+            # learns nothing; nothing it sent is stored or sent on.
+            decoy = honeypot.create_decoy(has_attachment=upload is not None)
             logger.info("Honeypot submission dropped")
             return {
                 "message": ACCEPTED_MESSAGE,
-                "email_request_id": str(uuid.uuid4()),
+                "email_request_id": str(decoy.pk),
                 "status": EmailStatus.PENDING,
                 "task_id": str(uuid.uuid4()),
             }
-        data = dict(serializer.validated_data)
-        data.pop("website", None)
-        upload = data.pop("file_attached", None)
         email_request = outbox.create_email_request(
             data=data,
             upload=upload,
@@ -130,7 +157,16 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
         return response
 
     def retrieve(self, request, *args, **kwargs):
-        response = super().retrieve(request, *args, **kwargs)
+        try:
+            response = super().retrieve(request, *args, **kwargs)
+        except Http404:
+            # A submission the honeypot caught reads, to anyone but staff, as a real one would.
+            row = (
+                None if can_view_personal_data(request) else honeypot.decoy_row(kwargs.get(self.lookup_field))
+            )
+            if row is None:
+                raise
+            return Response(EmailRequestPublicSerializer(row).data)
         if can_view_personal_data(request):
             self._record(AuditAction.VIEW, [response.data["id"]])
         return response
@@ -186,6 +222,27 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
             raise Conflict(str(exc)) from exc
         email_request.refresh_from_db()
         return Response(EmailRequestPublicSerializer(email_request).data)
+
+    # Few per request: answered whole, not paged nor filtered.
+    @action(detail=True, methods=["get", "post"], pagination_class=None, filter_backends=[])
+    def replies(self, request, pk=None):
+        email_request = self.get_object()
+        if request.method == "POST":
+            serializer = EmailReplyCreateSerializer(data=request.data)
+            serializer.is_valid(raise_exception=True)
+            try:
+                reply = reply_create(
+                    email_request=email_request,
+                    body=serializer.validated_data["body"],
+                    request=request,
+                    channel=AuditChannel.API,
+                )
+            except ReplyNotAllowed as exc:
+                raise Conflict(str(exc)) from exc
+            return Response(EmailReplySerializer(reply).data, status=status.HTTP_201_CREATED)
+        replies = list(replies_of(email_request))
+        self._record(AuditAction.VIEW, [email_request], replies=len(replies))
+        return Response(EmailReplySerializer(replies, many=True).data)
 
     @action(detail=True, methods=["get"], url_name="attachment")
     def attachment(self, request, pk=None):

@@ -51,7 +51,8 @@ if not is_key(MEDCOR_INDEX_KEY):
     raise ImproperlyConfigured(f"MEDCOR_INDEX_KEY is not 32 bytes in url-safe base64; {KEY_HOWTO}")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # The admin with the staff admin site (TOTP second factor) as admin.site.
+    "medcor_backend2.apps.StaffAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -59,27 +60,36 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "corsheaders",
     "rest_framework",
-    "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_ratelimit",
     "email_service",
+    # Staff authentication and the Content-Security-Policy (see the block below).
+    "axes",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "csp",
 ]
 
 MIDDLEWARE = [
     # First, so that an oversized body is refused before anything reads it.
     "email_service.middleware.RequestBodyLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",
     # Lets the audit trail name who changed a permission, from the request that did it.
     "email_service.audit_hooks.AuditContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into the lockout answer.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "medcor_backend2.urls"
@@ -205,6 +215,13 @@ EMAIL_ATTACHMENT_MAX_BYTES = env.int("EMAIL_ATTACHMENT_MAX_BYTES", default=10 * 
 # JSON {"MIME type": [".ext", ...]}; unset: the allow-list in email_service/validators.py.
 EMAIL_ALLOWED_ATTACHMENT_TYPES = env.json("EMAIL_ALLOWED_ATTACHMENT_TYPES", default=None)
 EMAIL_RETENTION_DAYS = env.int("EMAIL_RETENTION_DAYS", default=90)
+# --- Notifications without health data (issue 14) ---
+# full: the support mail carries every field and the file; minimal: only the reference, the time,
+# whether a file came, and a link to the request in the admin at EMAIL_ADMIN_BASE_URL.
+EMAIL_NOTIFICATION_MODE = env("EMAIL_NOTIFICATION_MODE", default="full").strip().lower()
+if EMAIL_NOTIFICATION_MODE not in ("full", "minimal"):
+    raise ImproperlyConfigured("EMAIL_NOTIFICATION_MODE must be 'full' or 'minimal'.")
+EMAIL_ADMIN_BASE_URL = env("EMAIL_ADMIN_BASE_URL", default="http://127.0.0.1:8000")
 # A request body may be the largest attachment plus this much for the other fields and the
 # multipart framing; anything larger is refused with 413 before it is read.
 EMAIL_FORM_ALLOWANCE_BYTES = env.int("EMAIL_FORM_ALLOWANCE_BYTES", default=1024 * 1024)
@@ -212,6 +229,23 @@ EMAIL_FORM_ALLOWANCE_BYTES = env.int("EMAIL_FORM_ALLOWANCE_BYTES", default=1024 
 EMAIL_CLAMAV_URL = env("EMAIL_CLAMAV_URL", default="")
 EMAIL_CLAMAV_REQUIRED = env.bool("EMAIL_CLAMAV_REQUIRED", default=False)
 EMAIL_CLAMAV_TIMEOUT = env.float("EMAIL_CLAMAV_TIMEOUT", default=30)
+# Intake checks (email_service/captcha.py, email_service/honeypot.py): a CAPTCHA verified server-side
+# (none, turnstile, hcaptcha or recaptcha; the verify URL defaults to the provider's siteverify), and
+# the seconds a person needs at least to fill in the contact page's form.
+EMAIL_CAPTCHA_PROVIDER = env("EMAIL_CAPTCHA_PROVIDER", default="none")
+EMAIL_CAPTCHA_SITE_KEY = env("EMAIL_CAPTCHA_SITE_KEY", default="")
+EMAIL_CAPTCHA_SECRET = env("EMAIL_CAPTCHA_SECRET", default="")
+EMAIL_CAPTCHA_VERIFY_URL = env("EMAIL_CAPTCHA_VERIFY_URL", default="")
+EMAIL_CAPTCHA_TIMEOUT = env.float("EMAIL_CAPTCHA_TIMEOUT", default=5)
+EMAIL_MIN_FILL_SECONDS = env.float("EMAIL_MIN_FILL_SECONDS", default=3)
+if EMAIL_CAPTCHA_PROVIDER.strip().lower() not in ("", "none"):
+    if EMAIL_CAPTCHA_PROVIDER.strip().lower() not in ("turnstile", "hcaptcha", "recaptcha"):
+        raise ImproperlyConfigured("EMAIL_CAPTCHA_PROVIDER must be none, turnstile, hcaptcha or recaptcha.")
+    # Without them no token could be checked, and every submission would pass as unverified.
+    if not (EMAIL_CAPTCHA_SITE_KEY and EMAIL_CAPTCHA_SECRET):
+        raise ImproperlyConfigured(
+            "EMAIL_CAPTCHA_PROVIDER needs EMAIL_CAPTCHA_SITE_KEY and EMAIL_CAPTCHA_SECRET."
+        )
 EMAIL_DISPATCH_INTERVAL = env.float("EMAIL_DISPATCH_INTERVAL", default=15)
 # Limits of one send; by default derived from EMAIL_TIMEOUT (see email_service/conf.py).
 EMAIL_SEND_TIME_LIMIT = env.float("EMAIL_SEND_TIME_LIMIT", default=None)
@@ -246,6 +280,47 @@ if not AUDIT_HMAC_KEY:
     AUDIT_HMAC_KEY = "insecure-audit-key-only-for-debug"
 AUDIT_RETENTION_DAYS = env.int("AUDIT_RETENTION_DAYS", default=2190)
 
+# --- Staff authentication and the Content-Security-Policy (email_service/authentication.py) -----
+# Admin logins: django-axes refuses a username, and separately an IP, after this many failures
+# until the cool-off has passed since the last one; the answer is a page (JSON under /api/).
+STAFF_LOGIN_FAILURE_LIMIT = env.int("STAFF_LOGIN_FAILURE_LIMIT", default=5)
+STAFF_LOGIN_COOLOFF_SECONDS = env.int("STAFF_LOGIN_COOLOFF_SECONDS", default=15 * 60)
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = "email_service.conf.staff_login_failure_limit"
+AXES_COOLOFF_TIME = "email_service.conf.staff_login_cooloff"
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_CLIENT_IP_CALLABLE = "email_service.throttling.client_ip"
+AXES_LOCKOUT_CALLABLE = "email_service.authentication.lockout_response"
+AXES_RESET_ON_SUCCESS = True
+# The audit trail records every login and failure; axes' own log would keep them forever.
+AXES_DISABLE_ACCESS_LOG = True
+# A TOTP second factor in the admin for staff with a device; for every staff member when true.
+ADMIN_REQUIRE_2FA = env.bool("ADMIN_REQUIRE_2FA", default=False)
+OTP_TOTP_ISSUER = "MedCor email service"  # the name authenticator apps show
+# A staff session ends after this long without a request; each request starts the period again.
+STAFF_SESSION_IDLE_SECONDS = env.int("STAFF_SESSION_IDLE_SECONDS", default=30 * 60)
+SESSION_COOKIE_AGE = STAFF_SESSION_IDLE_SECONDS
+SESSION_SAVE_EVERY_REQUEST = True
+# API tokens (`manage.py create_api_token`) are valid this many seconds: 30 days by default.
+API_TOKEN_TTL = env.int("API_TOKEN_TTL", default=30 * 24 * 60 * 60)
+# Every HTML page: scripts, styles, images and fetches from this origin only, never framed. The docs
+# add their pages' nonce (medcor_backend2/docs.py); the contact page sends its own policy.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'none'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+        "base-uri": ["'none'"],
+    }
+}
 # --- Celery ----------------------------------------------------------------------------
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
@@ -301,7 +376,7 @@ CELERY_BEAT_SCHEDULE = {
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.TokenAuthentication",
+        "email_service.authentication.ExpiringTokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
@@ -314,6 +389,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Contact-form submissions delivered to MedCor support by email.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI and ReDoc from this service's static files, never a CDN (see the CSP block).
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # No badge that would fetch the schema's verdict from swagger.io.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
     "COMPONENT_SPLIT_REQUEST": True,
     # Operations are tagged by the path segment after this prefix: "emails".
     "SCHEMA_PATH_PREFIX": r"/api/email",
@@ -342,12 +423,22 @@ LOGGING = {
         "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
         "json": {"()": "medcor_backend2.logs.JsonFormatter"},
     },
+    # No address or query string reaches a log line, whichever logger wrote it (issue 14).
+    "filters": {"scrub": {"()": "medcor_backend2.logs.ScrubPersonalData"}},
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["scrub"]},
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    # aiosmtpd logs every SMTP command at INFO; the sink logs one line per mail itself.
-    "loggers": {"mail.log": {"level": "WARNING"}},
+    "loggers": {
+        # aiosmtpd logs every SMTP command at INFO; the sink logs one line per mail itself.
+        "mail.log": {"level": "WARNING"},
+        # Django's own handlers for these (console in debug, mail to ADMINS) would bypass the
+        # filter: they log through the root's handler instead, and no error mail carries a form.
+        "django": {"handlers": [], "level": "INFO", "propagate": True},
+        "django.server": {"handlers": [], "level": "INFO", "propagate": True},
+        # At DEBUG (with DJANGO_DEBUG) it logs every query with its parameters: the form's text.
+        "django.db.backends": {"level": "INFO"},
+    },
 }
 
 if not DEBUG:

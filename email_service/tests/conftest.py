@@ -411,6 +411,44 @@ def google_smtp(google_token_endpoint, tmp_path):
     server.stop()
 
 
+# --- a stand-in for the CAPTCHA providers ----------------------------------------------------
+
+
+@pytest.fixture
+def siteverify():
+    """A local siteverify (email_service/tests/siteverify.py) for the CAPTCHA tests."""
+    from email_service.tests.siteverify import start_siteverify, stop_siteverify
+
+    server = start_siteverify()
+    yield server
+    stop_siteverify(server)
+
+
+# --- log lines as the configured handler writes them (issue 14) -------------------------------
+@pytest.fixture
+def log_output():
+    """The root's configured handler, writing JSON to a buffer for this test; yields the buffer."""
+    import io
+    import logging
+
+    from medcor_backend2.logs import JsonFormatter, ScrubPersonalData
+
+    [handler] = [
+        h for h in logging.getLogger().handlers if any(isinstance(f, ScrubPersonalData) for f in h.filters)
+    ]
+    buffer = io.StringIO()
+    old_stream, old_formatter, old_level = handler.setStream(buffer), handler.formatter, handler.level
+    handler.setFormatter(JsonFormatter())
+    handler.setLevel(logging.DEBUG)
+    root_level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.DEBUG)
+    yield buffer
+    handler.setStream(old_stream)
+    handler.setFormatter(old_formatter)
+    handler.setLevel(old_level)
+    logging.getLogger().setLevel(root_level)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_brake():
     """Each test starts with no cached read of the sending brake (its row rolls back with the test)."""

@@ -17,10 +17,10 @@ from django.contrib.auth.models import Permission, User
 from django.core.files.uploadedfile import SimpleUploadedFile, TemporaryUploadedFile
 from django.urls import clear_url_caches
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from email_service import delivery, outbox
+from email_service.authentication import issue_token
 from email_service.models import EmailRequest, EmailStatus
 from email_service.storage import MAX_NAME_BYTES, attachment_upload_to, clean_filename
 from email_service.validators import ALLOWED_CONTENT_TYPES, allowed_content_types, validate_attachment
@@ -441,7 +441,7 @@ def staff_client(*codenames):
         *Permission.objects.filter(content_type__app_label="email_service", codename__in=codenames)
     )
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {issue_token(user)}")
     return client
 
 

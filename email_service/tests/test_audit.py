@@ -387,7 +387,7 @@ def test_the_trail_is_read_only_for_its_viewers(client, auditor):
     assert client.get(reverse("admin:email_service_auditentry_add")).status_code == 403
     delete = reverse("admin:email_service_auditentry_delete", args=[entry.pk])
     assert client.post(delete, {"post": "yes"}).status_code == 403
-    # (The fixture's grant of the trail's permission is on the trail too.)
+    # (The fixture's grant of the trail's permission, and its login, are on the trail too.)
     assert AuditEntry.objects.get(pk=entry.pk).actor == "nurse.ops"
 
 

@@ -19,6 +19,7 @@ from email_service.models import EmailRequest, EmailStatus
 
 from .conftest import free_port, skip_or_fail, wait_for
 from .files import pdf_bytes
+from .siteverify import SECRET as SITEVERIFY_SECRET
 
 pytestmark = pytest.mark.browser
 
@@ -45,6 +46,13 @@ new MutationObserver(function (mutations) {
   });
 }).observe(document, {subtree: true, attributes: true, attributeFilter: ["value", "disabled", "hidden"]});
 """
+
+
+@pytest.fixture(autouse=True)
+def _no_minimum_fill_time(settings):
+    # Playwright fills the whole form in well under EMAIL_MIN_FILL_SECONDS, as only a bot would;
+    # test_honeypot.py covers the fill time itself.
+    settings.EMAIL_MIN_FILL_SECONDS = 0
 
 
 @pytest.fixture(scope="module")
@@ -360,3 +368,58 @@ def test_errors_are_shown_next_to_their_fields_with_javascript_disabled(
     expect(page.get_by_label("Phone")).to_have_attribute("aria-invalid", "true")
     expect(page.get_by_label("Full name")).to_have_value(FORM["Full name"])
     assert EmailRequest.objects.count() == 0
+
+
+# --- the CAPTCHA widget ---------------------------------------------------------------------
+
+# Stands in for Turnstile's api.js (no network here): each rendering or reset gives a new token,
+# in a hidden input under the provider's field name inside the widget, as the real one does.
+FAKE_TURNSTILE = """
+(function () {
+  var issued = 0;
+  function render(box) {
+    var input = box.querySelector('input[name="cf-turnstile-response"]');
+    if (!input) {
+      input = document.createElement("input");
+      input.type = "hidden";
+      input.name = "cf-turnstile-response";
+      box.appendChild(input);
+    }
+    issued += 1;
+    input.value = "token-" + issued;
+  }
+  window.turnstile = { reset: function (box) { render(box || document.querySelector(".cf-turnstile")); } };
+  Array.prototype.forEach.call(document.querySelectorAll(".cf-turnstile"), render);
+})();
+"""
+
+
+def test_a_refused_captcha_is_shown_at_the_widget_which_gets_a_new_token_that_goes_through(
+    live_server, page, settings, siteverify, dispatched, media_root
+):
+    from playwright.sync_api import expect
+
+    settings.EMAIL_CAPTCHA_PROVIDER = "turnstile"
+    settings.EMAIL_CAPTCHA_SITE_KEY = "stand-in-site-key"
+    settings.EMAIL_CAPTCHA_SECRET = SITEVERIFY_SECRET
+    settings.EMAIL_CAPTCHA_VERIFY_URL = siteverify.url
+    siteverify.good = {"token-2"}  # the first token the widget gives is refused, the next passes
+    page.route(
+        "https://challenges.cloudflare.com/**",
+        lambda route: route.fulfill(status=200, content_type="application/javascript", body=FAKE_TURNSTILE),
+    )
+    page.goto(f"{live_server.url}/contact/")
+    fill_form(page)
+    submit_button(page).click()
+
+    error = page.locator('[data-error-for="cf-turnstile-response"]')
+    expect(error).to_have_text("The CAPTCHA check failed or expired; please complete it again.")
+    expect(page.get_by_role("alert")).to_contain_text("Please correct the fields marked below.")
+    assert EmailRequest.objects.count() == 0
+    expect(page.locator('input[name="cf-turnstile-response"]')).to_have_value("token-2")
+
+    submit_button(page).click()
+    row = EmailRequest.objects.get(pk=reference(page))
+    assert row.captcha_unverified is False
+    assert [call["body"].count("response=token-") for call in siteverify.calls] == [1, 1]
+    assert "response=token-2" in siteverify.calls[-1]["body"]

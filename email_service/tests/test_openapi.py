@@ -15,11 +15,11 @@ from django.core.wsgi import get_wsgi_application
 from django.db import close_old_connections
 from django.utils import timezone
 from hypothesis import HealthCheck, settings
-from rest_framework.authtoken.models import Token
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from email_service.models import AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus
+from email_service.authentication import issue_token
+from email_service.models import AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus, RowKind
 
 from .files import pdf_bytes
 
@@ -33,7 +33,7 @@ schema.config.phases.coverage.enabled = False
 @pytest.fixture
 def staff_token(db):
     user = User.objects.create_superuser("schemathesis", "st@example.com", "not-used-password-1")
-    return Token.objects.create(user=user).key
+    return issue_token(user)
 
 
 @pytest.fixture(autouse=True)
@@ -92,6 +92,11 @@ def requests_in_flight(db, dispatched, media_root):
     failed = EmailRequest.objects.create(**contact, status=EmailStatus.FAILED, error_message="550 5.1.1")
     _attempt(failed, 1, AttemptOutcome.PERMANENT, smtp_code=550)
     cancelled = EmailRequest.objects.create(**contact, status=EmailStatus.CANCELLED)
+    # Replies to the SENT one: delivered, and waiting; neither is listed among the requests.
+    EmailRequest.objects.create(
+        kind=RowKind.REPLY, parent=sent, message="Thanks", status=EmailStatus.SENT, sent_at=timezone.now()
+    )
+    EmailRequest.objects.create(kind=RowKind.REPLY, parent=sent, message="Also", author=User.objects.first())
     return [sending, retried, waiting, sent, failed, cancelled]
 
 

@@ -3,9 +3,9 @@
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.core.files.base import ContentFile
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from email_service.authentication import issue_token
 from email_service.models import EmailRequest, EmailStatus
 from email_service.serializers import EmailRequestStaffSerializer
 from email_service.views import EmailRequestViewSet
@@ -45,7 +45,7 @@ def client_for(role):
         user = User.objects.create_user(role, password="pw-for-tests-only")
         user.user_permissions.set(Permission.objects.filter(codename__in=PERMISSIONS[role]))
         # Token authentication, as a script would use it; session auth is tested in the admin tests.
-        client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+        client.credentials(HTTP_AUTHORIZATION=f"Token {issue_token(user)}")
     return client
 
 

@@ -10,12 +10,16 @@ import threading
 import time
 
 import pytest
+from django.contrib.auth.models import User
 from django.core.files.uploadedfile import SimpleUploadedFile, TemporaryUploadedFile
 from rest_framework import serializers
+from rest_framework.test import APIClient
 
 from email_service import scanning
+from email_service.models import EmailRequest
 
 from .conftest import free_port, skip_or_fail, wait_for
+from .files import pdf_bytes
 
 # The EICAR anti-virus test string, put together at run time so that no scanner on a
 # developer's machine quarantines this source file.
@@ -174,3 +178,78 @@ def test_no_url_means_no_scanning(settings):
 def test_a_malformed_url_is_refused(url):
     with pytest.raises(ValueError):
         scanning.scanner(url, timeout=1)
+
+
+# --- through the API: every upload is scanned before its row is stored ------------------------
+
+API = "/api/email/emails/"
+FORM = {"full_name": "Jane Roe", "email": "jane@example.com", "subject": "Scan", "message": "See file"}
+
+
+def _stored_files(root):
+    return [path for path in root.rglob("*") if path.is_file()]
+
+
+@pytest.fixture
+def api(db, dispatched, media_root, settings):
+    # Every upload goes to a temporary file, so the test can see that none is left behind.
+    settings.FILE_UPLOAD_MAX_MEMORY_SIZE = 0
+    return APIClient()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name, content", [("letter.txt", b"Dear team,\n" + EICAR), ("eicar.txt", EICAR)])
+def test_eicar_through_the_api_is_refused_naming_the_file_and_nothing_is_kept(
+    clamd, api, settings, media_root, name, content
+):
+    settings.EMAIL_CLAMAV_URL = urls(clamd)["unix"]
+    upload = SimpleUploadedFile(name, content, content_type="text/plain")
+    response = api.post(API, {**FORM, "file_attached": upload}, format="multipart")
+    assert response.status_code == 400
+    assert response.json() == {"file_attached": ["The file contains a virus and was refused."]}
+    assert EmailRequest.objects.count() == 0
+    assert _stored_files(media_root) == []
+    assert _stored_files(media_root.parent / "uploads") == []  # the temporary upload went too
+
+
+@pytest.mark.integration
+def test_a_clean_file_through_the_api_is_stored_marked_clean_for_staff(clamd, api, settings, media_root):
+    settings.EMAIL_CLAMAV_URL = urls(clamd)["tcp"]
+    upload = SimpleUploadedFile("referral.pdf", pdf_bytes(), content_type="application/pdf")
+    response = api.post(API, {**FORM, "file_attached": upload}, format="multipart")
+    assert response.status_code == 201, response.json()
+    row = EmailRequest.objects.get()
+    assert row.virus_scan == "clean"
+    assert (media_root / row.file_attached.name).read_bytes() == pdf_bytes()
+    api.force_authenticate(
+        User.objects.create_superuser("scan-staff", "s@example.com", "not-used-password-1")
+    )
+    assert api.get(f"{API}{row.pk}/").json()["virus_scan"] == "clean"
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_an_unreachable_scanner_refuses_with_503_or_accepts_marked_as_required_says(
+    api, settings, media_root, required
+):
+    settings.EMAIL_CLAMAV_URL = f"tcp://127.0.0.1:{free_port()}"
+    settings.EMAIL_CLAMAV_REQUIRED = required
+    upload = SimpleUploadedFile("notes.txt", b"A letter with nothing in it.\n", content_type="text/plain")
+    response = api.post(API, {**FORM, "file_attached": upload}, format="multipart")
+    if required:
+        assert response.status_code == 503
+        assert response.json() == {"detail": scanning.ScannerUnavailable.default_detail}
+        assert EmailRequest.objects.count() == 0 and _stored_files(media_root) == []
+    else:
+        assert response.status_code == 201, response.json()
+        assert EmailRequest.objects.get().virus_scan == "unavailable"
+        assert api.get(f"{API}statistics/").json()["unscanned_attachments"] == 1
+    # A submission without a file needs no scanner either way.
+    assert api.post(API, FORM, format="json").status_code == 201
+    assert EmailRequest.objects.filter(virus_scan="").count() == 1
+
+
+def test_with_scanning_off_files_are_marked_not_scanned(api, settings):
+    settings.EMAIL_CLAMAV_URL = ""
+    upload = SimpleUploadedFile("notes.txt", b"A letter.\n", content_type="text/plain")
+    assert api.post(API, {**FORM, "file_attached": upload}, format="multipart").status_code == 201
+    assert EmailRequest.objects.get().virus_scan == "disabled"

@@ -19,6 +19,8 @@
   var POLL_MAX_MS = 5000;
   var POLL_GIVE_UP_MS = 5 * 60 * 1000;
   var IN_PROGRESS_RETRIES = 5;
+  // The global each CAPTCHA provider's script defines, by the name in data-mc-captcha.
+  var CAPTCHA_APIS = { turnstile: "turnstile", hcaptcha: "hcaptcha", recaptcha: "grecaptcha" };
 
   function newKey() {
     // crypto.randomUUID exists only in secure contexts; getRandomValues exists everywhere.
@@ -156,6 +158,10 @@
       return;
     }
     this.done();
+    // A token is good for one check: after any answer that may have spent it, get a new one. Not
+    // after a 429 (refused before any check) nor a network failure, whose retry must send the
+    // same body for its Idempotency-Key to match.
+    if (status !== 429) this.resetCaptcha();
     if (status === 400 && body) return this.showFieldErrors(body);
     if (status === 429) {
       var seconds = parseInt(retryAfter, 10) || 60;
@@ -228,9 +234,23 @@
     }, delay);
   };
 
+  ContactForm.prototype.resetCaptcha = function () {
+    var box = this.form.querySelector("[data-mc-captcha]");
+    var api = box && window[CAPTCHA_APIS[box.getAttribute("data-mc-captcha")]];
+    if (!api || typeof api.reset !== "function") return;
+    try {
+      // Turnstile is told which widget by its element; hCaptcha and reCAPTCHA reset their first.
+      if (box.getAttribute("data-mc-captcha") === "turnstile") api.reset(box.firstElementChild);
+      else api.reset();
+    } catch (error) {
+      // A widget that is not rendered yet has nothing to reset.
+    }
+  };
+
   ContactForm.prototype.startOver = function () {
     window.clearTimeout(this.pollTimer);
     this.form.reset();
+    this.resetCaptcha();
     this.key = null;
     this.clearErrors();
     this.progressBox.hidden = true;
@@ -281,8 +301,9 @@
       element.textContent = messages.join(" ");
       element.hidden = false;
       element.parentNode.classList.add("mc-field--invalid");
-      var input = element.parentNode.querySelector("input, textarea");
-      input.setAttribute("aria-invalid", "true");
+      // The CAPTCHA's box has no input of ours to mark.
+      var input = element.parentNode.querySelector("input:not([type=hidden]), textarea");
+      if (input) input.setAttribute("aria-invalid", "true");
       first = first || input;
     });
     this.showAlert(["Your message was not sent. Please correct the fields marked below."].concat(others));

@@ -6,7 +6,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("email_service", "0004_audit_hooks"),
+        ("email_service", "0007_notify"),
     ]
 
     operations = [
