@@ -8,7 +8,6 @@ import tempfile
 from collections import Counter
 from urllib.parse import urlencode
 
-from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -25,7 +24,7 @@ from . import actions, audit, csv_export, reports, sending_admin, subjects
 from .audit import AuditAction, AuditChannel
 from .encryption import normalise_address
 from .models import CONTACT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
-from .reply_admin import HISTORY_FIELD, RepliesAdminMixin
+from .reply_admin import HISTORY_FIELD, RepliesAdminMixin, ReplyForm
 from .reports import STATUS_COLOURS
 from .serializers import EmailRequestUpdateSerializer
 
@@ -67,8 +66,8 @@ def _api_rule(name):
     return clean
 
 
-class EmailRequestAdminForm(forms.ModelForm):
-    """The change form: each contact field cleaned by the API's rules (trimming included)."""
+class EmailRequestAdminForm(ReplyForm):
+    """The change form: each contact field cleaned by the API's rules (trimming included), and a reply."""
 
     class Meta:
         model = EmailRequest

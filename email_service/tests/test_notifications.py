@@ -147,10 +147,10 @@ def test_minimal_mode_end_to_end_leaves_no_marker_in_the_support_mail_or_any_log
     from celery import current_app
     from django.contrib.auth.models import Permission, User
     from django.core.files.uploadedfile import SimpleUploadedFile
-    from rest_framework.authtoken.models import Token
     from rest_framework.test import APIClient
 
     from email_service import outbox
+    from email_service.authentication import issue_token
 
     from .conftest import start_worker, wait_for
 
@@ -191,7 +191,7 @@ def test_minimal_mode_end_to_end_leaves_no_marker_in_the_support_mail_or_any_log
             Permission.objects.filter(codename__in=["view_emailrequest", "change_emailrequest"])
         )
         staff = APIClient()
-        staff.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+        staff.credentials(HTTP_AUTHORIZATION=f"Token {issue_token(user)}")
         assert (
             staff.get(f"/api/email/emails/?email={fields['email']}&search={fields['subject']}").status_code
             == 200

@@ -5,11 +5,11 @@ from email.utils import parseaddr
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.urls import reverse
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from email_service import delivery, outbox, sending
 from email_service.audit import AuditEntry
+from email_service.authentication import issue_token
 from email_service.models import EmailAttempt, EmailRequest, EmailStatus, RowKind
 from email_service.outcomes import AttemptOutcome
 
@@ -34,7 +34,7 @@ def staff(*codenames, username="support"):
 def api_client(user=None):
     client = APIClient()
     if user is not None:
-        client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+        client.credentials(HTTP_AUTHORIZATION=f"Token {issue_token(user)}")
     return client
 
 

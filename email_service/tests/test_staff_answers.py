@@ -2,9 +2,9 @@
 
 import pytest
 from django.contrib.auth.models import Permission, User
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from email_service.authentication import issue_token
 from email_service.models import EmailRequest, EmailStatus
 from email_service.serializers import EmailRequestPublicSerializer
 
@@ -17,7 +17,7 @@ def client_with(*codenames):
     user = User.objects.create_user("-".join(codenames) or "nobody", password="pw-for-tests-only")
     user.user_permissions.set(Permission.objects.filter(codename__in=codenames))
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {issue_token(user)}")
     return client
 
 
