@@ -16,7 +16,7 @@ from datetime import timedelta
 from django.core.cache import cache
 from django.utils import timezone
 
-from . import conf, delivery
+from . import brake, conf, delivery, quotas
 from .encryption import address_index, domain_index, normalise_address
 from .models import EmailRequest
 from .outcomes import AttemptOutcome
@@ -33,7 +33,7 @@ BUCKETS = DAY_SECONDS // BUCKET_SECONDS
 def send_confirmation(email_request):
     """Acknowledge receipt to the submitter within the mailbox and domain caps; never raise."""
     # A staff reply is itself the answer: nobody acknowledges it.
-    if email_request.is_reply or not conf.send_confirmation():
+    if email_request.is_reply or not conf.send_confirmation() or not _within_sending_limits():
         return False
     mailbox = normalise_address(email_request.email)
     domain = mailbox.rpartition("@")[2]
@@ -45,10 +45,7 @@ def send_confirmation(email_request):
             extra={"email_request_id": str(email_request.pk)},
         )
         return False
-    try:
-        result = delivery.send(delivery.build_confirmation_message(email_request))
-    except Exception as exc:
-        result = delivery.classify(exc)
+    result = _send_counted(delivery.build_confirmation_message(email_request))
     if result.outcome == AttemptOutcome.SENT:
         EmailRequest.objects.filter(pk=email_request.pk).update(confirmation_sent_at=timezone.now())
         return True
@@ -149,3 +146,25 @@ def _capped_by_rows(mailbox, domain):
     )
     # Only this domain's acknowledgements of the last day: at most its daily cap of rows.
     return day[:limit].count() >= limit
+
+
+def _within_sending_limits():
+    """Say whether an acknowledgement may go: sending runs, and support mail keeps its share of the day."""
+    return brake.current().gate() is brake.Gate.RUN and quotas.allows_acknowledgement()
+
+
+def _send_counted(message):
+    """Send one acknowledgement within the quotas; a provider-wide outcome engages the brake."""
+    try:
+        reservation = quotas.reserve()
+    except quotas.QuotaReached as reached:
+        return delivery.DeliveryResult(AttemptOutcome.TRANSIENT, None, "QuotaReached", str(reached))
+    try:
+        result = delivery.send(message)
+    except Exception as exc:
+        result = delivery.classify(exc)
+    if result.outcome != AttemptOutcome.SENT:
+        quotas.give_back(reservation)
+    if result.is_provider_wide:
+        brake.engage_for(result)
+    return result

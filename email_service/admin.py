@@ -21,7 +21,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from rest_framework import serializers
 
-from . import actions, audit, csv_export, reports, subjects
+from . import actions, audit, csv_export, reports, sending_admin, subjects
 from .audit import AuditAction, AuditChannel
 from .encryption import normalise_address
 from .models import CONTACT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
@@ -269,6 +269,8 @@ class EmailRequestAdmin(RepliesAdminMixin, admin.ModelAdmin):
 
     # --- the audit trail: every page and action that shows or changes personal data -------------
     def changelist_view(self, request, extra_context=None):
+        # With the banner that says sending is paused, and its resume button.
+        extra_context = {**sending_admin.banner_context(request, self), **(extra_context or {})}
         response = super().changelist_view(request, extra_context)
         changelist = (getattr(response, "context_data", None) or {}).get("cl")
         # An action's POST returns the action's own response, which records itself.
@@ -486,7 +488,12 @@ class EmailRequestAdmin(RepliesAdminMixin, admin.ModelAdmin):
             self.admin_site.admin_view(self.statistics_view),
             name="email_service_emailrequest_statistics",
         )
-        return [statistics, *super().get_urls()]
+        resume_sending = path(
+            "resume-sending/",
+            self.admin_site.admin_view(sending_admin.resume_view(self)),
+            name="email_service_emailrequest_resume_sending",
+        )
+        return [statistics, resume_sending, *super().get_urls()]
 
     def statistics_view(self, request):
         """Show whether mail is flowing: counts, the last 30 days, delivery times, the oldest PENDING."""
@@ -502,6 +509,7 @@ class EmailRequestAdmin(RepliesAdminMixin, admin.ModelAdmin):
             "median_delivery": reports.duration(report["median_delivery_seconds"]),
             "p95_delivery": reports.duration(report["p95_delivery_seconds"]),
             "oldest_pending": reports.duration(report["oldest_pending_seconds"]),
+            **sending_admin.banner_context(request, self),
         }
         return TemplateResponse(request, "admin/email_service/emailrequest/statistics.html", context)
 

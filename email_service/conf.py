@@ -159,6 +159,39 @@ def clamav_timeout():
     return settings.EMAIL_CLAMAV_TIMEOUT
 
 
+# --- the sender-wide brake and the quotas ----------------------------------------------------
+
+
+def brake_backoff():
+    """Seconds a throttle holds sending before the first probe; each probe refused doubles it."""
+    return settings.EMAIL_BRAKE_BACKOFF
+
+
+def brake_backoff_max():
+    """Seconds a throttle's hold never goes beyond."""
+    return settings.EMAIL_BRAKE_BACKOFF_MAX
+
+
+def brake_cache_seconds():
+    """Seconds a worker trusts its last read of the brake: one query per period, not per mail."""
+    return settings.EMAIL_BRAKE_CACHE_SECONDS
+
+
+def daily_limit():
+    """Messages the account may send per rolling 24 hours; 0 for no limit."""
+    return max(0, settings.EMAIL_DAILY_LIMIT)
+
+
+def minute_limit():
+    """Messages the account may send per minute; 0 for no limit."""
+    return max(0, settings.EMAIL_MINUTE_LIMIT)
+
+
+def acknowledgement_share():
+    """Part of the daily limit past which acknowledgements stop, leaving the rest to support mail."""
+    return settings.EMAIL_ACKNOWLEDGEMENT_SHARE
+
+
 def auth_method():
     """How the SMTP login is made: "password" or "xoauth2"."""
     return settings.EMAIL_AUTH_METHOD

@@ -28,7 +28,7 @@ from django.urls import reverse
 
 from . import conf, oauth
 from .encryption import DecryptionError
-from .outcomes import AttemptOutcome
+from .outcomes import AttemptOutcome, BrakeKind
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,14 @@ class DeliveryResult:
     smtp_code: int | None = None
     error_class: str = ""
     error_text: str = ""
+    # A BrakeKind when the outcome is about the account or the server (every mail would get
+    # it), "" when it is about this mail only.
+    brake: str = ""
+
+    @property
+    def is_provider_wide(self):
+        """Say whether this outcome stops sending as a whole rather than this mail."""
+        return bool(self.brake)
 
     @property
     def error_message(self):
@@ -311,6 +319,11 @@ class _SharedConnection(threading.local):
 _shared = _SharedConnection()
 
 
+def is_connected():
+    """Say whether this thread holds an open SMTP connection (its next send needs no login)."""
+    return _shared.backend is not None and _shared.backend.connection is not None
+
+
 def close_connection():
     """Close this thread's SMTP connection, if any."""
     backend, _shared.backend = _shared.backend, None
@@ -482,27 +495,131 @@ def _text(value):
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+@dataclass(frozen=True)
+class Reply:
+    """One of Gmail's published SMTP replies and what it means for sending."""
+
+    code: int
+    enhanced: str
+    # Words of Gmail's text that tell this reply from another with the same codes; "" for none.
+    words: str
+    outcome: AttemptOutcome
+    brake: str = ""
+
+    def matches(self, code, enhanced, text):
+        return (
+            code == self.code
+            and enhanced == self.enhanced
+            and (not self.words or self.words.lower() in text.lower())
+        )
+
+
+_T, _P = AttemptOutcome.TRANSIENT, AttemptOutcome.PERMANENT
+
+# Gmail's replies (support.google.com/a/answer/3726730), matched by code and enhanced status code
+# (RFC 3463), and by Gmail's words only where two replies share both codes. A provider-wide row
+# names its brake: every later mail would get the same reply, so no mail is at fault and none
+# spends a retry. The others are about this mail; codes not here keep the 4xx/5xx rule.
+GMAIL_REPLIES = (
+    # The account or the server: stop sending as a whole.
+    Reply(421, "4.7.0", "", _T, BrakeKind.THROTTLE),  # Try again later, closing connection
+    Reply(421, "4.7.28", "", _T, BrakeKind.THROTTLE),  # unusual rate of unsolicited mail
+    Reply(421, "4.3.0", "", _T, BrakeKind.THROTTLE),  # Temporary System Problem
+    Reply(451, "4.3.0", "", _T, BrakeKind.THROTTLE),  # Mail server temporarily rejected message
+    # Every mail goes to the one support mailbox: its rate limit is everyone's.
+    Reply(450, "4.2.1", "", _T, BrakeKind.THROTTLE),  # receiving mail at a rate that prevents ...
+    Reply(454, "4.7.0", "", _T, BrakeKind.AUTH_TEMPORARY),  # Too many login attempts / temporary
+    Reply(550, "5.4.5", "", _T, BrakeKind.QUOTA),  # Daily user sending limit exceeded
+    Reply(535, "5.7.8", "", _T, BrakeKind.CREDENTIALS),  # Username and Password not accepted
+    Reply(534, "5.7.9", "", _T, BrakeKind.CREDENTIALS),  # Application-specific password required
+    Reply(534, "5.7.14", "", _T, BrakeKind.CREDENTIALS),  # Please log in via your web browser
+    Reply(530, "5.7.0", "starttls", _T, BrakeKind.TLS),  # Must issue a STARTTLS command first
+    Reply(530, "5.7.0", "", _T, BrakeKind.CREDENTIALS),  # Authentication Required
+    # This mail only.
+    Reply(452, "4.5.3", "", _T),  # Your message has too many recipients
+    Reply(452, "4.2.2", "", _T),  # The recipient's inbox is out of storage space
+    Reply(550, "5.7.1", "", _P),  # rejected by policy: this content
+    Reply(550, "5.7.26", "", _P),  # unauthenticated email: this message failed SPF/DKIM/DMARC
+    Reply(552, "5.3.4", "", _P),  # Your message exceeded Google's message size limits
+    Reply(552, "5.2.3", "", _P),  # Your message exceeded Google's message size limits
+    Reply(550, "5.1.1", "", _P),  # The email account that you tried to reach does not exist
+    Reply(550, "5.2.1", "", _P),  # The email account that you tried to reach is disabled
+    Reply(553, "5.1.2", "", _P),  # We weren't able to find the recipient domain
+    Reply(553, "5.1.3", "", _P),  # not a valid RFC-5321 address
+)
+
+_ENHANCED = re.compile(r"\s*([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+def enhanced_code(text):
+    """Return the RFC 3463 enhanced status code a reply's text starts with, or ""."""
+    found = _ENHANCED.match(text)
+    return found.group(1) if found else ""
+
+
+def lookup_reply(code, text):
+    """Return the row of GMAIL_REPLIES that this reply is, or None."""
+    enhanced = enhanced_code(text)
+    return next((row for row in GMAIL_REPLIES if row.matches(code, enhanced, text)), None)
+
+
+def _reply_result(code, text, name, summary=None):
+    """Classify an SMTP reply by the table, or by its first digit when the table does not know it."""
+    row = lookup_reply(code, text)
+    if row is None:
+        return DeliveryResult(_by_code(code), code, name, summary or text)
+    return DeliveryResult(row.outcome, code, name, summary or text, brake=row.brake)
+
+
+def _login_result(exc, name):
+    text = _text(exc.smtp_error)
+    row = lookup_reply(exc.smtp_code, text)
+    # A refused login not in the table: 4xx is the server's trouble, 5xx a setting to fix.
+    brake = (
+        row.brake
+        if row and row.brake
+        else (BrakeKind.AUTH_TEMPORARY if 400 <= (exc.smtp_code or 0) < 500 else BrakeKind.CREDENTIALS)
+    )
+    if brake == BrakeKind.AUTH_TEMPORARY:
+        summary = f"The SMTP server could not check the login now ({text}); sending resumes by itself."
+    else:
+        secret = (
+            "the EMAIL_OAUTH2_* settings"
+            if conf.auth_method() == "xoauth2"
+            else "EMAIL_HOST_PASSWORD (for Gmail an app password, or EMAIL_AUTH_METHOD=xoauth2)"
+        )
+        summary = (
+            f"The SMTP server refused the login ({text}). Check EMAIL_HOST_USER and {secret}, "
+            "then resume sending."
+        )
+    return DeliveryResult(AttemptOutcome.TRANSIENT, exc.smtp_code, name, summary, brake=brake)
+
+
 def classify(exc):
     """Turn an exception from building or sending a mail into a DeliveryResult."""
     name = type(exc).__name__
     if isinstance(exc, smtplib.SMTPAuthenticationError):
-        return DeliveryResult(
-            AttemptOutcome.PERMANENT,
-            exc.smtp_code,
-            name,
-            f"The SMTP server refused the login ({_text(exc.smtp_error)}). Check EMAIL_HOST_USER "
-            "and EMAIL_HOST_PASSWORD; for Gmail use an app password.",
-        )
+        return _login_result(exc, name)
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
-        codes = [code for code, _ in exc.recipients.values()]
-        code = max(codes) if codes else None
-        text = "; ".join(f"{addr}: {c} {_text(msg)}" for addr, (c, msg) in exc.recipients.items())
-        return DeliveryResult(_by_code(code), code, name, f"Recipient refused: {text}")
+        replies = list(exc.recipients.items())
+        text = "; ".join(f"{addr}: {c} {_text(msg)}" for addr, (c, msg) in replies)
+        if not replies:
+            return DeliveryResult(AttemptOutcome.TRANSIENT, None, name, "Recipient refused")
+        # The worst reply decides, as before; a provider-wide one among them decides first.
+        results = [_reply_result(code, _text(msg), name) for _, (code, msg) in replies]
+        worst = max(results, key=lambda result: (bool(result.brake), result.smtp_code or 0))
+        return DeliveryResult(
+            worst.outcome, worst.smtp_code, name, f"Recipient refused: {text}", brake=worst.brake
+        )
     if isinstance(exc, smtplib.SMTPResponseException):
-        return DeliveryResult(_by_code(exc.smtp_code), exc.smtp_code, name, _text(exc.smtp_error))
+        return _reply_result(exc.smtp_code, _text(exc.smtp_error), name)
     if isinstance(exc, smtplib.SMTPNotSupportedError):
         return DeliveryResult(
-            AttemptOutcome.PERMANENT, None, name, f"{exc}. Check EMAIL_USE_TLS, EMAIL_USE_SSL and EMAIL_PORT."
+            AttemptOutcome.TRANSIENT,
+            None,
+            name,
+            f"{exc}. Check EMAIL_USE_TLS, EMAIL_USE_SSL and EMAIL_PORT, then resume sending.",
+            brake=BrakeKind.TLS,
         )
     if isinstance(exc, SoftTimeLimitExceeded):
         return DeliveryResult(
@@ -513,6 +630,22 @@ def classify(exc):
         return DeliveryResult(AttemptOutcome.PERMANENT, None, name, f"The attachment cannot be read: {exc}")
     if isinstance(exc, FileNotFoundError):
         return DeliveryResult(AttemptOutcome.PERMANENT, None, name, "The attachment is missing from storage.")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # A setting (host name, trust store) or a server in the way: waiting cannot fix either.
+        return DeliveryResult(
+            AttemptOutcome.TRANSIENT,
+            None,
+            name,
+            f"The SMTP server's certificate was not accepted ({exc.verify_message or exc}). Check "
+            "EMAIL_HOST and the trust store, then resume sending.",
+            brake=BrakeKind.TLS,
+        )
+    if isinstance(exc, oauth.TokenUnavailableError):
+        # No token, no login for any mail: wait it out like a temporary login failure.
+        return DeliveryResult(AttemptOutcome.TRANSIENT, None, name, str(exc), brake=BrakeKind.AUTH_TEMPORARY)
+    if isinstance(exc, (ConnectionRefusedError, socket.gaierror)):
+        # Nothing was sent, and every other mail would meet the same closed door.
+        return DeliveryResult(AttemptOutcome.TRANSIENT, None, name, str(exc), brake=BrakeKind.CONNECTION)
     if isinstance(exc, (smtplib.SMTPServerDisconnected, socket.timeout, TimeoutError, ssl.SSLError)):
         return DeliveryResult(AttemptOutcome.TRANSIENT, None, name, str(exc) or "Connection lost")
     if isinstance(exc, OSError):

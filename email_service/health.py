@@ -4,6 +4,7 @@ from celery import current_app
 from django.db import connection
 from django.http import JsonResponse
 
+from . import brake
 from .models import EmailRequest
 
 # Seconds the broker may take to answer before the service is reported unhealthy.
@@ -17,6 +18,10 @@ def healthz(request):
     body = {"status": "ok" if healthy else "error", **checks}
     if checks["database"] == "ok":
         body["oldest_pending_seconds"] = EmailRequest.objects.oldest_pending_age()
+        body.update(_sending())
+        if healthy and body["sending"] == "paused":
+            # A paused sender still takes requests (the rows wait): 200, degraded.
+            body["status"] = "degraded"
     return JsonResponse(body, status=200 if healthy else 503)
 
 
@@ -38,3 +43,10 @@ def _check_broker():
         return "ok"
     except Exception as exc:
         return f"error: {type(exc).__name__}"
+
+
+def _sending():
+    try:
+        return brake.describe(brake.current(refresh=True))
+    except Exception as exc:  # the brake's table missing (migration not run) must not hide the rest
+        return {"sending": f"error: {type(exc).__name__}"}

@@ -8,6 +8,7 @@ one line per row (`_log_transition`).
     PENDING --claim--> PROCESSING --complete--> SENT
        ^                  |  |
        |---- defer -------+  +------ fail ----> FAILED --retry--> PENDING
+       |---- hold --------+  (sending stopped as a whole: no retry spent)
     PENDING --cancel--> CANCELLED
     PROCESSING (lease expired) --reclaim--> PENDING or FAILED
 """
@@ -256,6 +257,26 @@ class EmailRequestQuerySet(models.QuerySet):
             updated_at=now,
         )
 
+    def hold(self, pks, token, *, until=None, error="", note="held by the sending brake"):
+        """Give claimed rows back to PENDING when sending stops as a whole, spending no retry.
+
+        Nothing was wrong with these mails (a quota, a throttle, a login the provider refused),
+        so retry_count stays as it was; they are due again when the brake's wait ends.
+        """
+        now = timezone.now()
+        fields = {"error_message": error} if error else {}
+        return self.filter(pk__in=pks, claim_token=token)._move(
+            EmailStatus.PROCESSING,
+            EmailStatus.PENDING,
+            note,
+            claim_token=None,
+            lease_expires_at=None,
+            next_attempt_at=max(until or now, now),
+            dispatched_at=None,
+            updated_at=now,
+            **fields,
+        )
+
     def _move(self, source, target, note="", **fields):
         """Move the rows among these that are in `source` to `target`; log each, return how many.
 
@@ -403,6 +424,13 @@ class EmailRequestQuerySet(models.QuerySet):
                 worker=row.claimed_by,
             )
         return reclaimed
+
+    def wake_held(self, until, *, now=None):
+        """Make PENDING rows that wait until `until` (the brake's end) due now; return how many."""
+        now = now or timezone.now()
+        return self.filter(
+            status=EmailStatus.PENDING, next_attempt_at__gt=now, next_attempt_at__lte=until
+        ).update(next_attempt_at=now, dispatched_at=None, updated_at=now)
 
     def mark_dispatched(self, pks, *, now=None):
         return self.filter(pk__in=pks, status=EmailStatus.PENDING).update(dispatched_at=now or timezone.now())
@@ -632,6 +660,9 @@ class EmailReply(EmailRequest):
 # The audit trail's model lives in its own module; imported here so the app registry finds it.
 from .audit import AuditEntry  # noqa: E402, F401
 from .authentication import ApiToken  # noqa: E402, F401
+
+# The sender-wide brake's row, likewise.
+from .brake import SendingBrake  # noqa: E402, F401
 
 # The honeypot's stand-ins for the submissions it caught, likewise in their own module.
 from .decoys import Decoy  # noqa: E402, F401

@@ -15,7 +15,7 @@ from django.core.files.storage import default_storage
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import conf, delivery
+from . import brake, conf, delivery
 from .models import EmailRequest
 from .outcomes import AttemptOutcome
 from .storage import clean_filename
@@ -137,6 +137,9 @@ def dispatch_due_soon():
 def dispatch_due(*, limit=500):
     """Reclaim dead workers' rows, then publish every due row with no live message; return counts."""
     reclaimed = reclaim_stale_claims()
+    # While the brake holds the rows wait unpublished; when its wait is over, one goes as the probe.
+    gate = brake.current(refresh=True).gate()
+    limit = {brake.Gate.RUN: limit, brake.Gate.PROBE: 1, brake.Gate.HOLD: 0}[gate]
     # Oldest due first; each republish gets a task id of its own, so that revoking one message
     # (celery revoke) never silences every later attempt at the same row.
     rows = list(

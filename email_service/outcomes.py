@@ -9,3 +9,19 @@ class AttemptOutcome(models.TextChoices):
     TRANSIENT = "transient", _("Transient failure")
     PERMANENT = "permanent", _("Permanent failure")
     CRASHED = "crashed", _("Worker lost")
+
+
+class BrakeKind(models.TextChoices):
+    """Why sending stopped as a whole: an outcome about the account or the server, not one mail."""
+
+    QUOTA = "quota", _("Daily sending limit")
+    THROTTLE = "throttle", _("Throttled by the server")
+    AUTH_TEMPORARY = "auth_temporary", _("Temporary authentication failure")
+    CREDENTIALS = "credentials", _("Credentials refused")
+    TLS = "tls", _("TLS or certificate failure")
+    CONNECTION = "connection", _("Connection refused")
+    OPERATOR = "operator", _("Paused by an operator")
+
+
+# Waiting cannot fix a setting: these hold until an operator resumes sending.
+OPERATOR_ONLY_BRAKES = frozenset({BrakeKind.CREDENTIALS, BrakeKind.TLS, BrakeKind.OPERATOR})

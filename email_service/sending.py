@@ -1,21 +1,27 @@
-"""The send loop: claim due requests a batch at a time, send each once, and record the outcome."""
+"""The send loop: claim due requests a batch at a time, send each once, and record the outcome.
+
+Before each claim the loop asks the sender-wide brake (`brake`) whether it may send, and before
+each mail the quotas (`quotas`); a provider-wide outcome engages the brake and holds the rows
+(PENDING, no retry spent) instead of deferring or failing them.
+"""
 
 import functools
 import logging
 import random
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from celery.exceptions import SoftTimeLimitExceeded
+from django.core.cache import cache
 from django.db import OperationalError, transaction
 from django.db.models import Count
 from django.utils import timezone
 
-from . import conf, delivery, outbox
+from . import audit, brake, conf, delivery, outbox, quotas
 from .acknowledgements import send_confirmation
 from .models import ATTEMPT_RESULT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
-from .outcomes import AttemptOutcome
+from .outcomes import AttemptOutcome, BrakeKind
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +86,15 @@ def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, mor
     window_ends = time.monotonic() + conf.send_window()
     statuses = {}
     while True:
-        limit = batch_size or send_pace.batch_size(conf.send_batch_size())
+        # No connection while the brake holds: the rows wait PENDING, their retries untouched.
+        probe = None
+        gate = brake.current().gate()
+        if gate is not brake.Gate.RUN:
+            probe = brake.take_probe(worker) if gate is brake.Gate.PROBE else None
+            if probe is None:
+                _wait_for_brake(first)
+                return statuses
+        limit = 1 if probe else batch_size or send_pace.batch_size(conf.send_batch_size())
         token, rows = _insist(
             functools.partial(
                 EmailRequest.objects.claim_batch, worker=worker, first=first, limit=limit, lease=lease
@@ -94,16 +108,30 @@ def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, mor
             )
         first = None
         if not rows:
+            if probe:
+                brake.drop_probe(probe)
             return statuses
-        sent, gave_back = _send_batch(rows, token, worker, window_ends=window_ends, started=bool(statuses))
+        sent, gave_back = _send_batch(
+            rows, token, worker, window_ends=window_ends, started=bool(statuses), probe=probe
+        )
         statuses.update(sent)
         # Rows given back went with a task of their own: this one stops rather than take them again.
         if gave_back or not more or len(rows) < limit or time.monotonic() > window_ends:
             return statuses
 
 
-def _send_batch(rows, token, worker, *, window_ends, started):
-    """Send claimed rows in order until the window closes; give the untried ones back."""
+def _wait_for_brake(first):
+    """Leave `first` to the relay, which publishes it again once sending resumes."""
+    if first is not None:
+        EmailRequest.objects.forget_dispatch(first)
+
+
+def _send_batch(rows, token, worker, *, window_ends, started, probe=None):
+    """Send claimed rows in order until the window closes; give the untried ones back.
+
+    When sending stops as a whole (the brake engaged, a quota reached), the untried rows are
+    held instead, due when it may start again and with no task published for them.
+    """
     numbers = dict(
         EmailAttempt.objects.filter(request__in=rows)
         .values_list("request")
@@ -117,6 +145,8 @@ def _send_batch(rows, token, worker, *, window_ends, started):
     )
     statuses = {}
     tried = 0
+    # Once sending stopped as a whole: (when the untried rows may go, None for "when resumed").
+    held = None
     try:
         for row, attempt in zip(rows, attempts, strict=True):
             # The first mail of a task always goes; each later one only while another send fits.
@@ -126,16 +156,89 @@ def _send_batch(rows, token, worker, *, window_ends, started):
             # server's present pace (other workers may be idle: they get them).
             if tried and (send_pace.seconds or 0) * (len(rows) - tried) > SendPace.WAIT_SECONDS:
                 break
+            # Counted before any connection opens, so a limit reached costs no SMTP session.
+            try:
+                reservation = quotas.reserve()
+            except quotas.QuotaReached as reached:
+                held = (_quota_reached(reached, probe),)
+                break
+            turn = _login_turn(worker)
+            if turn is False:
+                quotas.give_back(reservation)
+                held = (brake.current().until,)
+                break
             tried += 1
-            statuses[str(row.pk)] = _send_claimed(row, attempt, token)
+            try:
+                status, result = _send_claimed(row, attempt, token, reservation=reservation, probe=probe)
+            finally:
+                if turn:
+                    _end_login_turn(worker)
+            statuses[str(row.pk)] = status
+            if result.is_provider_wide:
+                held = (brake.current().until,)
+                break
     finally:
         untried = rows[tried:]
-        if untried:
+        if untried and held is not None:
+            _hold_untried(untried, attempts[tried:], token, held[0])
+        elif untried:
             _give_back(untried, attempts[tried:], token)
     return statuses, bool(untried)
 
 
-def _send_claimed(email_request, attempt, token):
+LOGIN_TURN_KEY = "email-service:smtp-login-turn"
+
+
+def _login_turn(worker):
+    """Wait for this worker's turn to open an SMTP connection: True once it has the turn, None when
+    its connection is open already (no turn needed), False if the brake engaged meanwhile.
+
+    Workers log in one at a time, so a refused password is tried by one worker, once, and the
+    brake it engages stops the others before they try it too (a burst of failed logins is what
+    gets an account locked). A worker with an open connection needs no turn.
+    """
+    if delivery.is_connected():
+        return None
+    deadline = time.monotonic() + conf.smtp_timeout()
+    while not cache.add(LOGIN_TURN_KEY, worker, timeout=conf.smtp_timeout() * 2 + 5):
+        if brake.current(refresh=True).gate() is brake.Gate.HOLD:
+            return False
+        if time.monotonic() > deadline:
+            return None  # a turn-holder that hung: its key expires; this send goes anyway
+        time.sleep(0.05)
+    # The turn came after another worker's login: if that one engaged the brake, stop here.
+    if brake.current(refresh=True).gate() is brake.Gate.HOLD:
+        _end_login_turn(worker)
+        return False
+    return True
+
+
+def _end_login_turn(worker):
+    if cache.get(LOGIN_TURN_KEY) == worker:
+        cache.delete(LOGIN_TURN_KEY)
+
+
+def _quota_reached(reached, probe):
+    """Stop at a limit of our own: the daily one engages the brake, the minute one waits it out."""
+    free_at = datetime.fromtimestamp(reached.free_at, tz=UTC)
+    if reached.limit != "daily":
+        if probe:
+            brake.drop_probe(probe)
+        return free_at
+    state = brake.engage(
+        BrakeKind.QUOTA, f"EMAIL_DAILY_LIMIT of {conf.daily_limit()} reached", probe=probe, until=free_at
+    )
+    return state.until or free_at
+
+
+def _hold_untried(rows, attempts, token, until):
+    """Give back rows never tried because sending stopped, due when it may start again."""
+    with transaction.atomic():
+        EmailAttempt.objects.filter(pk__in=[attempt.pk for attempt in attempts]).delete()
+        EmailRequest.objects.hold([row.pk for row in rows], token, until=until, note="never tried")
+
+
+def _send_claimed(email_request, attempt, token, *, reservation=None, probe=None):
     attempt.started_at = timezone.now()
     started = time.monotonic()
     try:
@@ -143,15 +246,25 @@ def _send_claimed(email_request, attempt, token):
     except Exception as exc:
         result = delivery.classify(exc)
     send_pace.record(time.monotonic() - started)
+    if result.outcome != AttemptOutcome.SENT and reservation is not None:
+        quotas.give_back(reservation)
+    hold_until = None
+    if result.is_provider_wide:
+        # Engaged before the row is written, so other workers stop as soon as possible.
+        state = brake.engage_for(result, probe=probe)
+        hold_until = state.until if state.is_engaged else None
+    elif probe is not None and brake.release(probe):
+        # The rows that waited have no message on the broker: the relay publishes them now.
+        outbox.dispatch_due_soon()
     # The outcome is written first and insistently: once SMTP has accepted the mail, a row left
     # PROCESSING would be reclaimed and sent again when its lease runs out.
-    status = _insist(lambda: _record_outcome(email_request, attempt, token, result))
+    status = _insist(lambda: _record_outcome(email_request, attempt, token, result, hold_until=hold_until))
     if status == EmailStatus.SENT:
         send_confirmation(email_request)
-    return status
+    return status, result
 
 
-def _record_outcome(email_request, attempt, token, result):
+def _record_outcome(email_request, attempt, token, result, *, hold_until=None):
     """Record the row's new status and the finished attempt together."""
     _fill_attempt(attempt, result)
     if result.outcome == AttemptOutcome.SENT:
@@ -159,7 +272,7 @@ def _record_outcome(email_request, attempt, token, result):
         return _record_result(email_request, token, result, attempt=attempt)
     with transaction.atomic():
         attempt.save(update_fields=ATTEMPT_RESULT_FIELDS)
-        return _record_result(email_request, token, result, attempt=attempt)
+        return _record_result(email_request, token, result, attempt=attempt, hold_until=hold_until)
 
 
 def _give_back(rows, attempts, token):
@@ -200,7 +313,7 @@ def _fill_attempt(attempt, result):
     attempt.duration_ms = int((attempt.finished_at - attempt.started_at).total_seconds() * 1000)
 
 
-def _record_result(email_request, token, result, *, attempt):
+def _record_result(email_request, token, result, *, attempt, hold_until=None):
     pk = email_request.pk
     # Said on the transition's log line: which attempt this was, how it ended, the server's code.
     log = {
@@ -210,6 +323,12 @@ def _record_result(email_request, token, result, *, attempt):
     if result.outcome == AttemptOutcome.SENT:
         changed = EmailRequest.objects.complete(pk, token, now=attempt.finished_at, attempt=attempt, **log)
         new_status = EmailStatus.SENT
+    elif result.is_provider_wide:
+        # About the account, not this mail: it waits for the brake and keeps its retries.
+        changed = EmailRequest.objects.hold(
+            [pk], token, until=hold_until, error=result.error_message, note=f"{log['note']}, {result.brake}"
+        )
+        new_status = EmailStatus.PENDING
     elif result.outcome == AttemptOutcome.TRANSIENT and email_request.has_retries_left():
         retry_number = email_request.retry_count + 1
         changed = EmailRequest.objects.defer(
@@ -232,3 +351,25 @@ def _record_result(email_request, token, result, *, attempt):
         )
         return None
     return new_status
+
+
+# --- what operators call (the `sending` command and the admin) -------------------------------
+
+
+def pause_sending(reason="", *, channel, actor=None, request=None):
+    """Pause every worker's sending as an operator, with an audit entry; return the new state."""
+    if brake.pause(reason):
+        audit.record(audit.AuditAction.PAUSE, channel=channel, actor=actor, request=request)
+    return brake.current(refresh=True)
+
+
+def resume_sending(*, channel, actor=None, request=None):
+    """Resume sending as an operator, whatever engaged the brake, and send the rows that waited."""
+    before = brake.current(refresh=True)
+    if brake.resume():
+        audit.record(audit.AuditAction.RESUME, channel=channel, actor=actor, request=request)
+        # Rows held until a quota's window ends are due now: the operator says it is over.
+        if before.until is not None:
+            EmailRequest.objects.wake_held(before.until)
+        outbox.dispatch_due_soon()
+    return brake.current(refresh=True)

@@ -499,3 +499,13 @@ def s3_bucket(s3_endpoint):
     client = boto3.client("s3", endpoint_url=s3_endpoint, **S3_CREDENTIALS)
     client.create_bucket(Bucket=bucket)
     return client, bucket
+
+
+@pytest.fixture(autouse=True)
+def _fresh_brake():
+    """Each test starts with no cached read of the sending brake (its row rolls back with the test)."""
+    from email_service import brake
+
+    brake.forget()
+    yield
+    brake.forget()

@@ -105,7 +105,8 @@ def test_authentication_failure_tells_the_operator_what_to_fix():
     result = delivery.classify(
         smtplib.SMTPAuthenticationError(535, b"5.7.8 Username and Password not accepted")
     )
-    assert result.outcome == AttemptOutcome.PERMANENT
+    # About the account, not the mail: the brake holds it, no mail fails for it.
+    assert (result.outcome, result.brake) == (AttemptOutcome.TRANSIENT, "credentials")
     assert "535" in result.error_message
     assert "EMAIL_HOST_PASSWORD" in result.error_message
 

@@ -33,6 +33,9 @@ def test_healthz_is_200_with_database_and_broker_up(client, db):
         "database": "ok",
         "broker": "ok",
         "oldest_pending_seconds": None,
+        "sending": "running",
+        "sending_paused_reason": "",
+        "sending_paused_until": None,
     }
 
 
@@ -94,7 +97,7 @@ def test_every_state_change_and_attempt_logs_one_line_with_the_request_id_and_no
     smtp, db, caplog, settings
 ):
     settings.EMAIL_SEND_CONFIRMATION = False
-    smtp.script = ["421 4.7.0 Try again later"]
+    smtp.script = ["421 4.3.2 Try again later"]
     caplog.set_level(logging.INFO, logger="email_service")
     row = outbox.create_email_request(data=PERSONAL, dispatch_on_commit=False)
     sending.send_email_request(row.pk, worker="test")  # deferred by the 421

@@ -76,6 +76,9 @@ ACTIONS = {
     "complete_with_attempt": _complete_with_attempt,
     "defer": _defer,
     "fail": lambda row: EmailRequest.objects.fail(row.pk, TOKEN, error="550 no"),
+    "hold": lambda row: EmailRequest.objects.hold(
+        [row.pk], TOKEN, until=timezone.now() + timedelta(minutes=5), error="421 4.7.0 throttled"
+    ),
     "cancel": lambda row: EmailRequest.objects.filter(pk=row.pk).cancel(),
     "requeue_failed": lambda row: EmailRequest.objects.filter(pk=row.pk).requeue_failed(),
     "reclaim": lambda row: EmailRequest.objects.reclaim(row),
@@ -93,6 +96,7 @@ ALLOWED = {
     (EmailStatus.PROCESSING, "complete_with_attempt"): EmailStatus.SENT,
     (EmailStatus.PROCESSING, "defer"): EmailStatus.PENDING,
     (EmailStatus.PROCESSING, "fail"): EmailStatus.FAILED,
+    (EmailStatus.PROCESSING, "hold"): EmailStatus.PENDING,  # sending stopped as a whole
     (EmailStatus.PENDING, "cancel"): EmailStatus.CANCELLED,
     (EmailStatus.FAILED, "requeue_failed"): EmailStatus.PENDING,
     (EmailStatus.PROCESSING, "reclaim"): EmailStatus.PENDING,  # retries left: 1 of 3 used
@@ -159,6 +163,10 @@ def check_effects(action, before, after):
     elif action == "defer":
         assert subset(after, {**claim_released, "error_message": "421 later", "retry_count": 2})
         assert after["dispatched_at"] is None and after["next_attempt_at"] > timezone.now()
+    elif action == "hold":
+        # No retry spent: the mail was not at fault; due when the brake's wait ends.
+        assert subset(after, {**claim_released, "error_message": "421 4.7.0 throttled", "retry_count": 1})
+        assert after["dispatched_at"] is None and after["next_attempt_at"] > timezone.now()
     elif action == "fail":
         assert subset(after, {**claim_released, "error_message": "550 no", "retry_count": 1})
     elif action == "cancel":
@@ -192,7 +200,9 @@ def subset(values, expected):
 # --- the guards besides the status -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("action", ["release_untried", "complete", "complete_with_attempt", "defer", "fail"])
+@pytest.mark.parametrize(
+    "action", ["release_untried", "complete", "complete_with_attempt", "defer", "fail", "hold"]
+)
 def test_a_processing_row_refuses_a_claim_token_that_is_not_its_own(action):
     row = make_row(EmailStatus.PROCESSING, claim_token=uuid.uuid4())
     before = snapshot(row)

@@ -110,7 +110,7 @@ def test_a_reply_written_in_the_admin_reaches_the_submitter_threaded_and_shows_i
 def test_a_reply_goes_through_the_same_retries(sent_request, smtp):
     row, _ = sent_request
     reply = outbox.create_email_request(data={"kind": RowKind.REPLY, "parent": row, "message": "Hello"})
-    smtp.script = ["421 4.3.0 Try again later"]
+    smtp.script = ["421 4.3.2 Try again later"]
     assert sending.send_email_request(reply.pk, worker="test") == EmailStatus.PENDING
     reply.refresh_from_db()
     assert reply.retry_count == 1 and "421" in reply.error_message

@@ -3,7 +3,7 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from email_service import outbox
+from email_service import brake, outbox
 from email_service.models import FINAL_STATUSES, EmailRequest, EmailStatus
 
 
@@ -60,13 +60,19 @@ class Command(BaseCommand):
                 # Something every few seconds, so that a long wait does not look like a hang.
                 self.stdout.write(f"[{elapsed:4.1f}s] Still {row.status}...")
                 last_report = time.monotonic()
-            if row.status in FINAL_STATUSES or elapsed > seconds:
+            if row.status in FINAL_STATUSES or elapsed > seconds or _held_by_brake(row):
                 break
             time.sleep(0.5)
         self.stdout.write(f"Final status: {row.status}")
         if row.status != EmailStatus.SENT:
             reason = row.error_message or "no error recorded yet"
-            if row.status not in FINAL_STATUSES:
+            if _held_by_brake(row):
+                paused = brake.describe()
+                reason = (
+                    f"sending is paused ({paused['sending_paused_reason']}; until "
+                    f"{paused['sending_paused_until'] or 'an operator resumes it'}); last error: {reason}"
+                )
+            elif row.status not in FINAL_STATUSES:
                 reason = f"still {row.status} after {seconds:g}s; last error: {reason}"
                 if not row.attempts.exists():
                     reason += (
@@ -74,3 +80,12 @@ class Command(BaseCommand):
                         f"consuming the queue '{settings.CELERY_TASK_DEFAULT_QUEUE}'?"
                     )
             raise CommandError(f"The email was not sent: {reason}")
+
+
+def _held_by_brake(row):
+    """Say whether the row was tried and now waits for the sender-wide brake: waiting longer is moot."""
+    return (
+        row.status == EmailStatus.PENDING
+        and bool(row.error_message)
+        and brake.current(refresh=True).is_engaged
+    )
