@@ -10,6 +10,7 @@ checked against the rows too, so a flushed cache does not reopen it.
 
 import hashlib
 import logging
+import smtplib
 import time
 from datetime import timedelta
 
@@ -148,6 +149,9 @@ def _capped_by_rows(mailbox, domain):
     return day[:limit].count() >= limit
 
 
+RECIPIENT_REFUSED = smtplib.SMTPRecipientsRefused.__name__
+
+
 def _within_sending_limits():
     """Say whether an acknowledgement may go: sending runs, and support mail keeps its share of the day."""
     return brake.current().gate() is brake.Gate.RUN and quotas.allows_acknowledgement()
@@ -165,6 +169,8 @@ def _send_counted(message):
         result = delivery.classify(exc)
     if result.outcome != AttemptOutcome.SENT:
         quotas.give_back(reservation)
-    if result.is_provider_wide:
+    # A refusal at RCPT is about the submitter's mailbox (450 4.2.1: it receives too fast), not our
+    # account: stopping all sending for it would let anyone pause support mail with one address.
+    if result.is_provider_wide and result.error_class != RECIPIENT_REFUSED:
         brake.engage_for(result)
     return result

@@ -6,7 +6,7 @@ import pytest
 from django.core.cache import cache
 from rest_framework.test import APIClient
 
-from email_service import acknowledgements, sending
+from email_service import acknowledgements, brake, sending
 from email_service.acknowledgements import send_confirmation
 from email_service.models import EmailRequest
 
@@ -121,6 +121,14 @@ def test_an_acknowledgement_not_sent_gives_its_caps_back(acks, settings):
     assert failed.confirmation_sent_at is None and failed.confirmation_error.startswith("550")
     assert send_confirmation(row("ana@example.org"))
     assert len(acks.messages) == 1
+
+
+def test_a_mailbox_receiving_too_fast_refuses_its_acknowledgement_without_pausing_sending(acks):
+    # Gmail's 450 4.2.1 at RCPT pauses sending when the support mailbox says it; a stranger's
+    # mailbox saying it about an acknowledgement concerns that mailbox only.
+    acks.rcpt_reply = "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents additional messages"
+    assert not send_confirmation(row("busy@example.org"))
+    assert brake.current(refresh=True).gate() is brake.Gate.RUN
 
 
 def test_the_rolling_day_counts_the_last_24_hourly_buckets(acks, settings):
