@@ -220,7 +220,10 @@ def test_a_clean_file_through_the_api_is_stored_marked_clean_for_staff(clamd, ap
     assert response.status_code == 201, response.json()
     row = EmailRequest.objects.get()
     assert row.virus_scan == "clean"
-    assert (media_root / row.file_attached.name).read_bytes() == pdf_bytes()
+    # Stored sealed (encryption at rest): read back through the storage, it is the file sent.
+    assert (media_root / row.file_attached.name).read_bytes() != pdf_bytes()
+    with row.file_attached.open("rb") as stored:
+        assert stored.read() == pdf_bytes()
     api.force_authenticate(
         User.objects.create_superuser("scan-staff", "s@example.com", "not-used-password-1")
     )
