@@ -440,6 +440,9 @@ service auth {{
         (config / "main.cf").write_text(
             f"""\
 compatibility_level = 3.6
+# One client per smtpd process: a process whose connection to the SASL server was cut (the 454
+# switch cuts it, Dovecot drops idle ones) would answer its next AUTH with a spurious 454.
+max_use = 1
 queue_directory = {self._root}/queue
 data_directory = {self._root}/data
 daemon_directory = {DAEMON_DIRECTORY}
