@@ -27,7 +27,7 @@ from django.utils.translation import gettext_lazy as _
 
 from . import conf
 from .aggregates import SecondsBetweenPercentile
-from .encryption import address_index, domain_index
+from .encryption import DecryptionError, address_index, domain_index
 from .fields import (
     EncryptedCharField,
     EncryptedEmailField,
@@ -68,6 +68,11 @@ FINAL_STATUSES = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
 CONTACT_FIELDS = ("full_name", "email", "phone", "job_profession", "subject", "message")
 # Seconds of clock difference between web and worker hosts that a claim tolerates.
 CLAIM_CLOCK_TOLERANCE = 5
+# The error of a claimed row that cannot be sent because it cannot be read; says nothing it holds.
+UNREADABLE_ERROR = (
+    "A stored value of this request cannot be decrypted under the configured keys "
+    "(MEDCOR_ENCRYPTION_KEYS): restore the key it was written under, then retry it."
+)
 # The fields the staff's free-text search decrypts and matches.
 SEARCH_FIELDS = ("full_name", "email", "subject", "message")
 
@@ -235,13 +240,29 @@ class EmailRequestQuerySet(models.QuerySet):
             return None, []
         # In the order claimed: `first` first, then the longest waiting.
         position = {str(pk): index for index, pk in enumerate(candidates)}
-        rows = sorted(
-            self.filter(pk__in=candidates, claim_token=token),
-            key=lambda row: position.get(str(row.pk), len(position)),
-        )
-        for row in rows:
-            _log_transition(row.pk, EmailStatus.PENDING, EmailStatus.PROCESSING, f"by {row.claimed_by}")
-        return token, rows
+        ours = self.filter(pk__in=candidates, claim_token=token)
+        pks = sorted(ours.values_list("pk", flat=True), key=lambda pk: position.get(str(pk), len(position)))
+        for pk in pks:
+            _log_transition(pk, EmailStatus.PENDING, EmailStatus.PROCESSING, f"by {worker[:255]}")
+        return token, self._readable_claimed(ours, pks, token)
+
+    def _readable_claimed(self, claimed, pks, token):
+        """Load the claimed rows `pks` in order; fail on its own each one that cannot be decrypted.
+
+        Decrypting happens as a row loads, so one value under a removed key (or corrupt) would
+        otherwise raise for the whole batch after its claim committed, leaving every row of it
+        PROCESSING until the lease ends.
+        """
+        try:
+            rows = {str(row.pk): row for row in claimed}
+        except DecryptionError:
+            rows = {}
+            for pk in pks:
+                try:
+                    rows[str(pk)] = claimed.get(pk=pk)
+                except DecryptionError:
+                    self.fail(pk, token, error=UNREADABLE_ERROR, note="unreadable")
+        return [rows[str(pk)] for pk in pks if str(pk) in rows]
 
     def release_untried(self, pks, token):
         """Give claimed rows whose send never started back to PENDING, due now, for the relay."""
