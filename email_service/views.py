@@ -206,7 +206,7 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
 
     @action(detail=False, methods=["get"])
     def statistics(self, request):
-        return Response(reports.cached_statistics())
+        return Response(reports.cached_statistics(public=not can_view_personal_data(request)))
 
     @action(detail=False, methods=["post"])
     def retry_failed(self, request):
