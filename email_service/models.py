@@ -20,7 +20,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connections, models, transaction
-from django.db.models import Count, Q
+from django.db.models import Count, Exists, OuterRef, Q
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -131,9 +131,14 @@ class EmailRequestQuerySet(models.QuerySet):
         return self.filter(file_attached="")
 
     def expired(self, now=None):
-        """Rows in a final status older than the retention period."""
+        """Rows in a final status older than the retention period, whose replies are too."""
         cutoff = (now or timezone.now()) - timedelta(days=conf.retention_days())
-        return self.filter(status__in=FINAL_STATUSES, created_at__lt=cutoff)
+        # Deleting a request deletes its replies (CASCADE): a request is as old as its newest
+        # reply, and is kept while one is still to be sent.
+        live_replies = self.model._default_manager.filter(parent=OuterRef("pk")).filter(
+            Q(created_at__gte=cutoff) | ~Q(status__in=FINAL_STATUSES)
+        )
+        return self.filter(status__in=FINAL_STATUSES, created_at__lt=cutoff).exclude(Exists(live_replies))
 
     def oldest_pending_age(self, now=None):
         """Seconds since the oldest PENDING row was created, or None when none is waiting."""

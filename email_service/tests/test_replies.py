@@ -261,3 +261,33 @@ def test_a_persons_export_holds_the_replies_and_their_erasure_removes_them(sent_
     assert json.dumps(str(row.pk)) in text
     subjects.erase_subject(SUBMITTER, channel="command")
     assert not EmailRequest.objects.filter(pk__in=[row.pk, reply.pk]).exists()
+
+
+@pytest.mark.parametrize("status", [EmailStatus.PENDING, EmailStatus.PROCESSING])
+def test_purging_keeps_a_request_past_retention_while_its_reply_is_still_to_be_sent(
+    sent_request, settings, status
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from email_service import retention
+    from email_service.replies import reply_create
+
+    settings.EMAIL_RETENTION_DAYS = 30
+    row, _ = sent_request
+    long_ago = timezone.now() - timedelta(days=31)
+    reply = reply_create(email_request=row, body="We can see you on Monday.", channel="admin")
+    EmailRequest.objects.filter(pk__in=[row.pk, reply.pk]).update(created_at=long_ago)
+    EmailRequest.objects.filter(pk=reply.pk).update(status=status)
+    retention.purge_expired()
+    assert EmailRequest.objects.filter(pk__in=[row.pk, reply.pk]).count() == 2
+
+    # A reply sent recently keeps its request too: the conversation is as old as its newest mail.
+    EmailRequest.objects.filter(pk=reply.pk).update(status=EmailStatus.SENT, created_at=timezone.now())
+    retention.purge_expired()
+    assert EmailRequest.objects.filter(pk__in=[row.pk, reply.pk]).count() == 2
+
+    EmailRequest.objects.filter(pk=reply.pk).update(created_at=long_ago)
+    retention.purge_expired()
+    assert not EmailRequest.objects.filter(pk__in=[row.pk, reply.pk]).exists()
