@@ -66,6 +66,8 @@ class RowKind(models.TextChoices):
 FINAL_STATUSES = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
 # What the submitter wrote: editable by staff until the request is SENT.
 CONTACT_FIELDS = ("full_name", "email", "phone", "job_profession", "subject", "message")
+# What anyone may see of a request (EmailRequestPublicSerializer), decoys included (honeypot.py).
+PUBLIC_FIELDS = ("id", "status", "has_attachment", "created_at", "sent_at")
 # Seconds of clock difference between web and worker hosts that a claim tolerates.
 CLAIM_CLOCK_TOLERANCE = 5
 # The error of a claimed row that cannot be sent because it cannot be read; says nothing it holds.
@@ -123,6 +125,10 @@ class EmailRequestQuerySet(models.QuerySet):
             if any(wanted in (getattr(row, name) or "").casefold() for name in SEARCH_FIELDS):
                 matched.append(row.pk)
         return self.filter(pk__in=matched), scanned, False
+
+    def only_public(self):
+        """These rows with only the columns of PUBLIC_FIELDS read: none is personal, none decrypted."""
+        return self.only(*("file_attached" if name == "has_attachment" else name for name in PUBLIC_FIELDS))
 
     def with_attachment(self):
         return self.exclude(file_attached="")

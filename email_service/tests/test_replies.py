@@ -192,6 +192,20 @@ def test_a_reply_needs_a_body(sent_request, body):
     assert not EmailRequest.objects.replies().exists()
 
 
+def test_the_api_and_the_admin_bound_a_reply_as_the_row_stores_it(sent_request):
+    from email_service.replies import BODY_MAX_LENGTH
+    from email_service.reply_admin import ReplyForm
+    from email_service.serializers import EmailReplyCreateSerializer
+
+    limit = EmailRequest._meta.get_field("message").max_length
+    assert BODY_MAX_LENGTH == limit == EmailReplyCreateSerializer().fields["body"].max_length
+    assert ReplyForm.base_fields["reply"].max_length == limit
+    row, _ = sent_request
+    client = api_client(staff("view_emailrequest", "change_emailrequest"))
+    response = client.post(f"{URL}{row.pk}/replies/", {"body": "x" * limit}, format="json")
+    assert response.status_code == 201
+
+
 def test_an_unknown_request_has_no_replies(db):
     client = api_client(staff("view_emailrequest", "change_emailrequest"))
     missing = f"{URL}00000000-0000-0000-0000-000000000000/replies/"
