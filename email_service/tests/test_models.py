@@ -359,3 +359,29 @@ def test_reclaiming_stale_claims_passes_over_values_it_cannot_decrypt():
     assert reclaim_stale_claims() == 2
     statuses = EmailRequest.objects.filter(pk__in=[row.pk for row in rows]).values_list("status", flat=True)
     assert list(statuses) == [EmailStatus.PENDING] * 2
+
+
+def test_a_batch_with_a_row_that_cannot_be_decrypted_sends_the_others(smtp, settings):
+    from email_service import outbox, sending
+
+    settings.EMAIL_SEND_CONFIRMATION = False
+    rows = [
+        outbox.create_email_request(
+            data={
+                "full_name": f"P {n}",
+                "email": f"p{n}@example.org",
+                "subject": f"Batch {n}",
+                "message": "Hi",
+            },
+            dispatch_on_commit=False,
+        )
+        for n in range(3)
+    ]
+    _seal_message_under_an_unknown_key(rows[1])
+    statuses = sending.send_due_emails(rows[0].pk, worker="test", batch_size=3)
+    assert statuses == {str(rows[0].pk): EmailStatus.SENT, str(rows[2].pk): EmailStatus.SENT}
+    assert len(smtp.messages) == 2
+    assert (
+        EmailRequest.objects.filter(pk=rows[1].pk).values_list("status", flat=True).get()
+        == EmailStatus.FAILED
+    )
