@@ -8,7 +8,6 @@ taken atomically in the shared cache (add, incr), so two workers cannot both pas
 checked against the rows too, so a flushed cache does not reopen it.
 """
 
-import hashlib
 import logging
 import smtplib
 import time
@@ -77,7 +76,7 @@ class _Claim:
 
 def _claim(mailbox, domain):
     """Take the mailbox's and the domain's cap for one acknowledgement, or return None."""
-    if _capped_by_rows(mailbox, domain):
+    if _capped_by_rows(mailbox):
         return None
     interval = conf.confirmation_interval()
     mailbox_key = f"email-confirmation:{address_index(mailbox)}"
@@ -94,7 +93,9 @@ def _claim(mailbox, domain):
 
 def _domain_keys(domain, now=None):
     """The cache keys of the domain's hourly buckets of the last 24 h, the current one first."""
-    digest = hashlib.sha256(domain.encode()).hexdigest()
+    # Keyed, as the rows' index is: a plain hash of a domain is undone by hashing a list of
+    # domains, and a clinic's or a family's own domain can name a person.
+    digest = domain_index(domain)
     hour = int((time.time() if now is None else now) // BUCKET_SECONDS)
     return [f"email-confirmation-domain:{digest}:{hour - age}" for age in range(BUCKETS)]
 
@@ -127,7 +128,7 @@ def _decrement(key):
         pass  # the bucket expired: nothing left to give back
 
 
-def _capped_by_rows(mailbox, domain):
+def _capped_by_rows(mailbox):
     """Tell from the rows whether the mailbox had an acknowledgement within the interval, or the
     domain has had its day's share; what a flushed cache forgets, the rows still know.
 

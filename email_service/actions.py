@@ -17,13 +17,9 @@ def cancel_email_request(email_request):
         raise TransitionNotAllowed(f"A {email_request.status} request cannot be cancelled.")
 
 
-def retry_failed(queryset=None):
-    """Requeue FAILED requests with a fresh retry budget and dispatch them; return how many."""
-    return len(retry_failed_requests(queryset))
-
-
 def retry_failed_requests(queryset=None):
-    """Requeue FAILED requests as `retry_failed` does; return the ids of those requeued."""
+    """Requeue FAILED requests (of `queryset`, or all) with a fresh retry budget and dispatch them;
+    return the ids of those requeued."""
     failed = EmailRequest.objects.filter(status=EmailStatus.FAILED)
     if queryset is not None:
         failed = failed.filter(pk__in=queryset.values("pk"))

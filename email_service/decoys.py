@@ -5,8 +5,10 @@ Anonymous callers who ask about such an id get the answer a real request would g
 """
 
 import uuid
+from datetime import timedelta
 
 from django.db import models
+from django.db.models import Count, Q
 from django.utils import timezone
 
 
@@ -19,6 +21,21 @@ class DecoyQuerySet(models.QuerySet):
 
     def older_than(self, cutoff):
         return self.filter(created_at__lt=cutoff)
+
+    def statistics(self, now=None):
+        """Count these decoys as requests of their age count in the statistics: PENDING until
+        their planned `sent_at`, SENT from then on."""
+        now = now or timezone.now()
+        day_ago = now - timedelta(hours=24)
+        sent = Q(sent_at__lte=now)
+        return self.aggregate(
+            total_requests=Count("id"),
+            pending_requests=Count("id", filter=~sent),
+            sent_requests=Count("id", filter=sent),
+            with_attachments=Count("id", filter=Q(has_attachment=True)),
+            requests_last_24h=Count("id", filter=Q(created_at__gte=day_ago)),
+            sent_last_24h=Count("id", filter=sent & Q(sent_at__gte=day_ago)),
+        )
 
 
 class Decoy(models.Model):

@@ -29,7 +29,7 @@ from django.utils import timezone
 
 from . import conf
 from .decoys import Decoy
-from .models import EmailStatus
+from .models import PUBLIC_FIELDS, EmailStatus
 
 STAMP_SALT = "email_service.honeypot.form-stamp"
 # Seconds from submission to SENT that a decoy shows: what a real delivery takes on a quiet day.
@@ -93,10 +93,6 @@ def decoy_row(pk, now=None):
     }
 
 
-# The public shape's columns, in the order both halves of the anonymous list select them.
-PUBLIC_COLUMNS = ("id", "status", "has_attachment", "created_at", "sent_at")
-
-
 def decoys_as_rows():
     """Return every decoy with `status` and `shown_sent_at` as a request of its age would show them."""
     # The database's clock, not a parameter: the list's SQL stays the same from call to call, so
@@ -127,9 +123,10 @@ class RequestsWithDecoys:
         self.rows = (
             requests.order_by()
             .annotate(has_attachment=ExpressionWrapper(~Q(file_attached=""), output_field=BooleanField()))
-            .values(*PUBLIC_COLUMNS)
+            .values(*PUBLIC_FIELDS)
         )
-        self.stand_ins = decoys.order_by().values(*PUBLIC_COLUMNS[:-1], "shown_sent_at")
+        # The same columns in the same order, the shown sent_at last in place of the raw one.
+        self.stand_ins = decoys.order_by().values(*PUBLIC_FIELDS[:-1], "shown_sent_at")
         self.combined = self.rows.union(self.stand_ins, all=True).order_by(*self.ordering)
         self.query = self.combined.query
 

@@ -20,14 +20,14 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connections, models, transaction
-from django.db.models import Count, Q
+from django.db.models import Count, Exists, OuterRef, Q
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from . import conf
 from .aggregates import SecondsBetweenPercentile
-from .encryption import address_index, domain_index
+from .encryption import DecryptionError, address_index, domain_index
 from .fields import (
     EncryptedCharField,
     EncryptedEmailField,
@@ -66,8 +66,15 @@ class RowKind(models.TextChoices):
 FINAL_STATUSES = (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
 # What the submitter wrote: editable by staff until the request is SENT.
 CONTACT_FIELDS = ("full_name", "email", "phone", "job_profession", "subject", "message")
+# What anyone may see of a request (EmailRequestPublicSerializer), decoys included (honeypot.py).
+PUBLIC_FIELDS = ("id", "status", "has_attachment", "created_at", "sent_at")
 # Seconds of clock difference between web and worker hosts that a claim tolerates.
 CLAIM_CLOCK_TOLERANCE = 5
+# The error of a claimed row that cannot be sent because it cannot be read; says nothing it holds.
+UNREADABLE_ERROR = (
+    "A stored value of this request cannot be decrypted under the configured keys "
+    "(MEDCOR_ENCRYPTION_KEYS): restore the key it was written under, then retry it."
+)
 # The fields the staff's free-text search decrypts and matches.
 SEARCH_FIELDS = ("full_name", "email", "subject", "message")
 
@@ -119,6 +126,10 @@ class EmailRequestQuerySet(models.QuerySet):
                 matched.append(row.pk)
         return self.filter(pk__in=matched), scanned, False
 
+    def only_public(self):
+        """These rows with only the columns of PUBLIC_FIELDS read: none is personal, none decrypted."""
+        return self.only(*("file_attached" if name == "has_attachment" else name for name in PUBLIC_FIELDS))
+
     def with_attachment(self):
         return self.exclude(file_attached="")
 
@@ -126,9 +137,14 @@ class EmailRequestQuerySet(models.QuerySet):
         return self.filter(file_attached="")
 
     def expired(self, now=None):
-        """Rows in a final status older than the retention period."""
+        """Rows in a final status older than the retention period, whose replies are too."""
         cutoff = (now or timezone.now()) - timedelta(days=conf.retention_days())
-        return self.filter(status__in=FINAL_STATUSES, created_at__lt=cutoff)
+        # Deleting a request deletes its replies (CASCADE): a request is as old as its newest
+        # reply, and is kept while one is still to be sent.
+        live_replies = self.model._default_manager.filter(parent=OuterRef("pk")).filter(
+            Q(created_at__gte=cutoff) | ~Q(status__in=FINAL_STATUSES)
+        )
+        return self.filter(status__in=FINAL_STATUSES, created_at__lt=cutoff).exclude(Exists(live_replies))
 
     def oldest_pending_age(self, now=None):
         """Seconds since the oldest PENDING row was created, or None when none is waiting."""
@@ -235,13 +251,29 @@ class EmailRequestQuerySet(models.QuerySet):
             return None, []
         # In the order claimed: `first` first, then the longest waiting.
         position = {str(pk): index for index, pk in enumerate(candidates)}
-        rows = sorted(
-            self.filter(pk__in=candidates, claim_token=token),
-            key=lambda row: position.get(str(row.pk), len(position)),
-        )
-        for row in rows:
-            _log_transition(row.pk, EmailStatus.PENDING, EmailStatus.PROCESSING, f"by {row.claimed_by}")
-        return token, rows
+        ours = self.filter(pk__in=candidates, claim_token=token)
+        pks = sorted(ours.values_list("pk", flat=True), key=lambda pk: position.get(str(pk), len(position)))
+        for pk in pks:
+            _log_transition(pk, EmailStatus.PENDING, EmailStatus.PROCESSING, f"by {worker[:255]}")
+        return token, self._readable_claimed(ours, pks, token)
+
+    def _readable_claimed(self, claimed, pks, token):
+        """Load the claimed rows `pks` in order; fail on its own each one that cannot be decrypted.
+
+        Decrypting happens as a row loads, so one value under a removed key (or corrupt) would
+        otherwise raise for the whole batch after its claim committed, leaving every row of it
+        PROCESSING until the lease ends.
+        """
+        try:
+            rows = {str(row.pk): row for row in claimed}
+        except DecryptionError:
+            rows = {}
+            for pk in pks:
+                try:
+                    rows[str(pk)] = claimed.get(pk=pk)
+                except DecryptionError:
+                    self.fail(pk, token, error=UNREADABLE_ERROR, note="unreadable")
+        return [rows[str(pk)] for pk in pks if str(pk) in rows]
 
     def release_untried(self, pks, token):
         """Give claimed rows whose send never started back to PENDING, due now, for the relay."""

@@ -163,7 +163,11 @@ def reclaim_stale_claims(now=None):
     """Hand rows whose worker died back to PENDING (or FAILED); return how many."""
     now = now or timezone.now()
     count = 0
-    for row in EmailRequest.objects.stale_claims(now):
+    # Only the columns reclaiming needs: none is encrypted, so an unreadable row cannot stop it.
+    stale = EmailRequest.objects.stale_claims(now).only(
+        "pk", "claim_token", "claimed_by", "retry_count", "max_retries"
+    )
+    for row in stale:
         if EmailRequest.objects.reclaim(row, now=now):
             count += 1
             row.attempts.filter(finished_at__isnull=True).update(

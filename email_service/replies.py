@@ -15,8 +15,8 @@ from .models import EmailReply, RowKind
 
 logger = logging.getLogger(__name__)
 
-# The longest reply: the same bound as a submission's message.
-BODY_MAX_LENGTH = 10000
+# The longest reply: a reply's body is its row's `message`, so a submission's message's bound.
+BODY_MAX_LENGTH = EmailReply._meta.get_field("message").max_length
 
 
 class ReplyNotAllowed(Exception):

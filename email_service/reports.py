@@ -6,7 +6,8 @@ from django.core.cache import cache
 from django.utils import timezone
 
 from . import conf
-from .models import EmailRequest, EmailStatus
+from .decoys import Decoy
+from .models import EmailRequest, EmailStatus, success_rate
 
 STATUS_COLOURS = {
     EmailStatus.PENDING: "#b45309",
@@ -22,19 +23,40 @@ STUCK_AFTER_SECONDS = 10 * 60
 STATISTICS_CACHE_KEY = "email-service:statistics"
 
 
-def cached_statistics():
-    """Return the statistics, computed at most once per EMAIL_STATISTICS_CACHE_SECONDS for everyone.
+def statistics_cache_key(*, public):
+    """The cache key of one audience's statistics: the public's and the staff's differ."""
+    return f"{STATISTICS_CACHE_KEY}:{'public' if public else 'staff'}"
+
+
+def cached_statistics(*, public):
+    """Return the statistics, computed at most once per EMAIL_STATISTICS_CACHE_SECONDS per audience.
 
     The aggregate reads the whole table (over a second at a million rows), and the endpoint is
     public: callers within the period share one result, marked with the time it was taken.
     """
     seconds = conf.statistics_cache_seconds()
-    body = cache.get(STATISTICS_CACHE_KEY) if seconds else None
+    key = statistics_cache_key(public=public)
+    body = cache.get(key) if seconds else None
     if body is None:
-        body = {**EmailRequest.objects.submissions().statistics(), "as_of": timezone.now().isoformat()}
+        counts = public_statistics() if public else EmailRequest.objects.submissions().statistics()
+        body = {**counts, "as_of": timezone.now().isoformat()}
         if seconds:
-            cache.set(STATISTICS_CACHE_KEY, body, timeout=seconds)
+            cache.set(key, body, timeout=seconds)
     return body
+
+
+def public_statistics(now=None):
+    """Count the requests as anyone but staff sees them: the honeypot's decoys among them.
+
+    The anonymous list shows the decoys as requests; statistics without them would give their
+    number away (the list's count less `total_requests`), and with it which submissions were caught.
+    """
+    now = now or timezone.now()
+    counts = EmailRequest.objects.submissions().statistics(now)
+    for name, count in Decoy.objects.statistics(now).items():
+        counts[name] += count
+    counts["success_rate"] = success_rate(counts["sent_requests"], counts["failed_requests"])
+    return counts
 
 
 def delivery_report(now=None, days=REPORT_DAYS):

@@ -20,6 +20,7 @@ from django.db import connection, transaction
 from .audit import AuditAction, AuditChannel, record
 from .encryption import DecryptionError, decrypt_text, encrypt_text, is_encrypted, key_index
 from .fields import EncryptedTextField
+from .models import EmailAttempt
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +71,9 @@ def encrypted_models():
 
 
 def _request_column(model):
-    """The column that names the request a row belongs to: its own id, or its key to a request."""
-    request_model = apps.get_model("email_service", "EmailRequest")
-    if model is request_model:
-        return model._meta.pk.column
-    for candidate in model._meta.concrete_fields:
-        if candidate.is_relation and candidate.related_model is request_model:
-            return candidate.column
-    return model._meta.pk.column
+    """The column that names the request a row belongs to: an attempt's request; a request's (a
+    reply's too) own id."""
+    return EmailAttempt._meta.get_field("request").column if model is EmailAttempt else model._meta.pk.column
 
 
 def rotate_keys(*, batch_size=BATCH_SIZE, progress=None):

@@ -8,8 +8,17 @@ from rest_framework import serializers
 
 from . import captcha, honeypot, scanning
 from .fields import EncryptedEmailField
-from .models import CONTACT_FIELDS, AttemptOutcome, EmailAttempt, EmailRequest, EmailStatus, VirusScan
+from .models import (
+    CONTACT_FIELDS,
+    PUBLIC_FIELDS,
+    AttemptOutcome,
+    EmailAttempt,
+    EmailRequest,
+    EmailStatus,
+    VirusScan,
+)
 from .permissions import can_view_personal_data
+from .replies import BODY_MAX_LENGTH
 from .throttling import client_ip
 from .validators import (
     validate_attachment,
@@ -213,7 +222,7 @@ class EmailRequestPublicSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = EmailRequest
-        fields = ["id", "status", "has_attachment", "created_at", "sent_at"]
+        fields = list(PUBLIC_FIELDS)
         read_only_fields = fields
 
 
@@ -368,4 +377,4 @@ class EmailReplySerializer(serializers.ModelSerializer):
 class EmailReplyCreateSerializer(serializers.Serializer):
     """What staff write: the reply's text, sent as the mail's body."""
 
-    body = StrictCharField(max_length=10000, validators=[validate_no_nul])
+    body = StrictCharField(max_length=BODY_MAX_LENGTH, validators=[validate_no_nul])

@@ -12,7 +12,6 @@ import shutil
 import zipfile
 from dataclasses import dataclass, field
 
-from django.apps import apps
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models, transaction
 from django.db.models.fields.files import FieldFile
@@ -20,7 +19,7 @@ from django.utils import timezone
 
 from . import audit
 from .audit import AuditAction
-from .models import EmailAttempt, EmailRequest
+from .models import EmailAttempt, EmailReply, EmailRequest
 from .storage import clean_filename
 
 # The name of the JSON document inside an export, beside its `files/` folder.
@@ -74,10 +73,8 @@ def find_subject(address, *, lock=False):
     pks = records.request_ids
     for attempt in EmailAttempt.objects.filter(request__in=pks).order_by("number"):
         records.attempts.setdefault(attempt.request_id, []).append(attempt)
-    reply_model, link = _reply_model()
-    if reply_model is not None:
-        for reply in reply_model._default_manager.filter(**{f"{link.name}__in": pks}).order_by("pk"):
-            records.replies.setdefault(getattr(reply, link.attname), []).append(reply)
+    for reply in EmailReply.objects.filter(parent__in=pks).order_by("created_at", "pk"):
+        records.replies.setdefault(reply.parent_id, []).append(reply)
     return records
 
 
@@ -134,9 +131,7 @@ def erase_subject(address, *, channel, request=None, dry_run=False):
         counts = records.counts()
         if not dry_run:
             files = [stored for row in records.requests for _, stored in records.files(row)]
-            reply_model, link = _reply_model()
-            if reply_model is not None:
-                reply_model._default_manager.filter(**{f"{link.name}__in": records.request_ids}).delete()
+            EmailReply.objects.filter(parent__in=records.request_ids).delete()
             EmailRequest.objects.filter(pk__in=records.request_ids).delete()
             # Only once the rows are gone for good: a rolled-back erasure keeps its files.
             for stored in files:
@@ -149,16 +144,6 @@ def erase_subject(address, *, channel, request=None, dry_run=False):
             detail=counts,
         )
     return records, counts
-
-
-def _reply_model():
-    """Return the EmailReply model and its link to EmailRequest, or (None, None) while there is none."""
-    try:
-        model = apps.get_model("email_service", "EmailReply")
-    except LookupError:
-        return None, None
-    link = next(f for f in model._meta.concrete_fields if f.is_relation and f.related_model is EmailRequest)
-    return model, link
 
 
 def _request_document(records, row):

@@ -38,8 +38,6 @@ from .throttling import CreateRateThrottle, ReadRateThrottle, client_ip
 
 logger = logging.getLogger(__name__)
 
-# The columns behind EmailRequestPublicSerializer's fields.
-PUBLIC_COLUMNS = ("id", "status", "file_attached", "created_at", "sent_at")
 ACCEPTED_MESSAGE = "Your message has been received and will be delivered to our support team."
 # List filters whose value is a person's data: a list using one is recorded as a search.
 SEARCH_FILTERS = ("search", "email")
@@ -87,7 +85,7 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
             queryset = queryset.prefetch_related("attempts")
         elif self.action in ("list", "retrieve"):
             # Anonymous callers get no personal field, so none is read (and none decrypted).
-            queryset = queryset.only(*PUBLIC_COLUMNS)
+            queryset = queryset.only_public()
         return queryset
 
     def filter_queryset(self, queryset):
@@ -206,7 +204,7 @@ class EmailRequestViewSet(viewsets.ModelViewSet):
 
     @action(detail=False, methods=["get"])
     def statistics(self, request):
-        return Response(reports.cached_statistics())
+        return Response(reports.cached_statistics(public=not can_view_personal_data(request)))
 
     @action(detail=False, methods=["post"])
     def retry_failed(self, request):

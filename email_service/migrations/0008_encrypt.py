@@ -3,12 +3,13 @@
 
 The data steps rewrite existing rows in batches of BATCH, in raw SQL (the historical models'
 encrypted fields would try to decrypt the plaintext they read). Each is idempotent: a value already
-encrypted, or a file already sealed, is left as it is, so an interrupted run can simply be repeated.
+encrypted, or a file already sealed, is left as it is, so an interrupted run can simply be repeated;
+an original file is deleted only once the migration has committed its sealed copy's name.
 The reverse decrypts the rows and unseals the files.
 """
 
 from django.core.files.storage import default_storage
-from django.db import migrations, models
+from django.db import migrations, models, transaction
 
 import email_service.fields
 
@@ -90,15 +91,27 @@ def _opened_values(row):
 
 
 def _files(schema_editor, convert):
-    """Point each row with a file at `convert(name)`'s copy (None: keep it), then drop the original."""
-    for rows in _batches(schema_editor.connection, "email_service_emailrequest", ("file_attached",)):
+    """Point each row with a file at `convert(name)`'s copy (None: keep it); drop the originals
+    once that has committed."""
+    connection = schema_editor.connection
+    originals = []
+    for rows in _batches(connection, "email_service_emailrequest", ("file_attached",)):
         for pk, name in rows:
             if not name or not default_storage.exists(name):
                 continue
             copy = convert(name)
             if copy:
-                _update(schema_editor.connection, "email_service_emailrequest", pk, {"file_attached": copy})
-                default_storage.delete(name)
+                _update(connection, "email_service_emailrequest", pk, {"file_attached": copy})
+                originals.append(name)
+    # The migration is one transaction: should anything after this fail, the rows go back to
+    # the originals, which must then still be there (the copies are orphans, purged later), and
+    # a re-run converts them again. So no original goes before the rows' new names are committed.
+    transaction.on_commit(lambda: _delete(originals), using=connection.alias)
+
+
+def _delete(names):
+    for name in names:
+        default_storage.delete(name)
 
 
 def seal(apps, schema_editor):

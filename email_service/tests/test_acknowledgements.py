@@ -163,3 +163,18 @@ def test_workers_racing_for_a_domain_take_no_more_than_its_share(settings):
         assert cache.get(acknowledgements._domain_keys("race.example")[0]) == 3
     finally:
         cache.clear()
+
+
+def test_the_domain_share_is_kept_under_a_keyed_hash_not_a_plain_one(settings):
+    import hashlib
+
+    from medcor_backend2.keys import generate_key
+
+    plain = hashlib.sha256(b"clinic-of-dr-roe.example").hexdigest()
+    keys = acknowledgements._domain_keys("clinic-of-dr-roe.example", now=1_800_000_000.0)
+    assert not any(plain in key for key in keys)
+    settings.MEDCOR_INDEX_KEY = generate_key()
+    # Under another index key the same domain is another entry: the key is what the hash needs.
+    assert set(acknowledgements._domain_keys("clinic-of-dr-roe.example", now=1_800_000_000.0)).isdisjoint(
+        keys
+    )

@@ -60,7 +60,7 @@ def test_each_transition_logs_the_statuses_it_moved_between(row, caplog):
     caplog.set_level(logging.INFO, logger="email_service")
     token = EmailRequest.objects.claim(row.pk, worker="w1")
     EmailRequest.objects.fail(row.pk, token, error="550 refused", note="attempt 1 permanent")
-    assert actions.retry_failed() == 1
+    assert actions.retry_failed_requests() == [row.pk]
     actions.cancel_email_request(row)
     assert transitions(caplog, row.pk) == [
         (f"Email request {row.pk}: PENDING -> PROCESSING (by w1)", "PROCESSING"),
@@ -75,7 +75,7 @@ def test_a_refused_transition_logs_nothing(row, caplog):
     actions.cancel_email_request(row)
     with pytest.raises(actions.TransitionNotAllowed, match="CANCELLED"):
         actions.cancel_email_request(row)
-    assert actions.retry_failed() == 0
+    assert actions.retry_failed_requests() == []
     assert len(transitions(caplog, row.pk)) == 1
 
 

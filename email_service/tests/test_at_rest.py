@@ -201,6 +201,21 @@ def test_in_minimal_mode_the_support_mail_carries_no_marker(settings, media_root
     assert pk[:8] in message["Subject"]
 
 
+def insert_unencrypted_row(pk, fields, path, file_name):
+    """Store a row as it was before 0008_encrypt: plaintext columns, `path` its file."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO email_service_emailrequest (id, full_name, email, phone, job_profession, subject,"
+            " message, file_attached, attachment_name, attachment_content_type, status, error_message,"
+            " retry_count, max_retries, manual_retries, celery_task_id, message_id, next_attempt_at,"
+            " claimed_by, confirmation_error, client_ip, created_at, updated_at, captcha_unverified,"
+            " virus_scan, kind) VALUES (%s, %s, %s, %s,"
+            " %s, %s, %s, %s, %s, 'application/pdf', 'SENT', '', 0, 3, 0, '', '', now(), '', '', %s,"
+            " now(), now(), false, '', 'REQUEST')",
+            [pk, *fields.values(), path, file_name, CLIENT_IP],
+        )
+
+
 @pytest.mark.django_db(transaction=True)
 def test_the_migration_encrypts_existing_rows_and_files_and_its_reverse_opens_them(media_root):
     from django.core.files.storage import default_storage
@@ -216,23 +231,9 @@ def test_the_migration_encrypts_existing_rows_and_files_and_its_reverse_opens_th
         plaintext = pdf_bytes(text=file_marker)
         (media_root / "email_attachments").mkdir(parents=True)
         (media_root / "email_attachments" / "old.pdf").write_bytes(plaintext)
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "INSERT INTO email_service_emailrequest (id, full_name, email, phone, job_profession, subject,"
-                " message, file_attached, attachment_name, attachment_content_type, status, error_message,"
-                " retry_count, max_retries, manual_retries, celery_task_id, message_id, next_attempt_at,"
-                " claimed_by, confirmation_error, client_ip, created_at, updated_at, captcha_unverified,"
-                " virus_scan, kind) VALUES (%s, %s, %s, %s,"
-                " %s, %s, %s, %s, %s, 'application/pdf', 'SENT', '', 0, 3, 0, '', '', now(), '', '', %s,"
-                " now(), now(), false, '', 'REQUEST')",
-                [
-                    "6f1c1f52-0d5e-4a55-9f53-3d3b7c1e0a01",
-                    *fields.values(),
-                    "email_attachments/old.pdf",
-                    file_name,
-                    CLIENT_IP,
-                ],
-            )
+        insert_unencrypted_row(
+            "6f1c1f52-0d5e-4a55-9f53-3d3b7c1e0a01", fields, "email_attachments/old.pdf", file_name
+        )
         executor = MigrationExecutor(connection)
         executor.migrate(after)
         row = EmailRequest.objects.get()
@@ -257,6 +258,56 @@ def test_the_migration_encrypts_existing_rows_and_files_and_its_reverse_opens_th
             full_name, email, client_ip, name = cursor.fetchone()
         assert (full_name, email, client_ip) == (fields["full_name"], fields["email"], CLIENT_IP)
         assert (media_root / name).read_bytes() == plaintext
+    finally:
+        executor = MigrationExecutor(connection)
+        executor.migrate(executor.loader.graph.leaf_nodes())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_migration_that_fails_midway_keeps_every_original_file_and_a_re_run_seals_them(
+    media_root, monkeypatch
+):
+    from django.db.migrations.executor import MigrationExecutor
+
+    from email_service.encrypted_storage import EncryptedStorage
+
+    before, after = [("email_service", "0007_notify")], [("email_service", "0008_encrypt")]
+    executor = MigrationExecutor(connection)
+    executor.migrate(before)
+    try:
+        (media_root / "email_attachments").mkdir(parents=True)
+        originals = {}
+        for number in (1, 2):
+            _, fields, file_marker, file_name = markers()
+            path = f"email_attachments/old{number}.pdf"
+            originals[path] = pdf_bytes(text=file_marker)
+            (media_root / path).write_bytes(originals[path])
+            insert_unencrypted_row(f"6f1c1f52-0d5e-4a55-9f53-3d3b7c1e0a0{number}", fields, path, file_name)
+        seal, calls = EncryptedStorage.seal, []
+
+        def seals_once_then_fails(storage, name):
+            calls.append(name)
+            if len(calls) > 1:
+                raise OSError("disk full")
+            return seal(storage, name)
+
+        monkeypatch.setattr(EncryptedStorage, "seal", seals_once_then_fails)
+        with pytest.raises(OSError, match="disk full"):
+            MigrationExecutor(connection).migrate(after)
+        # Rolled back to the originals, and every one of them is still there.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT file_attached FROM email_service_emailrequest ORDER BY id")
+            assert [name for (name,) in cursor.fetchall()] == list(originals)
+        for path, content in originals.items():
+            assert (media_root / path).read_bytes() == content
+
+        monkeypatch.setattr(EncryptedStorage, "seal", seal)
+        MigrationExecutor(connection).migrate(after)
+        rows = EmailRequest.objects.order_by("id")
+        assert len(rows) == 2
+        for row, (path, content) in zip(rows, originals.items(), strict=True):
+            assert row.file_attached.name != path and not (media_root / path).exists()
+            assert row.file_attached.open("rb").read() == content
     finally:
         executor = MigrationExecutor(connection)
         executor.migrate(executor.loader.graph.leaf_nodes())

@@ -223,3 +223,42 @@ def test_decoys_are_listed_to_anonymous_callers_among_real_requests_through_the_
         client.get(URL, {"page": "2", "page_size": "2"}).json()["results"][0]["id"]
         == fake["email_request_id"]
     )
+
+
+@pytest.mark.django_db
+def test_a_decoy_counts_in_the_list_and_the_statistics_alike_for_anonymous_callers_not_for_staff(
+    client, settings
+):
+    from django.core.cache import cache
+
+    from email_service import reports
+
+    settings.EMAIL_STATISTICS_CACHE_SECONDS = 60
+    keys = [reports.statistics_cache_key(public=public) for public in (True, False)]
+    cache.delete_many(keys)
+    staff = APIClient()
+    staff.force_authenticate(User.objects.create_superuser("stats-staff", "s@example.com", "not-used-pw-1"))
+    try:
+        client.post(URL, VALID, format="json")
+        upload = SimpleUploadedFile("scan.pdf", pdf_bytes(), content_type="application/pdf")
+        client.post(URL, {**VALID, "website": "x", "file_attached": upload}, format="multipart")
+        public = client.get(f"{URL}statistics/").json()
+        assert client.get(URL).json()["count"] == public["total_requests"] == 2
+        assert (public["pending_requests"], public["sent_requests"], public["with_attachments"]) == (2, 0, 1)
+        assert public["requests_last_24h"] == 2
+        # Staff asking next get their own figures, not the public's from the shared cache.
+        real = staff.get(f"{URL}statistics/").json()
+        assert staff.get(URL).json()["count"] == real["total_requests"] == 1
+        assert (real["pending_requests"], real["with_attachments"]) == (1, 0)
+
+        # Once its planned delivery time has passed, the decoy counts as sent.
+        now = timezone.now()
+        Decoy.objects.update(created_at=now - timedelta(seconds=10), sent_at=now - timedelta(seconds=5))
+        cache.delete_many(keys)
+        public = client.get(f"{URL}statistics/").json()
+        assert (public["total_requests"], public["pending_requests"], public["sent_requests"]) == (2, 1, 1)
+        assert public["sent_last_24h"] == 1 and public["success_rate"] == 100.0
+        real = staff.get(f"{URL}statistics/").json()
+        assert (real["total_requests"], real["sent_requests"], real["success_rate"]) == (1, 0, 0.0)
+    finally:
+        cache.delete_many(keys)

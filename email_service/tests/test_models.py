@@ -322,3 +322,66 @@ def test_edit_unsent_refuses_a_row_sent_since_it_was_read():
     before = snapshot(row)
     assert not EmailRequest.objects.filter(pk=row.pk).edit_unsent(subject="Too late")
     assert snapshot(row) == before
+
+
+def _seal_message_under_an_unknown_key(row):
+    """Rewrite the row's `message` column in SQL under a key that is not configured."""
+    from django.db import connection
+
+    from email_service.encryption import Keyring, encrypt_text, parse_key
+    from medcor_backend2.keys import generate_key
+
+    sealed = encrypt_text("Under a lost key", ring=Keyring([parse_key(generate_key())]))
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE email_service_emailrequest SET message = %s WHERE id = %s", [sealed, row.pk])
+
+
+def test_a_claimed_row_that_cannot_be_decrypted_fails_alone_and_the_others_are_claimed():
+    from email_service.models import UNREADABLE_ERROR
+
+    rows = [make_row(EmailStatus.PENDING, claim_token=None, retry_count=0) for _ in range(3)]
+    _seal_message_under_an_unknown_key(rows[1])
+    token, claimed = EmailRequest.objects.claim_batch(worker="w", first=rows[0].pk, limit=3)
+    assert token is not None and rows[1].pk not in {row.pk for row in claimed}
+    assert {row.pk for row in claimed} == {rows[0].pk, rows[2].pk} and claimed[0].pk == rows[0].pk
+    assert all(row.status == EmailStatus.PROCESSING for row in claimed)
+    broken = EmailRequest.objects.filter(pk=rows[1].pk).values("status", "claim_token", "retry_count").get()
+    assert broken == {"status": EmailStatus.FAILED, "claim_token": None, "retry_count": 0}
+    error = EmailRequest.objects.filter(pk=rows[1].pk).only("error_message").get().error_message
+    assert error == UNREADABLE_ERROR and "Under a lost key" not in error
+
+
+def test_reclaiming_stale_claims_passes_over_values_it_cannot_decrypt():
+    from email_service.outbox import reclaim_stale_claims
+
+    rows = [make_row(EmailStatus.PROCESSING) for _ in range(2)]
+    _seal_message_under_an_unknown_key(rows[0])
+    assert reclaim_stale_claims() == 2
+    statuses = EmailRequest.objects.filter(pk__in=[row.pk for row in rows]).values_list("status", flat=True)
+    assert list(statuses) == [EmailStatus.PENDING] * 2
+
+
+def test_a_batch_with_a_row_that_cannot_be_decrypted_sends_the_others(smtp, settings):
+    from email_service import outbox, sending
+
+    settings.EMAIL_SEND_CONFIRMATION = False
+    rows = [
+        outbox.create_email_request(
+            data={
+                "full_name": f"P {n}",
+                "email": f"p{n}@example.org",
+                "subject": f"Batch {n}",
+                "message": "Hi",
+            },
+            dispatch_on_commit=False,
+        )
+        for n in range(3)
+    ]
+    _seal_message_under_an_unknown_key(rows[1])
+    statuses = sending.send_due_emails(rows[0].pk, worker="test", batch_size=3)
+    assert statuses == {str(rows[0].pk): EmailStatus.SENT, str(rows[2].pk): EmailStatus.SENT}
+    assert len(smtp.messages) == 2
+    assert (
+        EmailRequest.objects.filter(pk=rows[1].pk).values_list("status", flat=True).get()
+        == EmailStatus.FAILED
+    )

@@ -192,6 +192,20 @@ def test_a_reply_needs_a_body(sent_request, body):
     assert not EmailRequest.objects.replies().exists()
 
 
+def test_the_api_and_the_admin_bound_a_reply_as_the_row_stores_it(sent_request):
+    from email_service.replies import BODY_MAX_LENGTH
+    from email_service.reply_admin import ReplyForm
+    from email_service.serializers import EmailReplyCreateSerializer
+
+    limit = EmailRequest._meta.get_field("message").max_length
+    assert BODY_MAX_LENGTH == limit == EmailReplyCreateSerializer().fields["body"].max_length
+    assert ReplyForm.base_fields["reply"].max_length == limit
+    row, _ = sent_request
+    client = api_client(staff("view_emailrequest", "change_emailrequest"))
+    response = client.post(f"{URL}{row.pk}/replies/", {"body": "x" * limit}, format="json")
+    assert response.status_code == 201
+
+
 def test_an_unknown_request_has_no_replies(db):
     client = api_client(staff("view_emailrequest", "change_emailrequest"))
     missing = f"{URL}00000000-0000-0000-0000-000000000000/replies/"
@@ -260,4 +274,34 @@ def test_a_persons_export_holds_the_replies_and_their_erasure_removes_them(sent_
     assert "Call us." in text and str(reply.pk) in text
     assert json.dumps(str(row.pk)) in text
     subjects.erase_subject(SUBMITTER, channel="command")
+    assert not EmailRequest.objects.filter(pk__in=[row.pk, reply.pk]).exists()
+
+
+@pytest.mark.parametrize("status", [EmailStatus.PENDING, EmailStatus.PROCESSING])
+def test_purging_keeps_a_request_past_retention_while_its_reply_is_still_to_be_sent(
+    sent_request, settings, status
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from email_service import retention
+    from email_service.replies import reply_create
+
+    settings.EMAIL_RETENTION_DAYS = 30
+    row, _ = sent_request
+    long_ago = timezone.now() - timedelta(days=31)
+    reply = reply_create(email_request=row, body="We can see you on Monday.", channel="admin")
+    EmailRequest.objects.filter(pk__in=[row.pk, reply.pk]).update(created_at=long_ago)
+    EmailRequest.objects.filter(pk=reply.pk).update(status=status)
+    retention.purge_expired()
+    assert EmailRequest.objects.filter(pk__in=[row.pk, reply.pk]).count() == 2
+
+    # A reply sent recently keeps its request too: the conversation is as old as its newest mail.
+    EmailRequest.objects.filter(pk=reply.pk).update(status=EmailStatus.SENT, created_at=timezone.now())
+    retention.purge_expired()
+    assert EmailRequest.objects.filter(pk__in=[row.pk, reply.pk]).count() == 2
+
+    EmailRequest.objects.filter(pk=reply.pk).update(created_at=long_ago)
+    retention.purge_expired()
     assert not EmailRequest.objects.filter(pk__in=[row.pk, reply.pk]).exists()
