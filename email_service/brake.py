@@ -21,7 +21,6 @@ no query per mail.
 
 import enum
 import logging
-import re
 import threading
 import time
 import uuid
@@ -32,7 +31,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from . import conf, quotas
+from . import conf, delivery, quotas
 from .outcomes import OPERATOR_ONLY_BRAKES, BrakeKind
 
 logger = logging.getLogger(__name__)
@@ -282,20 +281,13 @@ def describe(state=None):
 def reason_for(result):
     """Say why a result stops sending, in codes and categories only (no address, no text of a mail)."""
     code = f"{result.smtp_code} " if result.smtp_code and result.smtp_code > 0 else ""
-    enhanced = _enhanced(result.error_text)
+    enhanced = result.enhanced or delivery.enhanced_code(result.error_text)
+    enhanced = f"{enhanced} " if enhanced else ""
     detail = ""
-    if result.brake in (BrakeKind.TLS, BrakeKind.CONNECTION) and not code:
+    if result.brake in (BrakeKind.TLS, BrakeKind.CONNECTION, BrakeKind.ENCRYPTION_KEYS) and not code:
         # Raised here, not by the server: the text is the library's own (e.g. why a certificate failed).
         detail = f": {result.error_text}"
     return f"{code}{enhanced}{result.error_class}{detail}".strip()
-
-
-def _enhanced(text):
-    found = _ENHANCED.search(text)
-    return f"{found.group(1)} " if found else ""
-
-
-_ENHANCED = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
 
 
 def quota_until(now=None):
