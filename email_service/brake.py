@@ -10,10 +10,11 @@ for the status, so two workers that see the same throttle engage it once:
                                                                 --engage---> engaged (longer)
     any --pause--> engaged by an operator;  engaged --resume--> running
 
-Throttles, temporary login trouble and refused connections release by themselves: at T one
-probe mail goes, and each probe that meets the same answer doubles the wait (capped). The daily
-quota waits until the rolling 24 h window frees a message (the caller says when). Refused
-credentials, TLS failures and an operator's pause wait for `resume`.
+Throttles, temporary login trouble and a server that cannot be reached release by themselves:
+at T one probe mail goes, and each probe that meets the same answer doubles the wait (capped).
+The daily quota waits until the rolling 24 h window frees a message (the caller says when).
+Refused credentials, TLS failures, a refused support address, an attachment key this host lacks
+and an operator's pause wait for `resume`.
 
 Workers read the row at most once per EMAIL_BRAKE_CACHE_SECONDS (`current`), so the check costs
 no query per mail.

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from email.mime.base import MIMEBase
-from email.utils import make_msgid
+from email.utils import make_msgid, parseaddr
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
@@ -630,8 +630,9 @@ def _is_about_the_mailbox(code, enhanced):
 
 
 def _is_support_address(address):
+    # Both in envelope form (IDNA domain), compared as bare addresses: a display name is no part.
     support = _envelope_address(conf.support_email(), settings.DEFAULT_CHARSET)
-    return address.strip("<>").lower() == support.lower()
+    return parseaddr(address)[1].lower() == parseaddr(support)[1].lower()
 
 
 def _refusal_result(address, code, text, name):

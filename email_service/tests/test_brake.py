@@ -486,6 +486,15 @@ def test_the_support_mailbox_refusing_at_rcpt_holds_every_row_and_spends_no_retr
     assert reply[:9] in state.reason and "support@" not in state.reason
 
 
+def test_the_support_address_is_known_by_its_address_whatever_its_name_or_case(settings):
+    settings.SUPPORT_EMAIL = "MedCor Support <Help@MedCor.example>"
+    refused = b"5.1.1 The email account that you tried to reach does not exist."
+    support = delivery.classify(smtplib.SMTPRecipientsRefused({"help@medcor.example": (550, refused)}))
+    other = delivery.classify(smtplib.SMTPRecipientsRefused({"helper@medcor.example": (550, refused)}))
+    assert (support.brake, support.outcome) == ("support_address", AttemptOutcome.TRANSIENT)
+    assert (other.brake, other.outcome, other.recipient_scoped) == ("", AttemptOutcome.PERMANENT, True)
+
+
 def test_a_421_at_rcpt_is_the_server_closing_whoever_the_recipient(smtp, loop):
     result = delivery.classify(
         smtplib.SMTPRecipientsRefused({"patient@example.org": (421, b"4.7.0 Try again later, closing")})
