@@ -9,7 +9,6 @@ checked against the rows too, so a flushed cache does not reopen it.
 """
 
 import logging
-import smtplib
 import time
 from datetime import timedelta
 
@@ -23,7 +22,7 @@ from .outcomes import AttemptOutcome
 
 logger = logging.getLogger(__name__)
 
-DAY_SECONDS = 24 * 3600
+DAY_SECONDS = quotas.DAY_SECONDS
 # The rolling day is counted in hourly buckets in the cache: a slot comes back within an hour of
 # its acknowledgement turning 24 h old.
 BUCKET_SECONDS = 3600
@@ -32,6 +31,21 @@ BUCKETS = DAY_SECONDS // BUCKET_SECONDS
 
 def send_confirmation(email_request):
     """Acknowledge receipt to the submitter within the mailbox and domain caps; never raise."""
+    # Called after the row was recorded SENT, inside a batch: a failing cache or database here
+    # must not stop the batch's other mails.
+    try:
+        return _send_confirmation(email_request)
+    except Exception as exc:
+        logger.error(
+            "Email request %s acknowledgement not sent: %s",
+            email_request.pk,
+            type(exc).__name__,
+            extra={"email_request_id": str(email_request.pk)},
+        )
+        return False
+
+
+def _send_confirmation(email_request):
     # A staff reply is itself the answer: nobody acknowledges it.
     if email_request.is_reply or not conf.send_confirmation() or not _within_sending_limits():
         return False
@@ -150,9 +164,6 @@ def _capped_by_rows(mailbox):
     return day[:limit].count() >= limit
 
 
-RECIPIENT_REFUSED = smtplib.SMTPRecipientsRefused.__name__
-
-
 def _within_sending_limits():
     """Say whether an acknowledgement may go: sending runs, and support mail keeps its share of the day."""
     return brake.current().gate() is brake.Gate.RUN and quotas.allows_acknowledgement()
@@ -170,8 +181,8 @@ def _send_counted(message):
         result = delivery.classify(exc)
     if result.outcome != AttemptOutcome.SENT:
         quotas.give_back(reservation)
-    # A refusal at RCPT is about the submitter's mailbox (450 4.2.1: it receives too fast), not our
-    # account: stopping all sending for it would let anyone pause support mail with one address.
-    if result.is_provider_wide and result.error_class != RECIPIENT_REFUSED:
+    # The submitter's mailbox refusing it (450 4.2.1: it receives too fast) carries no brake
+    # (delivery.classify); only the account's or server's trouble stops all sending.
+    if result.is_provider_wide:
         brake.engage_for(result)
     return result

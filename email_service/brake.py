@@ -10,10 +10,11 @@ for the status, so two workers that see the same throttle engage it once:
                                                                 --engage---> engaged (longer)
     any --pause--> engaged by an operator;  engaged --resume--> running
 
-Throttles, temporary login trouble and refused connections release by themselves: at T one
-probe mail goes, and each probe that meets the same answer doubles the wait (capped). The daily
-quota waits until the rolling 24 h window frees a message (the caller says when). Refused
-credentials, TLS failures and an operator's pause wait for `resume`.
+Throttles, temporary login trouble and a server that cannot be reached release by themselves:
+at T one probe mail goes, and each probe that meets the same answer doubles the wait (capped).
+The daily quota waits until the rolling 24 h window frees a message (the caller says when).
+Refused credentials, TLS failures, a refused support address, an attachment key this host lacks
+and an operator's pause wait for `resume`.
 
 Workers read the row at most once per EMAIL_BRAKE_CACHE_SECONDS (`current`), so the check costs
 no query per mail.
@@ -21,7 +22,6 @@ no query per mail.
 
 import enum
 import logging
-import re
 import threading
 import time
 import uuid
@@ -32,7 +32,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from . import conf, quotas
+from . import conf, delivery, quotas
 from .outcomes import OPERATOR_ONLY_BRAKES, BrakeKind
 
 logger = logging.getLogger(__name__)
@@ -282,20 +282,13 @@ def describe(state=None):
 def reason_for(result):
     """Say why a result stops sending, in codes and categories only (no address, no text of a mail)."""
     code = f"{result.smtp_code} " if result.smtp_code and result.smtp_code > 0 else ""
-    enhanced = _enhanced(result.error_text)
+    enhanced = result.enhanced or delivery.enhanced_code(result.error_text)
+    enhanced = f"{enhanced} " if enhanced else ""
     detail = ""
-    if result.brake in (BrakeKind.TLS, BrakeKind.CONNECTION) and not code:
+    if result.brake in (BrakeKind.TLS, BrakeKind.CONNECTION, BrakeKind.ENCRYPTION_KEYS) and not code:
         # Raised here, not by the server: the text is the library's own (e.g. why a certificate failed).
         detail = f": {result.error_text}"
     return f"{code}{enhanced}{result.error_class}{detail}".strip()
-
-
-def _enhanced(text):
-    found = _ENHANCED.search(text)
-    return f"{found.group(1)} " if found else ""
-
-
-_ENHANCED = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
 
 
 def quota_until(now=None):

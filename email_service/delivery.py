@@ -4,6 +4,7 @@ This module knows SMTP and nothing of the database: callers record what it retur
 """
 
 import base64
+import dataclasses
 import functools
 import logging
 import re
@@ -14,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from email.mime.base import MIMEBase
-from email.utils import make_msgid
+from email.utils import make_msgid, parseaddr
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
@@ -27,7 +28,7 @@ from django.template.loader import render_to_string
 from django.urls import reverse
 
 from . import conf, oauth
-from .encryption import DecryptionError
+from .encryption import DecryptionError, UnknownKeyError
 from .outcomes import AttemptOutcome, BrakeKind
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,11 @@ class DeliveryResult:
     # A BrakeKind when the outcome is about the account or the server (every mail would get
     # it), "" when it is about this mail only.
     brake: str = ""
+    # The RFC 3463 code of the deciding reply, "" when there was none.
+    enhanced: str = ""
+    # Set when a recipient refused the mail about its own mailbox (it does not exist, is full,
+    # receives too fast): about that mailbox, not about the account.
+    recipient_scoped: bool = False
 
     @property
     def is_provider_wide(self):
@@ -357,6 +363,38 @@ def _connection():
     return backend
 
 
+class _NotOpened(Exception):
+    """Opening the connection (connect, STARTTLS, login) failed: no mail could go; `error` says why."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _open_connection():
+    try:
+        return _connection()
+    except Exception as exc:
+        raise _NotOpened(exc) from exc
+
+
+def _opening_result(exc):
+    """Classify a failure to open the connection: about the server, never about the mail.
+
+    Every later mail would meet the same unreachable host, failed handshake or dropped
+    greeting, so what has no brake of its own (a login, a certificate) waits as CONNECTION.
+    """
+    result = classify(exc)
+    if result.brake or isinstance(exc, SoftTimeLimitExceeded):
+        return result
+    return dataclasses.replace(
+        result,
+        outcome=AttemptOutcome.TRANSIENT,
+        brake=BrakeKind.CONNECTION,
+        error_text=f"Could not open the SMTP connection: {result.error_text}",
+    )
+
+
 class _NotStarted(Exception):
     """MAIL FROM was not accepted, so the server holds nothing of the message; `error` says why."""
 
@@ -377,7 +415,7 @@ def send(message):
     """
     try:
         try:
-            _send_on(_connection(), message)
+            _send_on(_open_connection(), message)
         except _NotStarted as exc:
             close_connection()
             if not exc.stale:
@@ -385,7 +423,10 @@ def send(message):
             logger.info(
                 "The kept SMTP connection was stale (%s); sending on a new one", type(exc.error).__name__
             )
-            _send_on(_connection(), message)
+            _send_on(_open_connection(), message)
+    except _NotOpened as exc:
+        close_connection()
+        return _opening_result(exc.error)
     except _NotStarted as exc:
         close_connection()
         return classify(exc.error)
@@ -538,6 +579,8 @@ GMAIL_REPLIES = (
     # This mail only.
     Reply(452, "4.5.3", "", _T),  # Your message has too many recipients
     Reply(452, "4.2.2", "", _T),  # The recipient's inbox is out of storage space
+    # smtp-relay's daily cap shares 5.7.1 with the content refusal: told apart by its words.
+    Reply(550, "5.7.1", "daily smtp relay limit exceeded", _T, BrakeKind.QUOTA),
     Reply(550, "5.7.1", "", _P),  # rejected by policy: this content
     Reply(550, "5.7.26", "", _P),  # unauthenticated email: this message failed SPF/DKIM/DMARC
     Reply(552, "5.3.4", "", _P),  # Your message exceeded Google's message size limits
@@ -566,9 +609,53 @@ def lookup_reply(code, text):
 def _reply_result(code, text, name, summary=None):
     """Classify an SMTP reply by the table, or by its first digit when the table does not know it."""
     row = lookup_reply(code, text)
+    enhanced = enhanced_code(text)
     if row is None:
-        return DeliveryResult(_by_code(code), code, name, summary or text)
-    return DeliveryResult(row.outcome, code, name, summary or text, brake=row.brake)
+        return DeliveryResult(_by_code(code), code, name, summary or text, enhanced=enhanced)
+    return DeliveryResult(row.outcome, code, name, summary or text, brake=row.brake, enhanced=enhanced)
+
+
+def _is_about_the_mailbox(code, enhanced):
+    """Say whether a refusal at RCPT is about that recipient's mailbox, not the server or account.
+
+    RFC 3463's address (x.1.y) and mailbox (x.2.y) statuses are; so are 450/550/551/553 without
+    an enhanced code (RFC 5321: mailbox unavailable, not local, name not allowed). 421 is the
+    server closing the connection whatever the recipient.
+    """
+    if code is None or code == 421 or not 400 <= code < 600:
+        return False
+    if enhanced:
+        return enhanced.split(".")[1] in ("1", "2")
+    return code in (450, 550, 551, 553)
+
+
+def _is_support_address(address):
+    # Both in envelope form (IDNA domain), compared as bare addresses: a display name is no part.
+    support = _envelope_address(conf.support_email(), settings.DEFAULT_CHARSET)
+    return parseaddr(address)[1].lower() == parseaddr(support)[1].lower()
+
+
+def _refusal_result(address, code, text, name):
+    """Classify one recipient's refusal at RCPT by whose trouble it is.
+
+    A submitter's mailbox (a reply, an acknowledgement) refusing is that mail's matter only: it
+    never stops sending, or anyone could pause support mail with one address. The support
+    mailbox refusing is everyone's: every mail goes there, so it holds them all, waiting for a
+    4.x to pass and for an operator to fix a 5.x (the address is wrong or disabled).
+    """
+    result = _reply_result(code, text, name)
+    if not _is_about_the_mailbox(code, result.enhanced):
+        return result
+    if not _is_support_address(address):
+        return dataclasses.replace(result, brake="", recipient_scoped=True)
+    if code < 500:
+        kind, summary = BrakeKind.THROTTLE, text
+    else:
+        kind = BrakeKind.SUPPORT_ADDRESS
+        summary = f"The support address was refused ({text}). Check SUPPORT_EMAIL, then resume sending."
+    return dataclasses.replace(
+        result, outcome=AttemptOutcome.TRANSIENT, brake=kind, error_text=summary, recipient_scoped=True
+    )
 
 
 def _login_result(exc, name):
@@ -606,11 +693,11 @@ def classify(exc):
         if not replies:
             return DeliveryResult(AttemptOutcome.TRANSIENT, None, name, "Recipient refused")
         # The worst reply decides, as before; a provider-wide one among them decides first.
-        results = [_reply_result(code, _text(msg), name) for _, (code, msg) in replies]
+        results = [_refusal_result(addr, code, _text(msg), name) for addr, (code, msg) in replies]
         worst = max(results, key=lambda result: (bool(result.brake), result.smtp_code or 0))
-        return DeliveryResult(
-            worst.outcome, worst.smtp_code, name, f"Recipient refused: {text}", brake=worst.brake
-        )
+        if worst.brake == BrakeKind.SUPPORT_ADDRESS:
+            return worst  # its text says what to fix; it names only the support address
+        return dataclasses.replace(worst, error_text=f"Recipient refused: {text}")
     if isinstance(exc, smtplib.SMTPResponseException):
         return _reply_result(exc.smtp_code, _text(exc.smtp_error), name)
     if isinstance(exc, smtplib.SMTPNotSupportedError):
@@ -625,11 +712,24 @@ def classify(exc):
         return DeliveryResult(
             AttemptOutcome.TRANSIENT, None, name, "The send took longer than its time limit."
         )
+    if isinstance(exc, UnknownKeyError):
+        # This worker's MEDCOR_ENCRYPTION_KEYS lack the file's key: a setting on this host, and
+        # every mail with a file would fail for it. Held until an operator fixes the keys.
+        return DeliveryResult(
+            AttemptOutcome.TRANSIENT,
+            None,
+            name,
+            f"The attachment is under a key this worker lacks ({exc}). Check MEDCOR_ENCRYPTION_KEYS, "
+            "then resume sending.",
+            brake=BrakeKind.ENCRYPTION_KEYS,
+        )
     if isinstance(exc, DecryptionError):
-        # A changed file, or one under a key no longer configured: another try reads the same bytes.
+        # The bytes fail authentication: changed or damaged, another try reads the same bytes.
         return DeliveryResult(AttemptOutcome.PERMANENT, None, name, f"The attachment cannot be read: {exc}")
     if isinstance(exc, FileNotFoundError):
-        return DeliveryResult(AttemptOutcome.PERMANENT, None, name, "The attachment is missing from storage.")
+        # Key rotation may have repointed the row and removed the old file while this worker held
+        # the old name: the retry reloads the row. A file truly gone fails once the retries are spent.
+        return DeliveryResult(AttemptOutcome.TRANSIENT, None, name, "The attachment is missing from storage.")
     if isinstance(exc, ssl.SSLCertVerificationError):
         # A setting (host name, trust store) or a server in the way: waiting cannot fix either.
         return DeliveryResult(

@@ -293,7 +293,8 @@ class EmailRequestQuerySet(models.QuerySet):
         """Give claimed rows back to PENDING when sending stops as a whole, spending no retry.
 
         Nothing was wrong with these mails (a quota, a throttle, a login the provider refused),
-        so retry_count stays as it was; they are due again when the brake's wait ends.
+        so retry_count stays as it was; they are due again when the brake's wait ends, which is
+        exactly their next_attempt_at (what `wake_held` knows them by).
         """
         now = timezone.now()
         fields = {"error_message": error} if error else {}
@@ -458,11 +459,13 @@ class EmailRequestQuerySet(models.QuerySet):
         return reclaimed
 
     def wake_held(self, until, *, now=None):
-        """Make PENDING rows that wait until `until` (the brake's end) due now; return how many."""
+        """Make PENDING rows held until `until` (the brake's end) due now; return how many."""
         now = now or timezone.now()
-        return self.filter(
-            status=EmailStatus.PENDING, next_attempt_at__gt=now, next_attempt_at__lte=until
-        ).update(next_attempt_at=now, dispatched_at=None, updated_at=now)
+        # `hold` sets the brake's own end as the row's next attempt: exactly `until` marks the rows
+        # it held, where a retry's backoff (jittered to the microsecond) is its own and stays.
+        return self.filter(status=EmailStatus.PENDING, next_attempt_at=until).update(
+            next_attempt_at=now, dispatched_at=None, updated_at=now
+        )
 
     def mark_dispatched(self, pks, *, now=None):
         return self.filter(pk__in=pks, status=EmailStatus.PENDING).update(dispatched_at=now or timezone.now())

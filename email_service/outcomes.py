@@ -19,9 +19,19 @@ class BrakeKind(models.TextChoices):
     AUTH_TEMPORARY = "auth_temporary", _("Temporary authentication failure")
     CREDENTIALS = "credentials", _("Credentials refused")
     TLS = "tls", _("TLS or certificate failure")
-    CONNECTION = "connection", _("Connection refused")
+    CONNECTION = "connection", _("SMTP server unreachable")
     OPERATOR = "operator", _("Paused by an operator")
+    SUPPORT_ADDRESS = "support_address", _("Support address refused")
+    ENCRYPTION_KEYS = "encryption_keys", _("Attachment key missing")
 
 
 # Waiting cannot fix a setting: these hold until an operator resumes sending.
-OPERATOR_ONLY_BRAKES = frozenset({BrakeKind.CREDENTIALS, BrakeKind.TLS, BrakeKind.OPERATOR})
+OPERATOR_ONLY_BRAKES = frozenset(
+    {
+        BrakeKind.CREDENTIALS,
+        BrakeKind.TLS,
+        BrakeKind.OPERATOR,
+        BrakeKind.SUPPORT_ADDRESS,
+        BrakeKind.ENCRYPTION_KEYS,
+    }
+)

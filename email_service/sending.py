@@ -178,6 +178,9 @@ def _send_batch(rows, token, worker, *, window_ends, started, probe=None):
                 held = (brake.current().until,)
                 break
     finally:
+        if probe is not None and not tried:
+            # Nothing went: let the next mail probe now rather than every worker wait out its lease.
+            brake.drop_probe(probe)
         untried = rows[tried:]
         if untried and held is not None:
             _hold_untried(untried, attempts[tried:], token, held[0])

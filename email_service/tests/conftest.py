@@ -83,6 +83,8 @@ class ScriptedHandler:
         self.data_commands = 0
         self.connections = 0
         self.rcpt_reply = None
+        # Every RCPT address the server was given, refused or not: proof a refusal came from here.
+        self.rcpts_seen = []
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         self.connections += 1
@@ -90,6 +92,7 @@ class ScriptedHandler:
         return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        self.rcpts_seen.append(address)
         if self.rcpt_reply:
             return self.rcpt_reply
         envelope.rcpt_tos.append(address)

@@ -127,8 +127,31 @@ def test_a_mailbox_receiving_too_fast_refuses_its_acknowledgement_without_pausin
     # Gmail's 450 4.2.1 at RCPT pauses sending when the support mailbox says it; a stranger's
     # mailbox saying it about an acknowledgement concerns that mailbox only.
     acks.rcpt_reply = "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents additional messages"
-    assert not send_confirmation(row("busy@example.org"))
+    acknowledged = row("busy@example.org")
+    assert not send_confirmation(acknowledged)
+    # Refused by the server at RCPT, not skipped by a cap before any connection.
+    assert "busy@example.org" in acks.rcpts_seen and acks.data_commands == 0
     assert brake.current(refresh=True).gate() is brake.Gate.RUN
+    acknowledged.refresh_from_db()
+    assert acknowledged.confirmation_error.startswith("450")
+
+
+def test_a_421_at_rcpt_of_an_acknowledgement_is_the_server_and_pauses_sending(acks):
+    # The server closing the connection is no mailbox's trouble: the next mail would meet it too.
+    acks.rcpt_reply = "421 4.7.0 Try again later, closing connection."
+    assert not send_confirmation(row("anyone@example.org"))
+    assert "anyone@example.org" in acks.rcpts_seen
+    state = brake.current(refresh=True)
+    assert state.kind == "throttle" and state.until is not None
+
+
+def test_an_acknowledgement_whose_cache_fails_returns_false_and_does_not_raise(acks, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ConnectionError("the cache went away")
+
+    monkeypatch.setattr(acknowledgements.cache, "add", broken)
+    assert send_confirmation(row("ana@example.org")) is False
+    assert acks.messages == []
 
 
 def test_the_rolling_day_counts_the_last_24_hourly_buckets(acks, settings):

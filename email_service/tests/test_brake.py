@@ -7,20 +7,26 @@ through-Postfix ones with a real worker are in test_gmail.py.
 import io
 import logging
 import smtplib
+import socket
 import ssl
+import time
 import uuid
 from datetime import timedelta
 
 import pytest
 from django.core.cache import cache
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
 from django.core.management import call_command
+from django.db import OperationalError
 from django.utils import timezone
 
 from email_service import brake, delivery, outbox, quotas, sending
-from email_service.audit import AuditAction, AuditEntry
+from email_service.audit import AuditAction, AuditChannel, AuditEntry
 from email_service.brake import Gate, SendingBrake
-from email_service.models import EmailAttempt, EmailRequest, EmailStatus
+from email_service.models import EmailAttempt, EmailRequest, EmailStatus, RowKind
 from email_service.outcomes import AttemptOutcome, BrakeKind
+from medcor_backend2.keys import generate_key
 
 # --- the table: every row, in Gmail's words and as Postfix's access map words it -----------
 
@@ -336,6 +342,8 @@ def loop(smtp, db, settings, monkeypatch):
     published = []
     monkeypatch.setattr(outbox, "publish_or_forget", lambda pk, task_id: published.append(pk))
     monkeypatch.setattr(outbox, "dispatch_due_soon", lambda: published.append("relay"))
+    # A fresh pace: a slow send in one test (a timeout) must not make the next one's batches small.
+    monkeypatch.setattr(sending, "send_pace", sending.SendPace())
     return published
 
 
@@ -420,6 +428,210 @@ def test_acknowledgements_wait_while_the_brake_holds(smtp, loop, settings):
     [row] = _rows(1)
     brake.engage(BrakeKind.THROTTLE, "421 4.7.0")
     assert send_confirmation(row) is False and smtp.data_commands == 0
+
+
+# --- whose trouble a refusal is: the submitter's mailbox, the support mailbox, the server --------
+
+SUPPORT = "support@tcall.ai"
+
+
+def _support_refused(rows):
+    return [address for address in rows if address.strip("<>").lower() == SUPPORT]
+
+
+def test_a_reply_meeting_450_4_2_1_at_rcpt_is_the_submitters_mailbox_and_never_pauses_sending(smtp, loop):
+    [row] = _rows(1)
+    assert sending.send_email_request(row.pk, worker="test") == EmailStatus.SENT
+    reply = outbox.create_email_request(
+        data={"kind": RowKind.REPLY, "parent": row, "message": "We called you."}, dispatch_on_commit=False
+    )
+    EmailRequest.objects.filter(pk=reply.pk).update(max_retries=1)
+    smtp.rcpt_reply = "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents additional messages"
+
+    assert sending.send_email_request(reply.pk, worker="test") == EmailStatus.PENDING
+    assert row.email in smtp.rcpts_seen  # refused by the server, at RCPT, for the submitter
+    assert brake.current(refresh=True).gate() is Gate.RUN
+    reply.refresh_from_db()
+    assert reply.retry_count == 1 and "4.2.1" in reply.error_message  # its own retry, spent
+
+    EmailRequest.objects.filter(pk=reply.pk).update(next_attempt_at=timezone.now())
+    assert sending.send_email_request(reply.pk, worker="test") == EmailStatus.FAILED
+    assert brake.current(refresh=True).gate() is Gate.RUN
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind", "self_releasing"),
+    [
+        ("452 4.2.2 The recipient's inbox is out of storage space.", BrakeKind.THROTTLE, True),
+        ("550 5.1.1 The email account that you tried to reach does not exist.", "support_address", False),
+        ("550 5.2.1 The email account that you tried to reach is disabled.", "support_address", False),
+        ("553 5.1.2 We weren't able to find the recipient domain.", "support_address", False),
+    ],
+)
+def test_the_support_mailbox_refusing_at_rcpt_holds_every_row_and_spends_no_retry(
+    smtp, loop, reply, kind, self_releasing
+):
+    rows = _rows(3)
+    EmailRequest.objects.filter(pk__in=[r.pk for r in rows]).update(max_retries=0)
+    smtp.rcpt_reply = reply
+
+    statuses = sending.send_due_emails(rows[0].pk, worker="test", batch_size=3)
+
+    assert list(statuses.values()) == [EmailStatus.PENDING]  # the first met it; the rest were held
+    assert _support_refused(smtp.rcpts_seen) and smtp.data_commands == 0
+    assert set(_statuses(rows).values()) == {EmailStatus.PENDING}
+    assert {r.retry_count for r in EmailRequest.objects.filter(pk__in=[r.pk for r in rows])} == {0}
+    state = brake.current(refresh=True)
+    assert state.kind == kind and (state.until is not None) is self_releasing
+    assert reply[:9] in state.reason and "support@" not in state.reason
+
+
+def test_the_support_address_is_known_by_its_address_whatever_its_name_or_case(settings):
+    settings.SUPPORT_EMAIL = "MedCor Support <Help@MedCor.example>"
+    refused = b"5.1.1 The email account that you tried to reach does not exist."
+    support = delivery.classify(smtplib.SMTPRecipientsRefused({"help@medcor.example": (550, refused)}))
+    other = delivery.classify(smtplib.SMTPRecipientsRefused({"helper@medcor.example": (550, refused)}))
+    assert (support.brake, support.outcome) == ("support_address", AttemptOutcome.TRANSIENT)
+    assert (other.brake, other.outcome, other.recipient_scoped) == ("", AttemptOutcome.PERMANENT, True)
+
+
+def test_a_421_at_rcpt_is_the_server_closing_whoever_the_recipient(smtp, loop):
+    result = delivery.classify(
+        smtplib.SMTPRecipientsRefused({"patient@example.org": (421, b"4.7.0 Try again later, closing")})
+    )
+    assert (result.brake, result.recipient_scoped) == (BrakeKind.THROTTLE, False)
+
+
+def test_an_unreachable_smtp_host_holds_the_rows_instead_of_failing_them(smtp, loop, settings):
+    rows = _rows(2)
+    EmailRequest.objects.filter(pk__in=[r.pk for r in rows]).update(max_retries=0)
+    # Listening, never answering: the connection opens at TCP level and the greeting never comes.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = silent.getsockname()[1], 0.5
+        delivery.close_connection()
+        statuses = sending.send_due_emails(rows[0].pk, worker="test", batch_size=2)
+    assert list(statuses.values()) == [EmailStatus.PENDING]
+    assert set(_statuses(rows).values()) == {EmailStatus.PENDING}
+    assert {r.retry_count for r in EmailRequest.objects.filter(pk__in=[r.pk for r in rows])} == {0}
+    state = brake.current(refresh=True)
+    assert state.kind == BrakeKind.CONNECTION and state.until is not None  # it releases by itself
+
+
+def _with_file(row, content=b"%PDF-1.4 results"):
+    """Store a file for `row` under the first key configured now; only its file fields change."""
+    name = default_storage.save("results.pdf", ContentFile(content))
+    EmailRequest.objects.filter(pk=row.pk).update(file_attached=name)
+    return EmailRequest.objects.get(pk=row.pk)
+
+
+def test_an_attachment_under_a_key_this_worker_lacks_holds_sending_for_an_operator(
+    smtp, loop, settings, media_root
+):
+    key_a, key_b = generate_key(), generate_key()
+    settings.MEDCOR_ENCRYPTION_KEYS = [key_a]
+    [row] = _rows(1)
+    EmailRequest.objects.filter(pk=row.pk).update(max_retries=0)
+    settings.MEDCOR_ENCRYPTION_KEYS = [key_b, key_a]  # another host, with a newer key, stored the file
+    _with_file(row)
+    settings.MEDCOR_ENCRYPTION_KEYS = [key_a]  # this worker lacks it
+
+    assert sending.send_email_request(row.pk, worker="test") == EmailStatus.PENDING
+    row.refresh_from_db()
+    assert (row.status, row.retry_count) == (EmailStatus.PENDING, 0)
+    state = brake.current(refresh=True)
+    assert state.kind == "encryption_keys" and state.needs_operator
+    assert "MEDCOR_ENCRYPTION_KEYS" in row.error_message
+
+
+def test_a_file_that_fails_authentication_still_fails_its_mail(smtp, loop, media_root):
+    [row] = _rows(1)
+    row = _with_file(row)
+    path = media_root / row.file_attached.name
+    sealed = bytearray(path.read_bytes())
+    sealed[-20] ^= 0xFF
+    path.write_bytes(bytes(sealed))
+    assert sending.send_email_request(row.pk, worker="test") == EmailStatus.FAILED
+    assert brake.current(refresh=True).gate() is Gate.RUN
+
+
+def test_a_missing_file_is_retried_and_fails_only_once_the_retries_are_spent(smtp, loop, media_root):
+    [row] = _rows(1)
+    row = _with_file(row)
+    EmailRequest.objects.filter(pk=row.pk).update(max_retries=1)
+    row.file_attached.storage.delete(row.file_attached.name)
+
+    assert sending.send_email_request(row.pk, worker="test") == EmailStatus.PENDING
+    row.refresh_from_db()
+    assert row.retry_count == 1 and "missing" in row.error_message
+    EmailRequest.objects.filter(pk=row.pk).update(next_attempt_at=timezone.now())
+    assert sending.send_email_request(row.pk, worker="test") == EmailStatus.FAILED
+    assert brake.current(refresh=True).gate() is Gate.RUN
+
+
+def test_smtp_relays_daily_limit_is_a_quota_and_other_5_7_1_refusals_are_content():
+    relay = delivery.classify(
+        smtplib.SMTPDataError(550, b"5.7.1 Daily SMTP relay limit exceeded for customer. Learn more")
+    )
+    content = delivery.classify(smtplib.SMTPDataError(550, b"5.7.1 Message rejected by policy"))
+    assert (relay.outcome, relay.brake) == (AttemptOutcome.TRANSIENT, BrakeKind.QUOTA)
+    assert (content.outcome, content.brake) == (AttemptOutcome.PERMANENT, "")
+
+
+# --- probes and resume --------------------------------------------------------------------------
+
+
+def test_a_probe_whose_batch_stops_before_any_send_is_dropped_at_once(smtp, loop):
+    [row] = _rows(1)
+    brake.engage(BrakeKind.THROTTLE, "421 4.7.0")
+    _expire_wait()
+    probe = brake.take_probe("test")
+    token, claimed = EmailRequest.objects.claim_batch(worker="test", first=row.pk, limit=1)
+    assert claimed
+
+    # The send window closed before the first mail of a later round: nothing is tried.
+    statuses, gave_back = sending._send_batch(
+        claimed, token, "test", window_ends=time.monotonic() - 1, started=True, probe=probe
+    )
+
+    assert statuses == {} and gave_back
+    assert _row().probe_token is None
+    assert brake.take_probe("another worker") is not None  # no wait for the lease to run out
+    assert smtp.data_commands == 0
+
+
+def test_resume_wakes_the_held_rows_but_not_an_ordinary_retry(smtp, loop, settings):
+    settings.EMAIL_RETRY_DELAY = 4  # a retry due within the brake's 30 s
+    waiting, held = _rows(2)
+    smtp.script = ["452 4.5.3 Your message has too many recipients."]
+    assert sending.send_email_request(waiting.pk, worker="test") == EmailStatus.PENDING
+    smtp.script = ["421 4.7.0 Try again later, closing connection."]
+    assert sending.send_email_request(held.pk, worker="test") == EmailStatus.PENDING
+    until = brake.current(refresh=True).until
+    waiting.refresh_from_db()
+    assert timezone.now() < waiting.next_attempt_at < until
+    retry_at = waiting.next_attempt_at
+
+    sending.resume_sending(channel=AuditChannel.COMMAND)
+
+    held.refresh_from_db()
+    waiting.refresh_from_db()
+    assert held.next_attempt_at <= timezone.now()  # held by the brake: due now
+    assert waiting.next_attempt_at == retry_at  # its own backoff stands
+
+
+def test_an_acknowledgement_that_raises_does_not_stop_the_batch(smtp, loop, settings, monkeypatch):
+    from email_service import acknowledgements
+
+    settings.EMAIL_SEND_CONFIRMATION = True
+
+    def broken(*args, **kwargs):
+        raise OperationalError("the database went away")
+
+    monkeypatch.setattr(acknowledgements, "_capped_by_rows", broken)
+    rows = _rows(3)
+    sending.send_due_emails(rows[0].pk, worker="test", batch_size=3)
+    assert set(_statuses(rows).values()) == {EmailStatus.SENT}
+    assert acknowledgements.send_confirmation(EmailRequest.objects.get(pk=rows[0].pk)) is False
 
 
 # --- the admin's banner and resume button --------------------------------------------------------

@@ -1,7 +1,10 @@
 """Building the mails and classifying what an SMTP server answers."""
 
+import errno
 import smtplib
 import socket
+import ssl
+import threading
 from email import message_from_bytes
 from email.policy import default as default_policy
 
@@ -10,7 +13,7 @@ from django.core.files.base import ContentFile
 
 from email_service import delivery
 from email_service.models import EmailRequest
-from email_service.outcomes import AttemptOutcome
+from email_service.outcomes import AttemptOutcome, BrakeKind
 
 from .files import pdf_bytes
 
@@ -91,6 +94,7 @@ def test_confirmation_quotes_nothing_from_the_form(email_request):
         (smtplib.SMTPConnectError(421, b"Busy"), AttemptOutcome.TRANSIENT, 421),
         (smtplib.SMTPServerDisconnected("gone"), AttemptOutcome.TRANSIENT, None),
         (ConnectionRefusedError(111, "Connection refused"), AttemptOutcome.TRANSIENT, None),
+        # A timeout once the connection is open is this mail's (opening: see the tests below).
         (TimeoutError("timed out"), AttemptOutcome.TRANSIENT, None),
         (ValueError("Header values may not contain linefeed"), AttemptOutcome.PERMANENT, None),
     ],
@@ -187,3 +191,114 @@ def test_an_unreadable_reply_is_recorded_without_a_code(email_request):
     attempt.save()
     attempt.refresh_from_db()
     assert attempt.smtp_code is None and attempt.outcome == AttemptOutcome.TRANSIENT
+
+
+# --- a host that cannot be reached: every failure while opening is the server's, not the mail's ---
+
+
+class _BrokenServer:
+    """A TCP listener that fails an SMTP client while it opens: silent, hanging up, or bad TLS."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.stopped = threading.Event()
+        if mode != "silent":  # silent: the kernel completes the handshake, nobody ever greets
+            threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        self.listener.settimeout(0.2)
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            with conn:
+                if self.mode == "bad_tls":
+                    self._bad_tls(conn.makefile("rwb"))
+
+    def _bad_tls(self, wire):
+        wire.write(b"220 broken.example ESMTP\r\n")
+        wire.flush()
+        wire.readline()  # EHLO
+        wire.write(b"250-broken.example\r\n250 STARTTLS\r\n")
+        wire.flush()
+        wire.readline()  # STARTTLS
+        wire.write(b"220 Go ahead\r\n")
+        wire.write(b"this is not a TLS handshake\r\n" * 4)
+        wire.flush()
+
+    def close(self):
+        self.stopped.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def broken_server(smtp, settings):
+    servers = []
+
+    def start(mode):
+        server = _BrokenServer(mode)
+        servers.append(server)
+        settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", server.port
+        settings.EMAIL_USE_TLS = mode == "bad_tls"
+        settings.EMAIL_TIMEOUT = 0.5
+        delivery.close_connection()
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "error_class"),
+    # smtplib reports a greeting that never comes as a disconnect ("... timed out").
+    [("silent", "SMTPServerDisconnected"), ("close", "SMTPServerDisconnected"), ("bad_tls", "SSLError")],
+)
+def test_a_failure_while_opening_the_connection_holds_sending_rather_than_failing_the_mail(
+    email_request, broken_server, mode, error_class
+):
+    server = broken_server(mode)
+    result = delivery.send(delivery.build_support_message(email_request))
+    assert (result.outcome, result.brake) == (AttemptOutcome.TRANSIENT, BrakeKind.CONNECTION)
+    # SSLError or its subclass SSLEOFError (the server hung up mid-handshake), by timing.
+    assert result.error_class in (error_class, "SSLEOFError" if mode == "bad_tls" else error_class)
+    assert mode == "silent" or server.accepted >= 1
+    assert mode != "silent" or "timed out" in result.error_text
+    assert not delivery.is_connected()
+
+
+def test_an_unreachable_network_holds_sending(email_request, smtp, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise OSError(errno.EHOSTUNREACH, "No route to host")
+
+    delivery.close_connection()
+    monkeypatch.setattr(smtplib.socket, "create_connection", unreachable)
+    result = delivery.send(delivery.build_support_message(email_request))
+    assert (result.outcome, result.brake, result.error_class) == ("transient", "connection", "OSError")
+
+
+def test_a_certificate_refused_while_opening_stays_a_tls_brake_for_an_operator():
+    error = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    error.verify_message = "self-signed certificate"
+    assert delivery._opening_result(error).brake == BrakeKind.TLS
+
+
+def test_a_closed_port_engages_the_connection_brake(email_request, smtp, settings):
+    from .conftest import free_port
+
+    settings.EMAIL_PORT = free_port()
+    delivery.close_connection()
+    result = delivery.send(delivery.build_support_message(email_request))
+    assert result.brake == BrakeKind.CONNECTION
+
+
+def test_a_timeout_after_the_connection_opened_stays_this_mails(email_request, smtp, settings):
+    settings.EMAIL_TIMEOUT = 0.5
+    smtp.script = [("hang", 1.5)]
+    result = delivery.send(delivery.build_support_message(email_request))
+    assert (result.outcome, result.brake) == (AttemptOutcome.TRANSIENT, "")

@@ -176,3 +176,14 @@ def test_454_4_7_0_at_auth_is_temporary_and_releases_by_itself(sender, mta):
     mta.fail_logins_temporarily(False)
     wait_for(lambda: all_in(rows, EmailStatus.SENT), timeout=90, message="every row SENT")
     assert all(row.retry_count == 0 for row in rows_of(rows))
+
+
+def test_the_support_mailbox_receiving_too_fast_holds_the_rows_and_releases_by_itself(sender, mta):
+    sender("rate", beat=True)
+    rows = submit(2)
+    state = wait_for(engaged(BrakeKind.THROTTLE), timeout=60, message="the throttle brake")
+    assert not state.needs_operator and "450 4.2.1" in state.reason
+    wait_for(lambda: held(rows), timeout=30, message="the rows held")
+    mta.set_reply("rate", None, "rcpt")
+    wait_for(lambda: all_in(rows, EmailStatus.SENT), timeout=90, message="every row SENT")
+    assert all(row.retry_count == 0 for row in rows_of(rows))
