@@ -380,6 +380,7 @@ class SideBySide:
         self.count = count
         self.round = 0
         self.systems = [Service(bench)]
+        self.peer_processes = None
         if peers:
             ensure_venv()
             office, mailer = PostOfficeCelery(bench), Mailer(bench)
@@ -406,7 +407,8 @@ class SideBySide:
                 results[system.label] = self.measure(system)
             results["limits"]["delivery"] = self.smtplib_limit()
         finally:
-            self.peer_processes.stop()
+            if self.peer_processes is not None:
+                self.peer_processes.stop()
             for system in self.systems[1:]:
                 if isinstance(system, Peer) and not isinstance(system, PostOfficeCommand):
                     system.stop()

@@ -86,6 +86,10 @@ class EmailRequestQuerySet(models.QuerySet):
         """PENDING rows whose next attempt time has come."""
         return self.filter(status=EmailStatus.PENDING, next_attempt_at__lte=now or timezone.now())
 
+    def is_pending(self, pk):
+        """Say whether row `pk` is still PENDING: one read of the primary key's index."""
+        return self.filter(pk=pk, status=EmailStatus.PENDING).exists()
+
     def undispatched(self, now=None):
         """Due rows with no message on the broker, or whose message went unclaimed too long."""
         now = now or timezone.now()

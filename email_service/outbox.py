@@ -93,10 +93,12 @@ def publish(email_request):
     _publish(email_request.pk, email_request.celery_task_id)
 
 
-def _publish(pk, task_id):
+def _publish(pk, task_id, *, carry_on=False):
     current_app.send_task(
         SEND_TASK,
         args=[str(pk)],
+        # Only a continuation says so: the common message stays as it always was.
+        kwargs={"carry_on": True} if carry_on else None,
         task_id=task_id or None,
         soft_time_limit=conf.soft_time_limit(),
         time_limit=conf.hard_time_limit(),
@@ -104,10 +106,10 @@ def _publish(pk, task_id):
     )
 
 
-def publish_or_forget(pk, task_id):
+def publish_or_forget(pk, task_id, *, carry_on=False):
     """Publish the send task for `pk`; if the broker is down, leave the row to the periodic relay."""
     try:
-        _publish(pk, task_id)
+        _publish(pk, task_id, carry_on=carry_on)
     except Exception as exc:
         logger.warning(
             "Email request %s not published: Broker unavailable, the periodic dispatch will send it: %s",
