@@ -443,6 +443,10 @@ class EmailRequestQuerySet(models.QuerySet):
         """Note that a dispatch did not reach the broker, so the next periodic run sends it."""
         return self.filter(pk=pk, status=EmailStatus.PENDING).update(dispatched_at=None)
 
+    def forget_due_dispatches(self):
+        """Leave every due PENDING row to the relay: rows whose shared wake message is gone."""
+        return self.due().filter(dispatched_at__isnull=False).update(dispatched_at=None)
+
 
 def _address_indexes(email):
     """The index columns of an address: its mailbox's keyed hash and its domain's."""
