@@ -82,6 +82,11 @@ def dispatch_async():
     return settings.EMAIL_DISPATCH_ASYNC
 
 
+def dispatch_wake_slots():
+    """Send messages that may wait on the broker at once for new rows; 0: one message per row."""
+    return max(0, int(settings.EMAIL_DISPATCH_WAKE_SLOTS))
+
+
 def confirmation_interval():
     """Seconds between two acknowledgements to the same mailbox."""
     return settings.EMAIL_CONFIRMATION_INTERVAL

@@ -93,6 +93,10 @@ class EmailRequestQuerySet(models.QuerySet):
         """PENDING rows whose next attempt time has come."""
         return self.filter(status=EmailStatus.PENDING, next_attempt_at__lte=now or timezone.now())
 
+    def is_pending(self, pk):
+        """Say whether row `pk` is still PENDING: one read of the primary key's index."""
+        return self.filter(pk=pk, status=EmailStatus.PENDING).exists()
+
     def undispatched(self, now=None):
         """Due rows with no message on the broker, or whose message went unclaimed too long."""
         now = now or timezone.now()
@@ -473,6 +477,10 @@ class EmailRequestQuerySet(models.QuerySet):
     def forget_dispatch(self, pk):
         """Note that a dispatch did not reach the broker, so the next periodic run sends it."""
         return self.filter(pk=pk, status=EmailStatus.PENDING).update(dispatched_at=None)
+
+    def forget_due_dispatches(self):
+        """Leave every due PENDING row to the relay: rows whose shared wake message is gone."""
+        return self.due().filter(dispatched_at__isnull=False).update(dispatched_at=None)
 
 
 def _address_indexes(email):

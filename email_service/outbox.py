@@ -6,11 +6,13 @@ Tasks are published by name, so this module never imports `tasks` (which imports
 import contextlib
 import logging
 import os
+import random
 import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from celery import current_app
+from django.core.cache import cache
 from django.core.files.storage import default_storage
 from django.db import connection, transaction
 from django.utils import timezone
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 SEND_TASK = "email_service.tasks.send_email_task"
 DISPATCH_TASK = "email_service.tasks.dispatch_due_emails"
+# Set while a wake message of that slot waits on the broker; its task clears it, then claims.
+WAKE_KEY = "email-service:send-wake:{}"
 
 _executor = None
 
@@ -83,9 +87,48 @@ def create_email_request(*, data, upload=None, content_type="", client_ip=None, 
 def dispatch(email_request):
     """Publish the send task without ever making the caller wait for the broker."""
     if conf.dispatch_async():
-        dispatch_executor().submit(publish_or_forget, email_request.pk, email_request.celery_task_id)
+        dispatch_executor().submit(wake_or_publish, email_request.pk, email_request.celery_task_id)
     else:
-        publish_or_forget(email_request.pk, email_request.celery_task_id)
+        wake_or_publish(email_request.pk, email_request.celery_task_id)
+
+
+def wake_or_publish(pk, task_id):
+    """After the row's commit: publish a send message for it, unless one is waiting already.
+
+    A send task drains every due row, so a message still waiting on the broker will take this
+    row too: its task clears its wake slot first and claims after, and this row was committed
+    before the slot was found taken. Up to EMAIL_DISPATCH_WAKE_SLOTS such messages wait at
+    once, so that as many workers drain side by side.
+    """
+    slot = _take_wake_slot()
+    if slot is False:
+        return
+    publish_or_forget(pk, task_id, wake=slot)
+
+
+def _take_wake_slot():
+    """Return a free wake slot, now taken; False if the one tried is taken; None: no slots."""
+    slots = conf.dispatch_wake_slots()
+    if not slots:
+        return None
+    slot = random.randrange(slots)
+    try:
+        # It expires when the relay would publish a dispatched row again: a lost message holds
+        # a slot no longer than it would have held its own row.
+        taken = cache.add(WAKE_KEY.format(slot), 1, timeout=conf.dispatch_stale_after())
+    except Exception as exc:
+        logger.warning("Wake slots unavailable, publishing for every row: %s", exc)
+        return None
+    return slot if taken else False
+
+
+def clear_wake(slot):
+    """Free a wake slot, so that the next new row publishes again; called before claiming."""
+    try:
+        cache.delete(WAKE_KEY.format(slot))
+    except Exception as exc:
+        # The slot frees itself when its key expires; new rows wait for the relay until then.
+        logger.warning("Wake slot %s not cleared: %s", slot, exc)
 
 
 def publish(email_request):
@@ -93,10 +136,16 @@ def publish(email_request):
     _publish(email_request.pk, email_request.celery_task_id)
 
 
-def _publish(pk, task_id):
+def _publish(pk, task_id, *, carry_on=False, wake=None):
+    kwargs = {}
+    if carry_on:
+        kwargs["carry_on"] = True
+    if wake is not None:
+        kwargs["wake"] = wake
     current_app.send_task(
         SEND_TASK,
         args=[str(pk)],
+        kwargs=kwargs or None,
         task_id=task_id or None,
         soft_time_limit=conf.soft_time_limit(),
         time_limit=conf.hard_time_limit(),
@@ -104,10 +153,10 @@ def _publish(pk, task_id):
     )
 
 
-def publish_or_forget(pk, task_id):
+def publish_or_forget(pk, task_id, *, carry_on=False, wake=None):
     """Publish the send task for `pk`; if the broker is down, leave the row to the periodic relay."""
     try:
-        _publish(pk, task_id)
+        _publish(pk, task_id, carry_on=carry_on, wake=wake)
     except Exception as exc:
         logger.warning(
             "Email request %s not published: Broker unavailable, the periodic dispatch will send it: %s",
@@ -116,7 +165,12 @@ def publish_or_forget(pk, task_id):
             extra={"email_request_id": str(pk)},
         )
         try:
-            EmailRequest.objects.forget_dispatch(pk)
+            if wake is not None:
+                # Rows that found this slot taken counted on this message: the relay takes them all.
+                clear_wake(wake)
+                EmailRequest.objects.forget_due_dispatches()
+            else:
+                EmailRequest.objects.forget_dispatch(pk)
         finally:
             if not connection.in_atomic_block:
                 connection.close()

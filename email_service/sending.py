@@ -73,7 +73,9 @@ class SendPace:
 send_pace = SendPace()
 
 
-def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, more=True):
+def send_due_emails(
+    first=None, *, worker=None, lease=None, batch_size=None, more=True, carry_on=False, wake=None
+):
     """Claim due requests a batch at a time, `first` first, and send each once over this worker's
     SMTP connection; return {id: new status} for the rows tried.
 
@@ -81,7 +83,20 @@ def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, mor
     as many as `send_pace` says fit in a quarter second) and goes on while rows are due (`more`)
     and its send window lasts; the messages of the rows it took find nothing to claim. Each
     outcome is committed right after its send, so a crash repeats one mail at most.
+
+    A wake message (`wake`, see outbox.wake_or_publish) stands for every row committed while
+    its slot was taken: its slot is cleared before the first claim, and it drains like `carry_on`.
     """
+    if wake is not None:
+        outbox.clear_wake(wake)
+        carry_on = True
+    # Most messages of a backlog find their row already taken by another task's batch: one
+    # indexed read, and they are done (their ack is all the broker still needs). Every other due
+    # row has a message of its own, or the relay's; a task that carries on after given-back rows
+    # (`carry_on`) drains whatever its row's state.
+    if first is not None and not carry_on and not EmailRequest.objects.is_pending(first):
+        logger.debug("Email request %s no longer pending", first, extra={"email_request_id": str(first)})
+        return {}
     worker = (worker or outbox.worker_name())[:255]
     window_ends = time.monotonic() + conf.send_window()
     statuses = {}
@@ -92,7 +107,7 @@ def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, mor
         if gate is not brake.Gate.RUN:
             probe = brake.take_probe(worker) if gate is brake.Gate.PROBE else None
             if probe is None:
-                _wait_for_brake(first)
+                _wait_for_brake(first, carry_on=carry_on)
                 return statuses
         limit = 1 if probe else batch_size or send_pace.batch_size(conf.send_batch_size())
         token, rows = _insist(
@@ -116,13 +131,24 @@ def send_due_emails(first=None, *, worker=None, lease=None, batch_size=None, mor
         )
         statuses.update(sent)
         # Rows given back went with a task of their own: this one stops rather than take them again.
-        if gave_back or not more or len(rows) < limit or time.monotonic() > window_ends:
+        if gave_back or not more or len(rows) < limit:
+            return statuses
+        if time.monotonic() > window_ends:
+            # Rows may still be due that have no message of their own (they found a wake slot
+            # taken): a continuation drains them.
+            outbox.publish_or_forget(rows[-1].pk, str(uuid.uuid4()), carry_on=True)
             return statuses
 
 
-def _wait_for_brake(first):
-    """Leave `first` to the relay, which publishes it again once sending resumes."""
-    if first is not None:
+def _wait_for_brake(first, *, carry_on=False):
+    """Leave `first` to the relay, which publishes it again once sending resumes.
+
+    A task that drains for others (`carry_on`) leaves every due row to the relay: some of them
+    have no message of their own.
+    """
+    if carry_on:
+        EmailRequest.objects.forget_due_dispatches()
+    elif first is not None:
         EmailRequest.objects.forget_dispatch(first)
 
 
@@ -184,7 +210,11 @@ def _send_batch(rows, token, worker, *, window_ends, started, probe=None):
         untried = rows[tried:]
         if untried and held is not None:
             _hold_untried(untried, attempts[tried:], token, held[0])
-        elif untried:
+        if held is not None and conf.dispatch_wake_slots():
+            # Due rows that found a wake slot taken have no message: the relay publishes them
+            # once sending may start again.
+            EmailRequest.objects.forget_due_dispatches()
+        if untried and held is None:
             _give_back(untried, attempts[tried:], token)
     return statuses, bool(untried)
 
@@ -292,7 +322,7 @@ def _give_back(rows, attempts, token):
         "Released %d claimed email requests untried: the send window closed or sends slowed", released
     )
     if released:
-        outbox.publish_or_forget(rows[0].pk, str(uuid.uuid4()))
+        outbox.publish_or_forget(rows[0].pk, str(uuid.uuid4()), carry_on=True)
 
 
 def _insist(write, tries=4):

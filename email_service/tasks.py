@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
     reject_on_worker_lost=True,
     ignore_result=True,
 )
-def send_email_task(self, email_request_id):
+def send_email_task(self, email_request_id, carry_on=False, wake=None):
     """Send this email request if it can be claimed, and with it other due ones, a batch at a time."""
     try:
         # The time limits came with the message, from the publisher's settings; the claim must
@@ -29,6 +29,8 @@ def send_email_task(self, email_request_id):
             email_request_id,
             worker=f"{self.request.hostname or 'worker'}:{os.getpid()}",
             lease=max(conf.lease_seconds(), hard_limit + 10),
+            carry_on=carry_on,
+            wake=wake,
         )
     except ValidationError:
         logger.error("Malformed email request id %r dropped", email_request_id)

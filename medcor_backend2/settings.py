@@ -283,6 +283,8 @@ EMAIL_CONFIRMATION_INTERVAL = env.float("EMAIL_CONFIRMATION_INTERVAL", default=3
 # Acknowledgements one destination domain may receive in a rolling 24 h (0: no cap).
 EMAIL_CONFIRMATION_DOMAIN_DAILY_LIMIT = env.int("EMAIL_CONFIRMATION_DOMAIN_DAILY_LIMIT", default=50)
 EMAIL_DISPATCH_ASYNC = env.bool("EMAIL_DISPATCH_ASYNC", default=True)
+# perf: new rows share at most this many waiting send messages (a sender drains every due row).
+EMAIL_DISPATCH_WAKE_SLOTS = env.int("EMAIL_DISPATCH_WAKE_SLOTS", default=4)
 EMAIL_STATISTICS_CACHE_SECONDS = env.float("EMAIL_STATISTICS_CACHE_SECONDS", default=10)
 EMAIL_LIST_COUNT_CACHE_SECONDS = env.float("EMAIL_LIST_COUNT_CACHE_SECONDS", default=10)
 # The sender-wide brake and the quotas (email_service/brake.py, quotas.py).

@@ -512,3 +512,13 @@ def _fresh_brake():
     brake.forget()
     yield
     brake.forget()
+
+
+@pytest.fixture(autouse=True)
+def _free_wake_slots(settings):
+    """Each test starts with every wake slot free: one left taken by an earlier test's message
+    (on a queue nobody consumes now) would keep new rows from publishing."""
+    from email_service import outbox
+
+    for slot in range(settings.EMAIL_DISPATCH_WAKE_SLOTS):
+        outbox.clear_wake(slot)

@@ -71,12 +71,14 @@ def test_after_a_slow_send_a_task_gives_back_the_rest_of_its_batch_for_other_wor
     rows = make_rows(3)
     smtp.script = [("hang", 0.6)]  # two rows waiting behind a 0.6 s send: over a second
     published = []
-    monkeypatch.setattr(outbox, "publish_or_forget", lambda pk, task_id: published.append(pk))
+    monkeypatch.setattr(
+        outbox, "publish_or_forget", lambda pk, task_id, carry_on=False: published.append((pk, carry_on))
+    )
 
     statuses = sending.send_due_emails(rows[0].pk, worker="test")
 
     assert statuses == {str(rows[0].pk): EmailStatus.SENT}
-    assert published == [rows[1].pk]  # the task for the rest; this one stopped
+    assert published == [(rows[1].pk, True)]  # the task for the rest; this one stopped
     for row in EmailRequest.objects.filter(pk__in=[rows[1].pk, rows[2].pk]):
         assert (row.status, row.claim_token, row.dispatched_at, row.attempts.count()) == (
             EmailStatus.PENDING,
@@ -94,9 +96,11 @@ def test_after_a_slow_send_a_task_gives_back_the_rest_of_its_batch_for_other_wor
         return claim_batch(**kwargs)
 
     monkeypatch.setattr(EmailRequest.objects, "claim_batch", recording_claim)
-    assert set(sending.send_due_emails(published[0], worker="test").values()) == {EmailStatus.SENT}
+    assert set(sending.send_due_emails(published[0][0], worker="test", carry_on=True).values()) == {
+        EmailStatus.SENT
+    }
     assert limits[:2] == [1, 1]
-    assert len(smtp.messages) == 3 and published == [rows[1].pk]
+    assert len(smtp.messages) == 3 and published == [(rows[1].pk, True)]
 
 
 def test_at_a_slow_pace_a_task_sends_one_row_per_claim_and_never_gives_back_a_single_row(
@@ -104,7 +108,9 @@ def test_at_a_slow_pace_a_task_sends_one_row_per_claim_and_never_gives_back_a_si
 ):
     quiet.record(2.0)  # this process last saw a slow server
     published = []
-    monkeypatch.setattr(outbox, "publish_or_forget", lambda pk, task_id: published.append(pk))
+    monkeypatch.setattr(
+        outbox, "publish_or_forget", lambda pk, task_id, carry_on=False: published.append((pk, carry_on))
+    )
     rows = make_rows(3)
 
     statuses = sending.send_due_emails(rows[0].pk, worker="test")
@@ -145,12 +151,25 @@ def test_one_call_sends_its_own_row_first_then_every_due_row_in_batches_over_one
         assert attempt.finished_at >= attempt.started_at and attempt.duration_ms is not None
 
 
-def test_a_message_whose_row_was_already_sent_sends_nothing_twice_but_takes_other_due_rows(smtp, db, quiet):
+def test_a_message_whose_row_was_already_sent_costs_one_read_and_leaves_other_rows_to_their_own(
+    smtp, db, quiet, django_assert_num_queries
+):
+    first, second = make_rows(2)
+    assert sending.send_email_request(first.pk, worker="test") == EmailStatus.SENT
+
+    with django_assert_num_queries(1):
+        assert sending.send_due_emails(first.pk, worker="test") == {}
+
+    assert subjects(smtp) == ["[MedCor contact] Batch 0"]
+    assert EmailRequest.objects.get(pk=second.pk).status == EmailStatus.PENDING
+
+
+def test_a_continuation_whose_row_was_taken_still_drains_the_other_due_rows(smtp, db, quiet):
     first, second = make_rows(2)
     assert sending.send_email_request(first.pk, worker="test") == EmailStatus.SENT
     assert len(smtp.messages) == 1
 
-    statuses = sending.send_due_emails(first.pk, worker="test")
+    statuses = sending.send_due_emails(first.pk, worker="test", carry_on=True)
 
     assert statuses == {str(second.pk): EmailStatus.SENT}
     assert subjects(smtp) == ["[MedCor contact] Batch 0", "[MedCor contact] Batch 1"]
@@ -187,7 +206,9 @@ def test_when_the_send_window_closes_untried_rows_go_back_and_a_task_is_publishe
     # A soft limit that leaves no window after the first mail: 2 x EMAIL_TIMEOUT (2 s) + 10 s.
     settings.EMAIL_SEND_TIME_LIMIT = 14
     published = []
-    monkeypatch.setattr(outbox, "publish_or_forget", lambda pk, task_id: published.append(pk))
+    monkeypatch.setattr(
+        outbox, "publish_or_forget", lambda pk, task_id, carry_on=False: published.append((pk, carry_on))
+    )
     rows = make_rows(3)
 
     statuses = sending.send_due_emails(rows[0].pk, worker="test")
@@ -204,11 +225,13 @@ def test_when_the_send_window_closes_untried_rows_go_back_and_a_task_is_publishe
         )
         assert row.next_attempt_at <= timezone.now()
     assert EmailAttempt.objects.filter(request__in=untried).count() == 0
-    assert len(published) == 1 and published[0] in {rows[1].pk, rows[2].pk}
+    assert len(published) == 1 and published[0] in {(rows[1].pk, True), (rows[2].pk, True)}
 
     # The next task picks them up.
     settings.EMAIL_SEND_TIME_LIMIT = None
-    assert set(sending.send_due_emails(published[0], worker="test").values()) == {EmailStatus.SENT}
+    assert set(sending.send_due_emails(published[0][0], worker="test", carry_on=True).values()) == {
+        EmailStatus.SENT
+    }
     assert len(smtp.messages) == 3
 
 

@@ -340,7 +340,7 @@ def loop(smtp, db, settings, monkeypatch):
     settings.EMAIL_SEND_CONFIRMATION = False
     settings.EMAIL_BRAKE_BACKOFF = 30
     published = []
-    monkeypatch.setattr(outbox, "publish_or_forget", lambda pk, task_id: published.append(pk))
+    monkeypatch.setattr(outbox, "publish_or_forget", lambda pk, task_id, **kwargs: published.append(pk))
     monkeypatch.setattr(outbox, "dispatch_due_soon", lambda: published.append("relay"))
     # A fresh pace: a slow send in one test (a timeout) must not make the next one's batches small.
     monkeypatch.setattr(sending, "send_pace", sending.SendPace())
