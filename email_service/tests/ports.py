@@ -1,6 +1,7 @@
-"""Free TCP ports on loopback for the servers the tests start."""
+"""Free TCP ports on loopback for the servers the tests start, and stopping those servers."""
 
 import socket
+import subprocess
 import threading
 
 _handed_out = set()
@@ -21,3 +22,14 @@ def free_port():
             if port not in _handed_out:
                 _handed_out.add(port)
                 return port
+
+
+def stop_process(process, timeout=15):
+    """Stop a server the tests started: SIGTERM, then SIGKILL if it has not exited in `timeout` s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)

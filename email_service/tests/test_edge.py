@@ -16,6 +16,7 @@ import requests
 from email_service.models import EmailRequest
 
 from .conftest import ROOT, free_port, service_env, skip_or_fail, wait_for
+from .ports import stop_process
 
 # Small limits, so that "over the limit" is quick to send: the body may be this large.
 ATTACHMENT_MAX = 256 * 1024
@@ -42,13 +43,7 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
         self.log.close()
 
 

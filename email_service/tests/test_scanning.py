@@ -20,6 +20,7 @@ from email_service.models import EmailRequest
 
 from .conftest import free_port, skip_or_fail, wait_for
 from .files import pdf_bytes
+from .ports import stop_process
 
 # The EICAR anti-virus test string, put together at run time so that no scanner on a
 # developer's machine quarantines this source file.
@@ -82,13 +83,7 @@ class Clamd:
             return False
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
         self.output.close()
 
 
