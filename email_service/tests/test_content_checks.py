@@ -181,6 +181,6 @@ def test_an_object_stream_with_a_predictor_is_refused_as_uncheckable():
 def test_an_ole_directory_chain_that_loops_is_refused_not_followed_forever():
     # libmagic already refuses this file's type; the directory reader must stop on its own too.
     with pytest.raises(validators.ContentRefused) as caught:
-        validators.ole_entry_names(files.ole_with_looping_fat_bytes())
+        validators.ole_entry_names(io.BytesIO(files.ole_with_looping_fat_bytes()))
     assert caught.value.code == "damaged"
-    assert "_VBA_PROJECT" in validators.ole_entry_names(files.doc_with_macros_bytes())
+    assert "_VBA_PROJECT" in validators.ole_entry_names(io.BytesIO(files.doc_with_macros_bytes()))
