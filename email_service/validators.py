@@ -439,7 +439,8 @@ class _PdfScan:
             if name in PDF_ACTIVE_NAMES:
                 raise ContentRefused(PDF_ACTIVE, "active_content")
             self.stream_script = self.stream_script or name == PDF_SCRIPT_KEY
-        self._unpack(data[:cut])
+        if self.objects is not None:  # sliced only here: image data is never copied
+            self._unpack(data[:cut])
         if closed:
             self._close_stream()
             self.buffer, self.lead = data[end + len(_PDF_STREAM_END) - 1 :], 1
@@ -451,7 +452,7 @@ class _PdfScan:
         return False
 
     def _unpack(self, piece):
-        if self.objects is None or self.problem or not piece:
+        if self.problem or not piece:
             return
         if self.inflater is None:
             self.unpacked += len(piece)
