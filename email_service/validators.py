@@ -1,5 +1,6 @@
 """Input rules of a contact form: header-safe text, phone numbers, and attachments by what they hold."""
 
+import array
 import codecs
 import os
 import re
@@ -312,62 +313,184 @@ _PDF_DECODINGS = _PDF_FLATE | {
 # What makes a stream an object stream to a reader: its type, or the two keys it is parsed by
 # (a reader that finds it through a cross-reference stream may not look at the type).
 _PDF_OBJECT_STREAM_KEYS = {b"N", b"First"}
-# A stream's data: from the keyword and its line end to the first `endstream`.
-_PDF_STREAM = re.compile(rb"(?<![A-Za-z])stream(?:\r\n|\n|\r)(.*?)endstream", re.S)
+# A stream's data runs from this keyword and its line end to the first `endstream`.
+_PDF_STREAM_START = re.compile(rb"(?<![A-Za-z])stream(?:\r\n|\n|\r)")
+_PDF_STREAM_END = b"endstream"
+_PDF_OBJ = re.compile(rb"obj")
+# How much of a PDF or OLE2 file is read at a time, so a 10 MB upload is never held whole.
+SCAN_CHUNK = 1024 * 1024
+# Bytes kept from one chunk for the next, so no token is cut where they meet: a name is at most
+# 127 bytes (three times that with #xx escapes); `endstream` and `stream` with its line end are shorter.
+_PDF_CARRY = 3 * 127 + 16
+# The names this check acts on; any other name is skipped, so a longer one needs no carrying.
+_PDF_WATCHED = PDF_ACTIVE_NAMES | {PDF_SCRIPT_KEY}
+_PDF_DESCRIBING = _PDF_DECODINGS | _PDF_OBJECT_STREAM_KEYS | {b"ObjStm"}
+_PDF_UNCHECKABLE = "The PDF is encoded in a way that cannot be checked."
 
 
-def _pdf_names(data):
-    """Return the set of names in `data`, #-escapes decoded."""
-    return {
-        _PDF_ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), match.group(1))
-        for match in _PDF_NAME.finditer(data)
-    }
+def _pdf_names_between(data, start, cut, end, closed):
+    """Yield (offset, name) for the watched names starting in data[start:cut], read up to `end`."""
+    for match in _PDF_NAME.finditer(data, start, end):
+        if match.start() >= cut:
+            break
+        # A name running into an open `end` began before `cut`, so is longer than any watched name.
+        if match.end() == end and not closed:
+            continue
+        name = _PDF_ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), match.group(1))
+        if name in _PDF_WATCHED or name in _PDF_DESCRIBING:
+            yield match.start(), name
 
 
-def _inflate_capped(data, budget):
-    """Return `data` inflated (zlib), or raise when it unpacks past `budget` bytes."""
-    inflater = zlib.decompressobj()
-    out, total, packed = [], 0, data
-    while packed and not inflater.eof:
-        chunk = inflater.decompress(packed, CHUNK)
-        total += len(chunk)
-        if total > budget:
-            raise ContentRefused("The PDF unpacks to an unreasonable size.", "zip_bomb")
-        out.append(chunk)
-        packed = inflater.unconsumed_tail
-    return b"".join(out)
+class _PdfNames:
+    """The watched names in data given piece by piece, found even when split between pieces."""
+
+    def __init__(self):
+        self.found = False
+        self.carry = b""
+
+    def feed(self, piece, final=False):
+        """Look for watched names in `piece`, keeping what may be the start of one for the next."""
+        data = self.carry + piece
+        cut = len(data) if final else max(len(data) - _PDF_CARRY, 0)
+        for _, name in _pdf_names_between(data, 0, cut, len(data), final):
+            self.found = self.found or name in _PDF_WATCHED
+        self.carry = data[cut:]
+
+
+class _PdfScan:
+    """Read a PDF chunk by chunk: its syntax, each stream's data and each object stream unpacked."""
+
+    def __init__(self, size):
+        self.budget = min(MAX_UNPACKED_BYTES, max(size, 1) * MAX_UNPACKED_RATIO)
+        self.buffer = b""
+        self.lead = 0  # bytes at the buffer's start already read: kept for the keyword's look-behind
+        self.in_stream = False
+        self.active = False  # a watched name in the syntax: refused once the whole file is read
+        self.described = set()  # names of the dictionary so far: what follows the last `obj`
+        self.stream_script = False
+        self.objects = None
+        self.inflater = None
+        self.unpacked = 0
+        self.problem = None
+
+    def feed(self, chunk, final=False):
+        """Read the next chunk of the file (`final` when the file has ended)."""
+        self.buffer += chunk
+        while self._stream(final) if self.in_stream else self._syntax(final):
+            pass
+
+    def _syntax(self, final):
+        data, start = self.buffer, self.lead
+        match = _PDF_STREAM_START.search(data, start)
+        if match and match.end() == len(data) and not final:
+            # A CR at the end may be the start of a CRLF, which moves where the data starts.
+            end = cut = match.start()
+            match, closed = None, True
+        elif match:
+            end = cut = match.start()
+            closed = True
+        else:
+            end, closed = len(data), final
+            cut = end if final else max(end - _PDF_CARRY, start)
+        names = list(_pdf_names_between(data, start, cut, end, closed))
+        self.active = self.active or any(name in _PDF_WATCHED for _, name in names)
+        last_obj = None
+        for found in _PDF_OBJ.finditer(data, start, end):
+            if found.start() >= cut:
+                break
+            last_obj = found.end()
+        if last_obj is not None:
+            self.described = set()
+        self.described.update(
+            name for at, name in names if name in _PDF_DESCRIBING and (last_obj is None or at >= last_obj)
+        )
+        if match:
+            self._open_stream()
+            self.buffer, self.lead = data[match.end() :], 0
+            return True
+        keep = max(cut - 1, 0)
+        self.buffer, self.lead = data[keep:], cut - keep
+        return False
+
+    def _open_stream(self):
+        described, self.described = self.described, set()
+        self.in_stream, self.stream_script, self.problem = True, False, None
+        self.objects, self.inflater, self.unpacked = None, None, 0
+        if b"ObjStm" not in described and not _PDF_OBJECT_STREAM_KEYS <= described:
+            return
+        # An object stream holds dictionaries compressed: they are read like the file's own syntax.
+        filters = described & _PDF_DECODINGS
+        if filters - _PDF_FLATE:
+            self.problem = (_PDF_UNCHECKABLE, "damaged")
+            return
+        self.objects = _PdfNames()
+        self.inflater = zlib.decompressobj() if filters else None
+
+    def _stream(self, final):
+        data = self.buffer
+        end = data.find(_PDF_STREAM_END)
+        closed = end >= 0
+        if closed:
+            cut = end
+        else:
+            end = len(data)
+            cut = end if final else max(end - _PDF_CARRY, 0)
+        for _, name in _pdf_names_between(data, 0, cut, end, closed or final):
+            if name in PDF_ACTIVE_NAMES:
+                raise ContentRefused(PDF_ACTIVE, "active_content")
+            self.stream_script = self.stream_script or name == PDF_SCRIPT_KEY
+        if self.objects is not None:  # sliced only here: image data is never copied
+            self._unpack(data[:cut])
+        if closed:
+            self._close_stream()
+            self.buffer, self.lead = data[end + len(_PDF_STREAM_END) - 1 :], 1
+            return True
+        self.buffer = data[cut:]
+        if final:
+            # Never ended, so never a stream to a reader: its data is syntax, and nothing is unpacked.
+            self.active = self.active or self.stream_script
+        return False
+
+    def _unpack(self, piece):
+        if self.problem or not piece:
+            return
+        if self.inflater is None:
+            self.unpacked += len(piece)
+            self.objects.feed(piece)
+            return
+        try:
+            while piece and not self.inflater.eof:
+                out = self.inflater.decompress(piece, CHUNK)
+                self.unpacked += len(out)
+                if self.unpacked > self.budget:
+                    self.problem = ("The PDF unpacks to an unreasonable size.", "zip_bomb")
+                    return
+                self.objects.feed(out)
+                piece = self.inflater.unconsumed_tail
+        except zlib.error:
+            self.problem = (_PDF_UNCHECKABLE, "damaged")
+
+    def _close_stream(self):
+        self.in_stream = False
+        # Only now is it sure the stream ends, so that what went wrong unpacking it counts.
+        if self.problem:
+            raise ContentRefused(*self.problem)
+        if self.objects is not None:
+            self.objects.feed(b"", final=True)
+            self.active = self.active or self.objects.found
+            self.budget -= self.unpacked
+        self.objects = self.inflater = None
 
 
 def check_pdf(upload):
     """Refuse a PDF that runs script, launches programs or carries files, reading all of it."""
+    upload.seek(0, os.SEEK_END)
+    scan = _PdfScan(upload.tell())
     upload.seek(0)
-    data = upload.read()
-    budget = min(MAX_UNPACKED_BYTES, max(len(data), 1) * MAX_UNPACKED_RATIO)
-    syntax, last = [], 0
-    for stream in _PDF_STREAM.finditer(data):
-        dictionary = data[last : stream.start()]
-        syntax.append(dictionary)
-        last = stream.end()
-        body = stream.group(1)
-        if _pdf_names(body) & PDF_ACTIVE_NAMES:
-            raise ContentRefused(PDF_ACTIVE, "active_content")
-        # The dictionary of this stream: what follows the last `obj` before it.
-        described = _pdf_names(dictionary.rsplit(b"obj", 1)[-1])
-        if b"ObjStm" not in described and not _PDF_OBJECT_STREAM_KEYS <= described:
-            continue
-        # An object stream holds dictionaries compressed: they are read like the file's own syntax.
-        filters = described & _PDF_DECODINGS
-        if filters - _PDF_FLATE:
-            raise ContentRefused("The PDF is encoded in a way that cannot be checked.", "damaged")
-        try:
-            objects = _inflate_capped(body, budget) if filters else body
-        except zlib.error as error:
-            raise ContentRefused("The PDF is encoded in a way that cannot be checked.", "damaged") from error
-        budget -= len(objects)
-        syntax.append(objects)
-    syntax.append(data[last:])
-    names = set().union(*(_pdf_names(part) for part in syntax))
-    if names & (PDF_ACTIVE_NAMES | {PDF_SCRIPT_KEY}):
+    for chunk in iter(lambda: upload.read(SCAN_CHUNK), b""):
+        scan.feed(chunk)
+    scan.feed(b"", final=True)
+    if scan.active:
         raise ContentRefused(PDF_ACTIVE, "active_content")
 
 
@@ -382,12 +505,17 @@ _OLE_LAST_SECTOR = 0xFFFFFFFA  # higher numbers mark free sectors and chain ends
 _OLE_ENTRY = struct.Struct("<64sHB")
 
 
-def _ole_sectors(data, size, numbers):
+def _ole_sectors(upload, total, size, numbers):
+    """Yield the sectors numbered `numbers`, each read on its own from the file."""
     for number in numbers:
         start = (number + 1) * size
-        if number >= _OLE_LAST_SECTOR or start + size > len(data):
+        if number >= _OLE_LAST_SECTOR or start + size > total:
             raise ContentRefused(DAMAGED, "damaged")
-        yield data[start : start + size]
+        upload.seek(start)
+        sector = upload.read(size)
+        if len(sector) != size:
+            raise ContentRefused(DAMAGED, "damaged")
+        yield sector
 
 
 def _ole_chain(fat, first):
@@ -401,11 +529,15 @@ def _ole_chain(fat, first):
         number = fat[number]
 
 
-def ole_entry_names(data):
+def ole_entry_names(upload):
     """Return the names of every storage and stream in an OLE2 compound file's directory."""
-    if len(data) < _OLE_HEADER.size:
+    upload.seek(0, os.SEEK_END)
+    total = upload.tell()
+    upload.seek(0)
+    head = upload.read(_OLE_HEADER.size)
+    if len(head) < _OLE_HEADER.size:
         raise ContentRefused(DAMAGED, "damaged")
-    header = _OLE_HEADER.unpack_from(data)
+    header = _OLE_HEADER.unpack(head)
     shift, fat_count, directory_start, difat_start, difat_count = (
         header[5],
         header[9],
@@ -420,17 +552,18 @@ def ole_entry_names(data):
     fat_sectors = [number for number in header[17:] if number < _OLE_LAST_SECTOR]
     number = difat_start
     for _ in range(difat_count):
-        [sector] = _ole_sectors(data, size, [number])
+        [sector] = _ole_sectors(upload, total, size, [number])
         numbers = struct.unpack(f"<{per_sector}I", sector)
         fat_sectors += [n for n in numbers[:-1] if n < _OLE_LAST_SECTOR]
         number = numbers[-1]
     if len(fat_sectors) < fat_count:
         raise ContentRefused(DAMAGED, "damaged")
-    fat = []
-    for sector in _ole_sectors(data, size, fat_sectors[:fat_count]):
-        fat += struct.unpack(f"<{per_sector}I", sector)
+    # Four bytes a sector, not a Python int each: the table of a 10 MB file stays small.
+    fat = array.array("I")
+    for sector in _ole_sectors(upload, total, size, fat_sectors[:fat_count]):
+        fat.extend(struct.unpack(f"<{per_sector}I", sector))
     names = []
-    for sector in _ole_sectors(data, size, _ole_chain(fat, directory_start)):
+    for sector in _ole_sectors(upload, total, size, _ole_chain(fat, directory_start)):
         for offset in range(0, size, 128):
             raw, length, kind = _OLE_ENTRY.unpack_from(sector, offset)
             if kind and 2 <= length <= 64:
@@ -440,8 +573,7 @@ def ole_entry_names(data):
 
 def check_ole_document(upload):
     """Refuse a Word or Excel 97-2003 file that carries a VBA project."""
-    upload.seek(0)
-    names = ole_entry_names(upload.read())
+    names = ole_entry_names(upload)
     if any(name.lower() in OLE_MACRO_NAMES for name in names):
         raise ContentRefused("The document contains macros.", "macro")
 

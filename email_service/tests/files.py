@@ -1,6 +1,7 @@
 """Real files of each accepted type, made by the tests, and hostile ones."""
 
 import io
+import random
 import struct
 import zipfile
 import zlib
@@ -625,3 +626,98 @@ def ole_with_looping_fat_bytes():
     second = struct.unpack_from("<I", data, fat_at + 4 * directory)[0]
     struct.pack_into("<I", data, fat_at + 4 * second, directory)
     return bytes(data)
+
+
+def pdf_with_image_bytes(size, catalog=b""):
+    """A one-page PDF of about `size` bytes, nearly all of it one image's stream of random bytes."""
+    pixels = random.Random(size).randbytes(size)
+    image = b"<< /Type /XObject /Subtype /Image /Width %d /Height 1 /BitsPerComponent 8 " % len(pixels)
+    image += b"/ColorSpace /DeviceGray /Length %d >>\nstream\n" % len(pixels) + pixels + b"\nendstream"
+    return pdf_document(catalog, [image])
+
+
+def large_compound_file_bytes(stream_name, payload, storages=()):
+    """An OLE2 compound file (512-byte sectors) holding one stream of any size, and empty storages:
+    its FAT takes many sectors, past the 109 the header lists, so the rest are found by DIFAT sectors."""
+    sector, per_sector = 512, 128
+    end_of_chain, fat_mark, difat_mark, free = 0xFFFFFFFE, 0xFFFFFFFD, 0xFFFFFFFC, 0xFFFFFFFF
+    data = -(-len(payload) // sector)
+    entries = ["Root Entry", stream_name, *storages]
+    directory = -(-len(entries) // 4)
+    fat_count = difat_count = 0
+    while True:  # the table's sectors are listed in the table too: grow it until it holds itself
+        total = data + fat_count + difat_count + directory
+        needed = -(-total // per_sector)
+        extra = -(-max(needed - 109, 0) // (per_sector - 1))
+        if (needed, extra) == (fat_count, difat_count):
+            break
+        fat_count, difat_count = needed, extra
+    fat_start, difat_start, directory_start = data, data + fat_count, data + fat_count + difat_count
+    fat = [number + 1 for number in range(data - 1)] + [end_of_chain]
+    fat += [fat_mark] * fat_count + [difat_mark] * difat_count
+    fat += [directory_start + index + 1 for index in range(directory - 1)] + [end_of_chain]
+    fat += [free] * (fat_count * per_sector - len(fat))
+    fat_numbers = list(range(fat_start, fat_start + fat_count))
+    difat = b""
+    rest = fat_numbers[109:]
+    for index in range(difat_count):
+        numbers = rest[index * 127 : (index + 1) * 127]
+        following = difat_start + index + 1 if index + 1 < difat_count else end_of_chain
+        difat += struct.pack("<128I", *numbers, *[free] * (127 - len(numbers)), following)
+    rows = []
+    for index, name in enumerate(entries):
+        encoded = (name + "\x00").encode("utf-16-le")
+        kind = 5 if index == 0 else 2 if index == 1 else 1
+        child = 1 if index == 0 else free
+        right = index + 1 if 0 < index < len(entries) - 1 else free
+        start, size = (0, len(payload)) if index == 1 else (end_of_chain if index == 0 else 0, 0)
+        rows.append(
+            struct.pack(
+                "<64sHBBIII16sIQQIII",
+                encoded,
+                len(encoded),
+                kind,
+                1,
+                free,
+                right,
+                child,
+                b"\x00" * 16,
+                0,
+                0,
+                0,
+                start,
+                size,
+                0,
+            )
+        )
+    rows += [b"\x00" * 128] * (4 * directory - len(rows))
+    header_list = fat_numbers[:109]
+    header = struct.pack(
+        "<8s16sHHHHH6sIIIIIIIII",
+        b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
+        b"\x00" * 16,
+        0x3E,
+        3,
+        0xFFFE,
+        9,
+        6,
+        b"\x00" * 6,
+        0,
+        fat_count,
+        directory_start,
+        0,
+        4096,
+        end_of_chain,
+        0,
+        difat_start if difat_count else end_of_chain,
+        difat_count,
+    ) + struct.pack("<109I", *header_list, *[free] * (109 - len(header_list)))
+    body = payload.ljust(data * sector, b"\x00")
+    return header + body + struct.pack(f"<{len(fat)}I", *fat) + difat + b"".join(rows)
+
+
+def large_doc_bytes(size, storages=()):
+    """A Word 97-2003 file of about `size` bytes: a FIB, then text."""
+    text = (b"Referral letter saved by Word 97-2003. " * (size // 39 + 1))[: max(size - 1536, 0)]
+    stream = struct.pack("<HH", 0xA5EC, 0x00C1) + b"\x00" * 508 + text
+    return large_compound_file_bytes("WordDocument", stream, storages)

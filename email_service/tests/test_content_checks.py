@@ -2,6 +2,8 @@
 PDFs read to the end for what can act, text files read in full."""
 
 import io
+import tempfile
+import tracemalloc
 import zipfile
 
 import pytest
@@ -181,6 +183,104 @@ def test_an_object_stream_with_a_predictor_is_refused_as_uncheckable():
 def test_an_ole_directory_chain_that_loops_is_refused_not_followed_forever():
     # libmagic already refuses this file's type; the directory reader must stop on its own too.
     with pytest.raises(validators.ContentRefused) as caught:
-        validators.ole_entry_names(files.ole_with_looping_fat_bytes())
+        validators.ole_entry_names(io.BytesIO(files.ole_with_looping_fat_bytes()))
     assert caught.value.code == "damaged"
-    assert "_VBA_PROJECT" in validators.ole_entry_names(files.doc_with_macros_bytes())
+    assert "_VBA_PROJECT" in validators.ole_entry_names(io.BytesIO(files.doc_with_macros_bytes()))
+
+
+def peak_bytes_of(check, data):
+    """Run `check` on `data` kept in a file, as uploads past the memory limit are; return its peak."""
+    with tempfile.TemporaryFile() as upload:
+        upload.write(data)
+        tracemalloc.start()
+        try:
+            check(upload)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+
+TEN_MB = 10 * 1024 * 1024
+
+
+def test_a_10_mb_pdf_is_read_in_chunks_far_below_its_size():
+    data = files.pdf_with_image_bytes(TEN_MB)
+    assert len(data) >= TEN_MB
+    assert peak_bytes_of(validators.check_pdf, data) < TEN_MB // 3
+    # Read to the end all the same: a script after the long image is found.
+    with pytest.raises(validators.ContentRefused) as caught:
+        peak_bytes_of(
+            validators.check_pdf, files.pdf_with_image_bytes(TEN_MB, b"/OpenAction << /JS 6 0 R >>")
+        )
+    assert caught.value.code == "active_content"
+
+
+def test_a_10_mb_doc_is_checked_from_its_directory_alone():
+    data = files.large_doc_bytes(TEN_MB)
+    assert len(data) >= TEN_MB
+    assert peak_bytes_of(validators.check_ole_document, data) < TEN_MB // 50
+    # Its FAT runs past the header's 109 sectors: the rest are found through the DIFAT sectors.
+    assert validators.ole_entry_names(io.BytesIO(data)) == ["Root Entry", "WordDocument"]
+    with pytest.raises(validators.ContentRefused) as caught:
+        validators.check_ole_document(io.BytesIO(files.large_doc_bytes(TEN_MB, ["Macros"])))
+    assert caught.value.code == "macro"
+
+
+def splits(data, token):
+    """Yield the chunk sizes that put a chunk boundary at each place in and around `token`."""
+    at = data.index(token)
+    yield from range(max(at - 1, 1), at + len(token) + 2)
+
+
+def pdf_verdict(data):
+    try:
+        validators.check_pdf(io.BytesIO(data))
+    except validators.ContentRefused as refused:
+        return refused.code
+    return None
+
+
+SPLIT = [
+    ("a name", files.pdf_launch_bytes(), b"/Launch"),
+    ("the script key after an open action", files.pdf_script_key_only_bytes(), b"/JS"),
+    ("an escaped name", files.pdf_document(b"/OpenAction << /S /J#61vaScript >>"), b"/J#61vaScript"),
+    ("a name in an object stream", files.pdf_escaped_script_in_object_stream_bytes(), b"/ObjStm"),
+]
+
+
+@pytest.mark.parametrize(("what", "data", "token"), SPLIT, ids=[case[0] for case in SPLIT])
+def test_a_token_split_between_chunks_is_still_found(monkeypatch, what, data, token):
+    assert pdf_verdict(data) == "active_content"
+    for size in splits(data, token):
+        monkeypatch.setattr(validators, "SCAN_CHUNK", size)
+        assert pdf_verdict(data) == "active_content", size
+
+
+def test_names_split_in_an_object_stream_unpacked_piece_by_piece_are_found(monkeypatch):
+    data = files.pdf_escaped_script_in_object_stream_bytes()
+    monkeypatch.setattr(validators, "SCAN_CHUNK", 5)
+    for size in range(1, 24):
+        monkeypatch.setattr(validators, "CHUNK", size)
+        assert pdf_verdict(data) == "active_content", size
+
+
+def test_stream_keywords_split_between_chunks_keep_image_data_out_of_the_syntax(monkeypatch):
+    # Image data that happens to hold /JS is not syntax; the same bytes after `endstream` are.
+    image = b"<< /Subtype /Image /Length 12 >>\r\nstream\r\n/JS 1 0 R /X\nendstream"
+    clean = files.pdf_document(objects=[image])
+    script = files.pdf_document(objects=[image + b" /JS 1 0 R"])
+    for token in (b"stream\r\n", b"endstream"):
+        for size in splits(clean, token):
+            monkeypatch.setattr(validators, "SCAN_CHUNK", size)
+            assert pdf_verdict(clean) is None, size
+            assert pdf_verdict(script) == "active_content", size
+
+
+def test_an_object_stream_split_between_chunks_keeps_its_verdicts(monkeypatch):
+    broken = files.pdf_document(b"/OpenAction 6 0 R", object_stream=[b"<< /S /GoTo /D [3 0 R /Fit] >>"])
+    start = broken.index(b"stream\n", broken.index(b"/ObjStm")) + len(b"stream\n")
+    broken = broken[:start] + b"\xff" * 8 + broken[start + 8 :]
+    for size in (7, 64, 300):
+        monkeypatch.setattr(validators, "SCAN_CHUNK", size)
+        assert pdf_verdict(broken) == "damaged"
+        assert pdf_verdict(files.pdf_document(object_stream=[b"<< /S /GoTo >>"])) is None
