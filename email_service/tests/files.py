@@ -136,13 +136,17 @@ def xls_bytes(rows=20):
     return out.getvalue()
 
 
+# The start of a WordDocument stream, its File Information Block: wIdent 0xA5EC, nFib 0x00C1
+# (Word 97), the rest of the block left zero; the text follows.
+WORD_FIB = struct.pack("<HH", 0xA5EC, 0x00C1) + b"\x00" * 508
+
+
 def doc_bytes(text="Referral letter saved by Word 97-2003."):
     """A Word 97-2003 file: an OLE2 compound file whose WordDocument stream starts with a FIB.
 
     Only the container and the stream's header are real; no library writes .doc files.
     """
-    # File Information Block: wIdent 0xA5EC, nFib 0x00C1 (Word 97), then the text.
-    stream = struct.pack("<HH", 0xA5EC, 0x00C1) + b"\x00" * 508 + text.encode("cp1252")
+    stream = WORD_FIB + text.encode("cp1252")
     return compound_file_bytes("WordDocument", stream)
 
 
@@ -185,30 +189,43 @@ def compound_file_tree(tree):
     assert len(fat) <= 128, "one FAT sector is enough for the files the tests make"
     fat += [free] * (128 - len(fat))
 
-    def entry(name, kind, child, right, start, size):
-        encoded = (name + "\x00").encode("utf-16-le") if name else b""
-        return struct.pack(
-            "<64sHBBIII16sIQQIII",
-            encoded,
-            len(encoded),
-            kind,
-            1,
-            no_stream,
-            right,
-            child,
-            b"\x00" * 16,
-            0,
-            0,
-            0,
-            start,
-            size,
-            0,
-        )
-
-    directory = b"".join(entry(*row) for row in rows) + entry("", 0, no_stream, no_stream, 0, 0) * (
+    directory = b"".join(_ole_entry(*row) for row in rows) + _ole_entry("", 0, no_stream, no_stream, 0, 0) * (
         4 * directory_sectors - len(rows)
     )
-    header = struct.pack(
+    header = _ole_header(fat_sectors=[count], directory_start=count + 1)
+    return header + b"".join(bodies) + struct.pack("<128I", *fat) + directory
+
+
+_OLE_END_OF_CHAIN, _OLE_FREE = 0xFFFFFFFE, 0xFFFFFFFF
+
+
+def _ole_entry(name, kind, child, right, start, size):
+    """One 128-byte directory entry of an OLE2 compound file (left sibling always none)."""
+    encoded = (name + "\x00").encode("utf-16-le") if name else b""
+    return struct.pack(
+        "<64sHBBIII16sIQQIII",
+        encoded,
+        len(encoded),
+        kind,
+        1,
+        _OLE_FREE,
+        right,
+        child,
+        b"\x00" * 16,
+        0,
+        0,
+        0,
+        start,
+        size,
+        0,
+    )
+
+
+def _ole_header(*, fat_sectors, directory_start, difat_start=_OLE_END_OF_CHAIN, difat_count=0):
+    """The 512-byte header of a version 3 compound file: its FAT's sectors (the first 109 listed
+    here, the rest in DIFAT sectors), where the directory starts, and the DIFAT chain."""
+    listed = fat_sectors[:109]
+    return struct.pack(
         "<8s16sHHHHH6sIIIIIIIII",
         b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
         b"\x00" * 16,
@@ -219,16 +236,15 @@ def compound_file_tree(tree):
         6,
         b"\x00" * 6,
         0,
-        1,
-        count + 1,
+        len(fat_sectors),
+        directory_start,
         0,
         4096,
-        end_of_chain,
+        _OLE_END_OF_CHAIN,
         0,
-        end_of_chain,
-        0,
-    ) + struct.pack("<109I", count, *[free] * 108)
-    return header + b"".join(bodies) + struct.pack("<128I", *fat) + directory
+        difat_start,
+        difat_count,
+    ) + struct.pack("<109I", *listed, *[_OLE_FREE] * (109 - len(listed)))
 
 
 def _chain_siblings(rows, parent, children):
@@ -240,7 +256,7 @@ def _chain_siblings(rows, parent, children):
 
 def doc_with_macros_bytes():
     """A Word 97-2003 file with a VBA project: the Macros storage, its VBA storage and _VBA_PROJECT."""
-    word = struct.pack("<HH", 0xA5EC, 0x00C1) + b"\x00" * 508 + b"Enable content to see this letter."
+    word = WORD_FIB + b"Enable content to see this letter."
     return compound_file_tree(
         [("WordDocument", word), ("Macros", [("VBA", [("_VBA_PROJECT", b"\xcc\x61" + b"\x00" * 5)])])]
     )
@@ -666,52 +682,18 @@ def large_compound_file_bytes(stream_name, payload, storages=()):
         difat += struct.pack("<128I", *numbers, *[free] * (127 - len(numbers)), following)
     rows = []
     for index, name in enumerate(entries):
-        encoded = (name + "\x00").encode("utf-16-le")
         kind = 5 if index == 0 else 2 if index == 1 else 1
         child = 1 if index == 0 else free
         right = index + 1 if 0 < index < len(entries) - 1 else free
         start, size = (0, len(payload)) if index == 1 else (end_of_chain if index == 0 else 0, 0)
-        rows.append(
-            struct.pack(
-                "<64sHBBIII16sIQQIII",
-                encoded,
-                len(encoded),
-                kind,
-                1,
-                free,
-                right,
-                child,
-                b"\x00" * 16,
-                0,
-                0,
-                0,
-                start,
-                size,
-                0,
-            )
-        )
+        rows.append(_ole_entry(name, kind, child, right, start, size))
     rows += [b"\x00" * 128] * (4 * directory - len(rows))
-    header_list = fat_numbers[:109]
-    header = struct.pack(
-        "<8s16sHHHHH6sIIIIIIIII",
-        b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
-        b"\x00" * 16,
-        0x3E,
-        3,
-        0xFFFE,
-        9,
-        6,
-        b"\x00" * 6,
-        0,
-        fat_count,
-        directory_start,
-        0,
-        4096,
-        end_of_chain,
-        0,
-        difat_start if difat_count else end_of_chain,
-        difat_count,
-    ) + struct.pack("<109I", *header_list, *[free] * (109 - len(header_list)))
+    header = _ole_header(
+        fat_sectors=fat_numbers,
+        directory_start=directory_start,
+        difat_start=difat_start if difat_count else end_of_chain,
+        difat_count=difat_count,
+    )
     body = payload.ljust(data * sector, b"\x00")
     return header + body + struct.pack(f"<{len(fat)}I", *fat) + difat + b"".join(rows)
 
@@ -719,5 +701,5 @@ def large_compound_file_bytes(stream_name, payload, storages=()):
 def large_doc_bytes(size, storages=()):
     """A Word 97-2003 file of about `size` bytes: a FIB, then text."""
     text = (b"Referral letter saved by Word 97-2003. " * (size // 39 + 1))[: max(size - 1536, 0)]
-    stream = struct.pack("<HH", 0xA5EC, 0x00C1) + b"\x00" * 508 + text
+    stream = WORD_FIB + text
     return large_compound_file_bytes("WordDocument", stream, storages)
