@@ -63,6 +63,18 @@ def wait_for(predicate, timeout=30.0, interval=0.1, message="condition"):
         time.sleep(interval)
 
 
+def contact_markers(tag):
+    """A contact form whose every field holds a marker made of `tag`, to look for where it must not be."""
+    return {
+        "full_name": f"Name{tag}",
+        "email": f"mail{tag}@example.org",
+        "phone": f"+1 555 {int(tag[:6], 16) % 10**7:07d}",
+        "job_profession": f"Job{tag}",
+        "subject": f"Subject{tag}",
+        "message": f"Message{tag} about my heart condition",
+    }
+
+
 # --- a scriptable SMTP server ------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from email_service import delivery
 from email_service.models import EmailRequest
 from email_service.outcomes import AttemptOutcome
 
+from .conftest import contact_markers
 from .files import pdf_bytes
 
 
@@ -23,16 +24,7 @@ from .files import pdf_bytes
 def markers():
     """A unique marker for every field a person fills in, and for the file's name and bytes."""
     tag = uuid.uuid4().hex[:12]
-    return {
-        "full_name": f"Name{tag}",
-        "email": f"mail{tag}@example.org",
-        "phone": f"+1 555 {int(tag[:6], 16) % 10**7:07d}",
-        "job_profession": f"Job{tag}",
-        "subject": f"Subject{tag}",
-        "message": f"Message{tag} about my heart condition",
-        "attachment_name": f"File{tag}.pdf",
-        "file_text": f"Content{tag}",
-    }
+    return {**contact_markers(tag), "attachment_name": f"File{tag}.pdf", "file_text": f"Content{tag}"}
 
 
 @pytest.fixture
@@ -155,14 +147,7 @@ def test_minimal_mode_end_to_end_leaves_no_marker_in_the_support_mail_or_any_log
     from .conftest import start_worker, wait_for
 
     tag = uuid.uuid4().hex[:12]
-    fields = {
-        "full_name": f"Name{tag}",
-        "email": f"mail{tag}@example.org",
-        "phone": f"+1 555 {int(tag[:6], 16) % 10**7:07d}",
-        "job_profession": f"Job{tag}",
-        "subject": f"Subject{tag}",
-        "message": f"Message{tag} about my heart condition",
-    }
+    fields = contact_markers(tag)
     file_name, file_text = f"File{tag}.pdf", f"Content{tag}"
     settings.EMAIL_NOTIFICATION_MODE = "minimal"
     queue = f"{os.environ.get('CELERY_TASK_DEFAULT_QUEUE', 'emails')}-minimal-{tag}"

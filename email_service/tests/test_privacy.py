@@ -8,6 +8,7 @@ from rest_framework.test import APIClient
 
 from email_service.models import EmailRequest
 
+from .conftest import contact_markers
 from .files import pdf_bytes
 
 URL = "/api/email/emails/"
@@ -16,15 +17,7 @@ URL = "/api/email/emails/"
 @pytest.fixture
 def markers():
     """A unique marker string for every field a person fills in."""
-    tag = uuid.uuid4().hex[:12]
-    return {
-        "full_name": f"Name{tag}",
-        "email": f"mail{tag}@example.org",
-        "phone": f"+1 555 {int(tag[:6], 16) % 10**7:07d}",
-        "job_profession": f"Job{tag}",
-        "subject": f"Subject{tag}",
-        "message": f"Message{tag} about my heart condition",
-    }
+    return contact_markers(uuid.uuid4().hex[:12])
 
 
 @pytest.fixture
