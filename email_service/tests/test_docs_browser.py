@@ -109,5 +109,7 @@ def test_the_admin_works_under_its_policy(watched, live_server, django_user_mode
     page.get_by_role("link", name="qrcode").first.click()
     qr = page.locator("img.qrcode-image")
     expect(qr).to_be_visible()
-    assert qr.evaluate("image => image.naturalWidth") > 0
+    # Visible is not loaded: an <img> has its box before its bytes arrive. decode() settles once the
+    # picture is loaded and decoded, and rejects if it could not be.
+    assert qr.evaluate("image => image.decode().then(() => image.naturalWidth)") > 0
     watched.assert_clean()
