@@ -73,6 +73,48 @@ def test_attachment_keeps_its_original_name_and_bytes(email_request, settings, t
     assert attachment.get_payload(decode=True) == pdf
 
 
+@pytest.mark.parametrize(
+    "full_name, address, subject",
+    [
+        ("Ana Lima", "ana@example.com", "Lab results"),
+        ("Zoë Ångström-Łukasiewicz 中文", "zoe@exämple.com", "Ünïcödé words, long enough to be folded " * 3),
+        ("A" * 200, "a@b.co", "x " * 100),
+        ("Tab\there  and  spaces ", "t@example.com", ""),
+        ('O\'Brien; "Quoted", (comment)', "ob@example.com", "=?utf-8?q?not_really_encoded?="),
+    ],
+)
+def test_the_wire_bytes_are_what_the_stdlib_generator_writes(
+    db, settings, tmp_path, full_name, address, subject
+):
+    """The fast header and boundary paths give, byte for byte, what email.generator would."""
+    settings.MEDIA_ROOT = str(tmp_path)
+    row = EmailRequest.objects.create(
+        full_name=full_name, email=address, subject=subject, message="Line one\nFrom the start\n" + "é" * 1200
+    )
+    row.file_attached.save("x.pdf", ContentFile(pdf_bytes()), save=False)
+    row.attachment_name, row.attachment_content_type = "Résultats labo.pdf", "application/pdf"
+    for message in (
+        delivery.build_support_message(row),
+        delivery.build_confirmation_message(row),
+        delivery._build_minimal_support_message(row),
+    ):
+        mime = message.message()
+        wire = delivery.wire_bytes(mime)
+        # The fast path set every boundary; the stdlib generator keeps boundaries that are set.
+        assert wire == mime.as_bytes(linesep="\r\n")
+        assert b"\n" not in wire.replace(b"\r\n", b"")
+
+
+def test_each_multipart_boundary_is_new_and_random(email_request):
+    boundaries = set()
+    for _ in range(3):
+        mime = delivery.build_support_message(email_request).message()
+        delivery.wire_bytes(mime)
+        boundaries.add(mime.get_boundary())
+    assert len(boundaries) == 3
+    assert all(len(boundary) == 49 for boundary in boundaries)
+
+
 def test_confirmation_quotes_nothing_from_the_form(email_request):
     message = delivery.build_confirmation_message(email_request)
     assert message.to == ["ana@example.com"]
