@@ -83,3 +83,32 @@ def test_honeypot_marks_spam():
     serializer = EmailRequestCreateSerializer(data={**VALID, "website": "http://spam.example"})
     assert serializer.is_valid(), serializer.errors
     assert serializer.is_spam()
+
+
+def test_each_serializer_binds_its_own_copies_of_the_built_fields():
+    from email_service.serializers import EmailRequestJSONSerializer
+
+    first, second = EmailRequestJSONSerializer(data={}), EmailRequestJSONSerializer(data={})
+    for name in ("full_name", "email", "message"):
+        assert first.fields[name] is not second.fields[name]
+        assert first.fields[name].parent is first and second.fields[name].parent is second
+        # The class's prototype is never bound to a request's serializer.
+        assert EmailRequestJSONSerializer._prototype_fields[name].parent is None
+    # The multipart serializer builds its own: it has the file field the JSON one lacks.
+    assert "file_attached" in EmailRequestCreateSerializer(data={}).fields
+    assert "file_attached" not in first.fields
+
+
+def test_a_serializer_with_a_nested_serializer_does_not_share_its_fields():
+    from rest_framework import serializers
+
+    from email_service.serializers import PrototypeFieldsMixin
+
+    class Child(serializers.Serializer):
+        name = serializers.CharField()
+
+    class Parent(PrototypeFieldsMixin, serializers.Serializer):
+        child = Child()
+
+    with pytest.raises(TypeError, match="child"):
+        _ = Parent().fields
