@@ -433,8 +433,16 @@ class EmailRequestQuerySet(models.QuerySet):
             fields.update(_address_indexes(fields["email"]))
         return self.exclude(status=EmailStatus.SENT).update(**fields, updated_at=timezone.now())
 
-    def reclaim(self, row, *, now=None):
-        """Take back a row whose worker lost its lease: PENDING again, or FAILED once out of retries."""
+    def claims_of(self, prefix):
+        """PROCESSING rows whose claimer's name starts with `prefix` (a worker node's processes)."""
+        return self.filter(status=EmailStatus.PROCESSING, claimed_by__startswith=prefix)
+
+    def reclaim(self, row, *, now=None, lost=False):
+        """Take back a row whose worker lost its lease: PENDING again, or FAILED once out of retries.
+
+        `lost` says the claimer is known to be gone (its process no longer exists): the row is
+        taken back whatever is left of its lease, still only under the claim it was read with.
+        """
         now = now or timezone.now()
         error = f"Worker {row.claimed_by or 'unknown'} stopped before finishing the send."
         if row.has_retries_left():
@@ -446,10 +454,11 @@ class EmailRequestQuerySet(models.QuerySet):
             }
         else:
             fields = {"status": EmailStatus.FAILED}
+        claims = self.filter(status=EmailStatus.PROCESSING) if lost else self.stale_claims(now)
         reclaimed = bool(
-            self.stale_claims(now)
-            .filter(pk=row.pk, claim_token=row.claim_token)
-            .update(claim_token=None, lease_expires_at=None, error_message=error, updated_at=now, **fields)
+            claims.filter(pk=row.pk, claim_token=row.claim_token).update(
+                claim_token=None, lease_expires_at=None, error_message=error, updated_at=now, **fields
+            )
         )
         if reclaimed:
             _log_transition(

@@ -178,14 +178,15 @@ def publish_or_forget(pk, task_id, *, carry_on=False, wake=None):
 
 def dispatch_due_soon():
     """Ask a worker, in the background, to run the relay now rather than at its next period."""
-
-    def publish_relay():
-        try:
-            current_app.send_task(DISPATCH_TASK, retry=False)
-        except Exception as exc:
-            logger.warning("Broker unavailable, the periodic dispatch will send them: %s", exc)
-
     dispatch_executor().submit(publish_relay)
+
+
+def publish_relay():
+    """Ask a worker to run the relay now rather than at its next period."""
+    try:
+        current_app.send_task(DISPATCH_TASK, retry=False)
+    except Exception as exc:
+        logger.warning("Broker unavailable, the periodic dispatch will send them: %s", exc)
 
 
 def dispatch_due(*, limit=500):
@@ -216,17 +217,57 @@ def dispatch_due(*, limit=500):
 def reclaim_stale_claims(now=None):
     """Hand rows whose worker died back to PENDING (or FAILED); return how many."""
     now = now or timezone.now()
+    return _reclaim(EmailRequest.objects.stale_claims(now), now=now)
+
+
+def _reclaim(claims, *, now, lost=False, keep=lambda row: False):
     count = 0
     # Only the columns reclaiming needs: none is encrypted, so an unreadable row cannot stop it.
-    stale = EmailRequest.objects.stale_claims(now).only(
-        "pk", "claim_token", "claimed_by", "retry_count", "max_retries"
-    )
-    for row in stale:
-        if EmailRequest.objects.reclaim(row, now=now):
+    for row in claims.only("pk", "claim_token", "claimed_by", "retry_count", "max_retries"):
+        if keep(row):
+            continue
+        if EmailRequest.objects.reclaim(row, now=now, lost=lost):
             count += 1
             row.attempts.filter(finished_at__isnull=True).update(
                 finished_at=now,
                 outcome=AttemptOutcome.CRASHED,
                 error_text="Worker lost before the send finished.",
             )
+    return count
+
+
+def reclaim_from_gone_processes(node, *, now=None):
+    """Take back, without waiting for their leases, the rows this worker node's gone processes held.
+
+    A worker node (`celery@host`) started again after a crash, or a pool process started in place
+    of a killed one, finds the rows claimed under the node's name by processes that no longer
+    exist: their sends can never finish, so they are reclaimed now, and the relay publishes them.
+    Only where the node runs on this host (its name after "@" is this host's name), since a
+    process id says nothing on another machine; a claimer whose pid is alive, or whose name does
+    not parse, keeps its claim until its lease ends, as before. Node names must be unique, as
+    Celery requires (it warns of duplicates at start-up): two live nodes with the same name on
+    one host name, in separate pid namespaces, would take each other's rows back.
+    """
+    if not node or node.partition("@")[2] != socket.gethostname():
+        return 0
+    prefix = f"{node}:"
+
+    def alive(row):
+        pid = row.claimed_by[len(prefix) :]
+        if not pid.isdigit():
+            return True
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
+        return True
+
+    count = _reclaim(EmailRequest.objects.claims_of(prefix), now=now or timezone.now(), lost=True, keep=alive)
+    if count:
+        logger.warning("Reclaimed %d rows from gone processes of %s", count, node)
+        # Called from a thread of its own already (see tasks.py): published from here, not from
+        # the publishing executor, which a pool process forked later would inherit without its thread.
+        publish_relay()
     return count

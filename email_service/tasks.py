@@ -2,10 +2,12 @@
 
 import logging
 import os
+import threading
 
 from celery import shared_task
-from celery.signals import worker_process_shutdown
+from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown, worker_ready
 from django.core.exceptions import ValidationError
+from django.db import connections
 
 from . import conf, delivery, outbox, retention, sending
 
@@ -53,6 +55,47 @@ def purge_old_emails():
 @worker_process_shutdown.connect
 def _close_smtp_connection(**kwargs):
     delivery.close_connection()
+
+
+# This worker node's name (celery@host), known in the main process before its pool forks.
+_node = None
+
+
+@celeryd_init.connect
+def _remember_node(sender=None, **kwargs):
+    global _node
+    _node = sender
+
+
+@worker_ready.connect
+def _reclaim_on_start(sender=None, **kwargs):
+    # The main process, once the node is up: rows its crashed predecessor held go back now.
+    _reclaim_from_gone_processes(getattr(sender, "hostname", None) or _node)
+
+
+@worker_process_init.connect
+def _reclaim_on_pool_start(**kwargs):
+    # A pool process started in place of a killed one: its predecessor's row goes back now.
+    _reclaim_from_gone_processes(_node)
+
+
+def _reclaim_from_gone_processes(node):
+    """Reclaim in the background: a slow database must not hold up the start (a pool process
+    that takes over 4 s to start is given up on)."""
+
+    def reclaim():
+        try:
+            outbox.reclaim_from_gone_processes(node)
+        except Exception as exc:
+            # Their leases still bring them back; the worker runs either way.
+            logger.warning("Could not reclaim the rows of gone processes of %s: %s", node, exc)
+        finally:
+            # A process forked later must not inherit this thread's database connection.
+            connections.close_all()
+
+    # A thread of its own, not the publishing executor: a pool process forked from this one
+    # would inherit an executor whose thread it does not have.
+    threading.Thread(target=reclaim, name="email-reclaim", daemon=True).start()
 
 
 @shared_task(name="email_service.tasks.purge_audit_trail", ignore_result=True)

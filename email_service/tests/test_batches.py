@@ -4,6 +4,9 @@ These run in-process against the real SMTP server of the test session and the co
 (PostgreSQL in CI, where the claim uses SKIP LOCKED and the outcome is written in one statement).
 """
 
+import os
+import socket
+import subprocess
 import threading
 import uuid
 from datetime import timedelta
@@ -247,6 +250,38 @@ def test_a_worker_lost_mid_batch_loses_no_row(db, quiet):
     for row in EmailRequest.objects.filter(pk__in=[row.pk for row in rows]):
         assert (row.status, row.retry_count, row.claim_token) == (EmailStatus.PENDING, 1, None)
         assert [a.outcome for a in row.attempts.all()] == ["crashed"]
+
+
+def test_a_restarted_node_takes_back_at_once_what_its_gone_processes_held(db, quiet, monkeypatch):
+    published = []
+    monkeypatch.setattr(outbox, "publish_relay", lambda: published.append("relay"))
+    node = f"phoenix@{socket.gethostname()}"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: no process has this pid now
+    rows = make_rows(4)
+    claims = {
+        "gone": (rows[0], f"{node}:{gone.pid}"),
+        "alive": (rows[1], f"{node}:{os.getpid()}"),
+        "another node": (rows[2], f"other@{socket.gethostname()}:{gone.pid}"),
+        "unparsable": (rows[3], f"{node}:main"),
+    }
+    for row, worker in claims.values():
+        # A lease far from over: only the claimer's absence may end it.
+        EmailRequest.objects.claim_batch(worker=worker, first=row.pk, limit=1, lease=3600)
+        EmailAttempt.objects.create(request=row, number=1, started_at=timezone.now(), worker=worker)
+
+    # On another host the pids say nothing: nothing is touched.
+    assert outbox.reclaim_from_gone_processes("phoenix@elsewhere.example") == 0
+    assert outbox.reclaim_from_gone_processes(node) == 1
+    assert published == ["relay"]
+
+    def state(name):
+        row = EmailRequest.objects.get(pk=claims[name][0].pk)
+        return row.status, row.retry_count, [a.outcome for a in row.attempts.all()]
+
+    assert state("gone") == (EmailStatus.PENDING, 1, ["crashed"])
+    for name in ("alive", "another node", "unparsable"):
+        assert state(name) == (EmailStatus.PROCESSING, 0, [""]), name
 
 
 def test_the_sent_outcome_is_one_write_even_when_the_claim_was_lost(smtp, db, quiet):

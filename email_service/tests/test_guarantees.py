@@ -18,7 +18,7 @@ from email_service.models import EmailAttempt, EmailRequest, EmailStatus
 from email_service.tasks import send_email_task
 from medcor_backend2.celery import app as celery_app
 
-from .conftest import ROOT, free_port, service_env, wait_for
+from .conftest import ROOT, free_port, service_env, start_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -155,7 +155,9 @@ def test_cancel_while_waiting_for_a_retry_is_never_sent(celery_worker, smtp, set
     assert support_copies(smtp, pk) == []
 
 
-def test_a_worker_killed_mid_send_is_delivered_after_its_lease(celery_worker, smtp, settings):
+def test_a_pool_process_killed_mid_send_is_sent_again_without_waiting_for_its_lease(
+    celery_worker, smtp, settings
+):
     settings.EMAIL_SEND_CONFIRMATION = False
     smtp.script = [("hang", 4)]
     pk = submit().pk
@@ -167,6 +169,7 @@ def test_a_worker_killed_mid_send_is_delivered_after_its_lease(celery_worker, sm
     )
     wait_for(lambda: smtp.data_commands >= 1, timeout=10, interval=0.05, message="DATA on the wire")
     pool_pid = int(row.claimed_by.rsplit(":", 1)[1])
+    lease_ends = row.lease_expires_at
     os.kill(pool_pid, signal.SIGKILL)
 
     row = final_row(pk, timeout=90)
@@ -175,9 +178,61 @@ def test_a_worker_killed_mid_send_is_delivered_after_its_lease(celery_worker, sm
     # The killed send reached the server's DATA phase, so the server may keep that copy too.
     print(f"\nkilled mid-send: {copies} copy(ies) received, {copies - 1} duplicate(s)")
     assert 1 <= copies <= 2
-    outcomes = [a.outcome for a in row.attempts.order_by("number")]
-    assert outcomes[0] == "crashed" and outcomes[-1] == "sent"
+    attempts = list(row.attempts.order_by("number"))
+    assert attempts[0].outcome == "crashed" and attempts[-1].outcome == "sent"
+    # The pool process started in place of the killed one took the row back: its lease had not run out.
+    assert attempts[0].finished_at < lease_ends
     assert celery_app.control.ping(timeout=5)
+
+
+def test_a_node_killed_mid_send_and_started_again_takes_its_rows_back_at_start(
+    smtp, smtp_server, transactional_db, settings, tmp_path
+):
+    """The whole worker (main process and pool) killed, then the same node started again, as a
+    supervisor would: the row its dead pool process held is sent without waiting for the lease."""
+    settings.EMAIL_SEND_CONFIRMATION = False
+    smtp.script = [("hang", 4)]
+    # A queue of its own: the session's worker never sees these messages.
+    queue = f"{os.environ.get('CELERY_TASK_DEFAULT_QUEUE', 'emails')}-phoenix"
+    env = {"CELERY_TASK_DEFAULT_QUEUE": queue, "EMAIL_CLAIM_LEASE": "600"}
+    for run in ("first", "again"):
+        (tmp_path / run).mkdir()
+    worker = start_worker(tmp_path / "first", smtp_server.port, name="phoenix", **env)
+    try:
+        pk = submit_to(queue)
+        row = wait_for(
+            lambda: EmailRequest.objects.filter(pk=pk, status=EmailStatus.PROCESSING).first(),
+            timeout=20,
+            interval=0.05,
+            message="the claim",
+        )
+        wait_for(lambda: smtp.data_commands >= 1, timeout=10, interval=0.05, message="DATA on the wire")
+        lease_ends = row.lease_expires_at
+        worker.kill()
+        worker.process.wait(timeout=10)
+    finally:
+        worker.stop()
+    again = start_worker(tmp_path / "again", smtp_server.port, name="phoenix", **env)
+    try:
+        row = final_row(pk, timeout=60)
+    finally:
+        again.stop()
+    assert row.status == EmailStatus.SENT
+    attempts = list(row.attempts.order_by("number"))
+    assert [a.outcome for a in attempts] == ["crashed", "sent"]
+    # Taken back at start, ten minutes before its lease would have ended.
+    assert attempts[0].finished_at < lease_ends and attempts[1].started_at < lease_ends
+    assert 1 <= len(support_copies(smtp, pk)) <= 2
+
+
+def submit_to(queue):
+    """Create a request, and publish its send task to `queue` rather than the default one."""
+    row = outbox.create_email_request(
+        data={"full_name": "Test Patient", "email": "phoenix@example.org", "message": "Hello"},
+        dispatch_on_commit=False,
+    )
+    send_email_task.apply_async(args=[str(row.pk)], queue=queue)
+    return row.pk
 
 
 class SilentBroker:
