@@ -30,7 +30,7 @@ from aiosmtpd.controller import Controller
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.stack import PG, ROOT, Processes, create_database, free_port, manage
+from bench.stack import PG, ROOT, SERVICE_WORKER_FLAGS, Processes, create_database, free_port, manage
 from medcor_backend2.keys import generate_key
 
 RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
@@ -168,8 +168,12 @@ def main():
         "--threads",
         "4",
     )
-    processes.spawn("worker1", *celery, "worker", "--concurrency=2", "--hostname=chaos1@%h")
-    processes.spawn("worker2", *celery, "worker", "--concurrency=2", "--hostname=chaos2@%h")
+    processes.spawn(
+        "worker1", *celery, "worker", *SERVICE_WORKER_FLAGS, "--concurrency=2", "--hostname=chaos1@%h"
+    )
+    processes.spawn(
+        "worker2", *celery, "worker", *SERVICE_WORKER_FLAGS, "--concurrency=2", "--hostname=chaos2@%h"
+    )
     processes.spawn("beat", *celery, "beat", f"--schedule={run_dir / 'beat-schedule'}")
     url = f"http://127.0.0.1:{web_port}/api/email/emails/"
     try:

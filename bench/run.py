@@ -46,6 +46,7 @@ from bench.side_by_side import SideBySide, side_by_side_table
 from bench.stack import (
     PG,
     ROOT,
+    SERVICE_WORKER_FLAGS,
     Processes,
     Sink,
     children,
@@ -169,6 +170,7 @@ class Bench:
             "worker",
             *[sys.executable, "-m", "celery", "-A", "medcor_backend2"],
             "worker",
+            *SERVICE_WORKER_FLAGS,
             f"--concurrency={args.worker_concurrency}",
             f"--prefetch-multiplier={args.worker_prefetch}",
             f"--hostname=bench-{self.queue}@%h",

@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PG = os.environ.get("BENCH_POSTGRES", "postgres://postgres@127.0.0.1:5432")
 # The marker a side-by-side run puts in each form's subject, to tell every mail apart at the sink.
 TOKEN = re.compile(rb"sbs-\d+-\d+")
+# The service's worker as docker-compose.yml and Procfile.dev start it: without Celery's start-up
+# sync with other workers (mingle, about 1 s) and its worker-to-worker events (gossip), neither of
+# which the service uses.
+SERVICE_WORKER_FLAGS = ("--without-mingle", "--without-gossip")
 
 
 def free_port():

@@ -33,6 +33,8 @@ def test_compose_runs_web_worker_beat_rabbitmq_postgresql_and_redis(compose):
     command = " ".join(services["web"]["command"].split())
     assert "gunicorn -c deploy/gunicorn.conf.py medcor_backend2.wsgi:application" in command
     assert services["worker"]["command"].startswith("celery -A medcor_backend2 worker")
+    # Neither start-up sync with other workers nor their events: the service uses neither (see README).
+    assert {"--without-mingle", "--without-gossip"} <= set(services["worker"]["command"].split())
     assert services["beat"]["command"].startswith("celery -A medcor_backend2 beat")
     assert all(services[name]["image"] == services["web"]["image"] for name in APP_SERVICES)
 
