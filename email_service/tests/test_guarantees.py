@@ -155,12 +155,8 @@ def test_cancel_while_waiting_for_a_retry_is_never_sent(celery_worker, smtp, set
     assert support_copies(smtp, pk) == []
 
 
-def test_a_pool_process_killed_mid_send_is_sent_again_without_waiting_for_its_lease(
-    celery_worker, smtp, settings
-):
-    settings.EMAIL_SEND_CONFIRMATION = False
-    smtp.script = [("hang", 4)]
-    pk = submit().pk
+def claimed_with_data_on_the_wire(pk, smtp):
+    """Wait until row `pk` is claimed and its mail's DATA has begun; return the claimed row."""
     row = wait_for(
         lambda: EmailRequest.objects.filter(pk=pk, status=EmailStatus.PROCESSING).first(),
         timeout=20,
@@ -168,6 +164,16 @@ def test_a_pool_process_killed_mid_send_is_sent_again_without_waiting_for_its_le
         message="the claim",
     )
     wait_for(lambda: smtp.data_commands >= 1, timeout=10, interval=0.05, message="DATA on the wire")
+    return row
+
+
+def test_a_pool_process_killed_mid_send_is_sent_again_without_waiting_for_its_lease(
+    celery_worker, smtp, settings
+):
+    settings.EMAIL_SEND_CONFIRMATION = False
+    smtp.script = [("hang", 4)]
+    pk = submit().pk
+    row = claimed_with_data_on_the_wire(pk, smtp)
     pool_pid = int(row.claimed_by.rsplit(":", 1)[1])
     lease_ends = row.lease_expires_at
     os.kill(pool_pid, signal.SIGKILL)
@@ -200,13 +206,7 @@ def test_a_node_killed_mid_send_and_started_again_takes_its_rows_back_at_start(
     worker = start_worker(tmp_path / "first", smtp_server.port, name="phoenix", **env)
     try:
         pk = submit_to(queue)
-        row = wait_for(
-            lambda: EmailRequest.objects.filter(pk=pk, status=EmailStatus.PROCESSING).first(),
-            timeout=20,
-            interval=0.05,
-            message="the claim",
-        )
-        wait_for(lambda: smtp.data_commands >= 1, timeout=10, interval=0.05, message="DATA on the wire")
+        row = claimed_with_data_on_the_wire(pk, smtp)
         lease_ends = row.lease_expires_at
         worker.kill()
         worker.process.wait(timeout=10)
