@@ -1,6 +1,7 @@
 """Building the mails and classifying what an SMTP server answers."""
 
 import errno
+import re
 import smtplib
 import socket
 import ssl
@@ -103,6 +104,86 @@ def test_the_wire_bytes_are_what_the_stdlib_generator_writes(
         # The fast path set every boundary; the stdlib generator keeps boundaries that are set.
         assert wire == mime.as_bytes(linesep="\r\n")
         assert b"\n" not in wire.replace(b"\r\n", b"")
+
+
+BOUNDARY = re.compile(rb"===============[0-9a-f]{32}==")
+
+
+def _numbered_boundaries(raw):
+    """Replace each boundary by its order of first appearance: two writers' boundaries differ."""
+    seen = {}
+    return BOUNDARY.sub(lambda found: b"B%d" % seen.setdefault(found.group(), len(seen)), raw)
+
+
+# Texts that exercise what the direct writer must do as the stdlib does: every kind of line end,
+# a line of exactly 998 bytes and one over it, non-ASCII, lines the generator could mangle.
+TEXT_PIECES = [
+    "plain words",
+    "\n",
+    "\r\n",
+    "\r",
+    "\n\n",
+    "From the start",
+    ".leading dot",
+    "é",
+    "中文",
+    "🙂",
+    "x" * 998,
+    "y" * 999,
+    "é" * 499,
+    "\t tab",
+    " ",
+    "--boundary-like",
+    "=?utf-8?q?x?=",
+    "\u2028",
+    "\x0c",
+]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_direct_writer_gives_the_bytes_django_and_the_stdlib_would(
+    db, settings, tmp_path, monkeypatch, seed
+):
+    import random
+
+    from django.core.mail import message as django_message
+
+    rng = random.Random(seed)
+    text = lambda count: "".join(rng.choice(TEXT_PIECES) for _ in range(count))  # noqa: E731
+    # The same Date and Message-ID for both writers.
+    for module in (delivery, django_message):
+        monkeypatch.setattr(module, "formatdate", lambda localtime=False: "Wed, 02 Dec 2026 06:00:00 -0000")
+        monkeypatch.setattr(module, "make_msgid", lambda domain=None: "<fixed@example.com>")
+    settings.MEDIA_ROOT = str(tmp_path)
+    row = EmailRequest.objects.create(
+        full_name=rng.choice(["Ana Lima", "Zoë Ångström 中文", "A" * 120, 'O\'Brien, "Q"']),
+        email=rng.choice(["ana@example.com", "zoe@exämple.com", "x@[127.0.0.1]"]),
+        subject=rng.choice(["", "Lab results", "Ünïcödé " * 12, "x " * 60]),
+        message=text(rng.randint(0, 12)),
+        message_id="<request@example.com>",
+    )
+    if rng.random() < 0.5:
+        row.file_attached.save("x.pdf", ContentFile(pdf_bytes()), save=False)
+        row.attachment_name = rng.choice(["scan.pdf", "Résultats labo.pdf"])
+        row.attachment_content_type = "application/pdf"
+    messages = [
+        delivery.build_support_message(row),
+        delivery.build_confirmation_message(row),
+        delivery._build_minimal_support_message(row),
+        delivery.build_reply_message(EmailRequest(parent=row, message=text(rng.randint(1, 8)))),
+    ]
+    direct_count = 0
+    for message in messages:
+        direct = delivery._direct_wire_bytes(message)
+        general = delivery.wire_bytes(message.message())
+        if direct is None:
+            # Only where a part goes quoted-printable: a line over 998 bytes.
+            assert b"quoted-printable" in general
+            continue
+        direct_count += 1
+        assert _numbered_boundaries(direct) == _numbered_boundaries(general)
+    # The acknowledgement and the minimal notice quote nothing: they always take the direct path.
+    assert direct_count >= 2
 
 
 def test_each_multipart_boundary_is_new_and_random(email_request):
