@@ -231,6 +231,26 @@ def _encoded_size(size):
     return lines * 78 + (4 * -(-rest // 3) + 2 if rest else 0)
 
 
+# Django's own split (django.core.mail.message): a text with a longer line goes quoted-printable.
+LONGEST_LINE = 998
+NEWLINES = re.compile(rb"\r\n|\r|\n")
+_COMPAT32 = email.policy.compat32.clone(linesep="\r\n")
+
+
+def _header_line(name, value, fold=_COMPAT32.fold_binary, linesep=CRLF):
+    """One header line: as it is when it fits on one (ASCII, no line break, at most 78
+    characters with its name, which is what folding it would give), else folded by `fold`."""
+    if (
+        isinstance(value, str)
+        and len(name) + len(value) <= 76
+        and value.isascii()
+        and "\n" not in value
+        and "\r" not in value
+    ):
+        return f"{name}: {value}".encode("ascii") + linesep
+    return fold(name, value)
+
+
 class _WireGenerator(BytesGenerator):
     """The stdlib's byte generator with two costs taken out; the bytes are the same.
 
@@ -243,18 +263,8 @@ class _WireGenerator(BytesGenerator):
     """
 
     def _write_headers(self, msg):
-        fold = self.policy.fold_binary
         for name, value in msg.raw_items():
-            if (
-                isinstance(value, str)
-                and len(name) + len(value) <= 76
-                and value.isascii()
-                and "\n" not in value
-                and "\r" not in value
-            ):
-                self._fp.write(f"{name}: {value}".encode("ascii") + self._encoded_NL)
-            else:
-                self._fp.write(fold(name, value))
+            self._fp.write(_header_line(name, value, self.policy.fold_binary, self._encoded_NL))
         self.write(self._NL)
 
     @classmethod
@@ -267,19 +277,6 @@ def wire_bytes(mime):
     buffer = io.BytesIO()
     _WireGenerator(buffer, mangle_from_=False).flatten(mime, linesep="\r\n")
     return buffer.getvalue()
-
-
-# Django's own split (django.core.mail.message): a text with a longer line goes quoted-printable.
-LONGEST_LINE = 998
-NEWLINES = re.compile(rb"\r\n|\r|\n")
-_COMPAT32 = email.policy.compat32.clone(linesep="\r\n")
-
-
-def _header_line(name, value):
-    """One header as _WireGenerator writes it: as it is when it fits, else folded by the policy."""
-    if len(name) + len(value) <= 76 and value.isascii() and "\n" not in value and "\r" not in value:
-        return f"{name}: {value}\r\n".encode("ascii")
-    return _COMPAT32.fold_binary(name, value)
 
 
 def _mime_bytes(headers, body):
