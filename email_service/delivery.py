@@ -105,7 +105,6 @@ def _build_minimal_support_message(email_request):
     """
     context = {
         "reference": email_request.id,
-        "created_at": email_request.created_at,
         "received": _received(email_request),
         "has_attachment": email_request.has_attachment,
         "admin_url": admin_change_url(email_request),
@@ -284,8 +283,8 @@ def _mime_bytes(headers, body):
 
 
 def _text_part(text, subtype):
-    """The bytes of a SafeMIMEText(text, subtype, "utf-8") part, or None where it would be
-    quoted-printable (a line over 998 bytes) or the text cannot be encoded."""
+    """The headers and body of a SafeMIMEText(text, subtype, "utf-8") part, or None where it
+    would be quoted-printable (a line over 998 bytes) or the text cannot be encoded."""
     if any(len(line.encode(errors="surrogateescape")) > LONGEST_LINE for line in text.splitlines()):
         return None
     try:
@@ -297,7 +296,7 @@ def _text_part(text, subtype):
         ("MIME-Version", "1.0"),
         ("Content-Transfer-Encoding", "7bit" if data.isascii() else "8bit"),
     ]
-    return _mime_bytes(headers, NEWLINES.sub(CRLF, data))
+    return headers, NEWLINES.sub(CRLF, data)
 
 
 def _multipart(subtype, parts):
@@ -323,24 +322,20 @@ def _direct_wire_bytes(message):
     encoding = message.encoding or settings.DEFAULT_CHARSET
     if encoding.lower() != "utf-8" or message.content_subtype != "plain" or not message.body:
         return None
-    if getattr(message, "alternatives", None) and any(
-        not mime.startswith("text/") for _, mime in message.alternatives
-    ):
+    alternatives = getattr(message, "alternatives", [])
+    if any(not mime.startswith("text/") for _, mime in alternatives):
         return None
     if any(not isinstance(attachment, MIMEBase) for attachment in message.attachments):
         return None
-    texts = [(message.body, "plain")] + [
-        (content, mime[5:]) for content, mime in getattr(message, "alternatives", [])
-    ]
+    texts = [(message.body, "plain")] + [(content, mime[5:]) for content, mime in alternatives]
     parts = [_text_part(text, subtype) for text, subtype in texts]
     if None in parts:
         return None
     if len(parts) > 1:
-        headers, body = _multipart(message.alternative_subtype, parts)
+        headers, body = _multipart(message.alternative_subtype, [_mime_bytes(*part) for part in parts])
     else:
         # The text part is the message itself: its own headers come first.
-        head, _, body = parts[0].partition(CRLF + CRLF)
-        headers = [tuple(line.decode("ascii").split(": ", 1)) for line in head.split(CRLF)]
+        headers, body = parts[0]
     if message.attachments:
         attached = [wire_bytes(attachment) for attachment in message.attachments]
         headers, body = _multipart(message.mixed_subtype, [_mime_bytes(headers, body), *attached])
