@@ -57,8 +57,10 @@ def _close_smtp_connection(**kwargs):
     delivery.close_connection()
 
 
-# This worker node's name (celery@host), known in the main process before its pool forks.
+# This worker node's name (celery@host), known in the main process before its pool forks; and
+# whether the node has started, so that a pool process forked after that knows it replaces one.
 _node = None
+_node_started = False
 
 
 @celeryd_init.connect
@@ -70,13 +72,17 @@ def _remember_node(sender=None, **kwargs):
 @worker_ready.connect
 def _reclaim_on_start(sender=None, **kwargs):
     # The main process, once the node is up: rows its crashed predecessor held go back now.
+    global _node_started
+    _node_started = True
     _reclaim_from_gone_processes(getattr(sender, "hostname", None) or _node)
 
 
 @worker_process_init.connect
 def _reclaim_on_pool_start(**kwargs):
-    # A pool process started in place of a killed one: its predecessor's row goes back now.
-    _reclaim_from_gone_processes(_node)
+    # A pool process started in place of a killed one: its predecessor's row goes back now. The
+    # pool's first processes start before the node is ready, whose own reclaim covers them.
+    if _node_started:
+        _reclaim_from_gone_processes(_node)
 
 
 def _reclaim_from_gone_processes(node):
