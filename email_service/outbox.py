@@ -236,6 +236,30 @@ def _reclaim(claims, *, now, lost=False, keep=lambda row: False):
     return count
 
 
+def _process_runs(pid):
+    """Whether a process with this pid exists on this host and has not ended.
+
+    A pool process killed with its parent is a zombie until its new parent (often pid 1) gets
+    round to reaping it, which can take seconds after its node has started again: it holds its pid
+    but will never finish a send, so it counts as gone (its state in /proc, where there is one).
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # there, under another user
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # "pid (comm) state ...": comm may hold spaces and parentheses, the state follows the last ")".
+            state = stat.read().rpartition(b")")[2].split()[:1]
+    except FileNotFoundError:
+        return False  # reaped since the signal
+    except OSError:
+        return True  # no /proc: the signal's answer stands
+    return state not in ([b"Z"], [b"X"])
+
+
 def reclaim_from_gone_processes(node, *, now=None):
     """Take back, without waiting for their leases, the rows this worker node's gone processes held.
 
@@ -254,15 +278,7 @@ def reclaim_from_gone_processes(node, *, now=None):
 
     def alive(row):
         pid = row.claimed_by[len(prefix) :]
-        if not pid.isdigit():
-            return True
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except OSError:
-            return True
-        return True
+        return not pid.isdigit() or _process_runs(int(pid))
 
     count = _reclaim(EmailRequest.objects.claims_of(prefix), now=now or timezone.now(), lost=True, keep=alive)
     if count:

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from datetime import timedelta
 
@@ -252,15 +253,27 @@ def test_a_worker_lost_mid_batch_loses_no_row(db, quiet):
         assert [a.outcome for a in row.attempts.all()] == ["crashed"]
 
 
+def _state(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0]
+
+
 def test_a_restarted_node_takes_back_at_once_what_its_gone_processes_held(db, quiet, monkeypatch):
     published = []
     monkeypatch.setattr(outbox, "publish_relay", lambda: published.append("relay"))
     node = f"phoenix@{socket.gethostname()}"
     gone = subprocess.Popen(["true"])
     gone.wait()  # reaped: no process has this pid now
-    rows = make_rows(4)
+    # Ended but not yet reaped (as a killed node's pool processes are until pid 1 reaps them).
+    zombie = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while _state(zombie.pid) != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _state(zombie.pid) == "Z"
+    rows = make_rows(5)
     claims = {
         "gone": (rows[0], f"{node}:{gone.pid}"),
+        "zombie": (rows[4], f"{node}:{zombie.pid}"),
         "alive": (rows[1], f"{node}:{os.getpid()}"),
         "another node": (rows[2], f"other@{socket.gethostname()}:{gone.pid}"),
         "unparsable": (rows[3], f"{node}:main"),
@@ -272,14 +285,16 @@ def test_a_restarted_node_takes_back_at_once_what_its_gone_processes_held(db, qu
 
     # On another host the pids say nothing: nothing is touched.
     assert outbox.reclaim_from_gone_processes("phoenix@elsewhere.example") == 0
-    assert outbox.reclaim_from_gone_processes(node) == 1
+    assert outbox.reclaim_from_gone_processes(node) == 2
     assert published == ["relay"]
+    zombie.wait()
 
     def state(name):
         row = EmailRequest.objects.get(pk=claims[name][0].pk)
         return row.status, row.retry_count, [a.outcome for a in row.attempts.all()]
 
     assert state("gone") == (EmailStatus.PENDING, 1, ["crashed"])
+    assert state("zombie") == (EmailStatus.PENDING, 1, ["crashed"])
     for name in ("alive", "another node", "unparsable"):
         assert state(name) == (EmailStatus.PROCESSING, 0, [""]), name
 
