@@ -30,7 +30,16 @@ from aiosmtpd.controller import Controller
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.stack import PG, ROOT, SERVICE_WORKER_FLAGS, Processes, create_database, free_port, manage
+from bench.stack import (
+    PG,
+    ROOT,
+    SERVICE_CELERY,
+    SERVICE_WORKER_FLAGS,
+    Processes,
+    create_database,
+    free_port,
+    manage,
+)
 from medcor_backend2.keys import generate_key
 
 RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
@@ -154,7 +163,7 @@ def main():
     manage(env, "migrate", "--noinput")
 
     processes = Processes(run_dir, env)
-    celery = [sys.executable, "-m", "celery", "-A", "medcor_backend2"]
+    celery = [sys.executable, *SERVICE_CELERY]
     processes.spawn(
         "web",
         sys.executable,

@@ -46,6 +46,7 @@ from bench.side_by_side import SideBySide, side_by_side_table
 from bench.stack import (
     PG,
     ROOT,
+    SERVICE_CELERY,
     SERVICE_WORKER_FLAGS,
     Processes,
     Sink,
@@ -168,7 +169,8 @@ class Bench:
         args = self.args
         self.processes.spawn(
             "worker",
-            *[sys.executable, "-m", "celery", "-A", "medcor_backend2"],
+            sys.executable,
+            *SERVICE_CELERY,
             "worker",
             *SERVICE_WORKER_FLAGS,
             f"--concurrency={args.worker_concurrency}",

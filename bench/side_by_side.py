@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import requests
 
-from bench.stack import PG, ROOT, SERVICE_WORKER_FLAGS, Processes, create_database, tree_cpu
+from bench.stack import PG, ROOT, SERVICE_CELERY, SERVICE_WORKER_FLAGS, Processes, create_database, tree_cpu
 
 PEERS = ROOT / "bench" / "peers"
 VENV = ROOT / "var" / "peers-venv"
@@ -144,7 +144,7 @@ class Service(System):
 
     def make_sender(self):
         bench, args = self.bench, self.bench.args
-        command = [sys.executable, "-m", "celery", "-A", "medcor_backend2", "worker", *SERVICE_WORKER_FLAGS]
+        command = [sys.executable, *SERVICE_CELERY, "worker", *SERVICE_WORKER_FLAGS]
         command += [
             f"--concurrency={args.worker_concurrency}",
             f"--prefetch-multiplier={args.worker_prefetch}",

@@ -32,7 +32,8 @@ def test_compose_runs_web_worker_beat_rabbitmq_postgresql_and_redis(compose):
     assert set(services) == {"nginx", "web", "worker", "beat", "rabbitmq", "postgres", "redis"}
     command = " ".join(services["web"]["command"].split())
     assert "gunicorn -c deploy/gunicorn.conf.py medcor_backend2.wsgi:application" in command
-    assert services["worker"]["command"].startswith("celery -A medcor_backend2 worker")
+    # No system checks at each start: the web's `migrate` ran them before (see README).
+    assert services["worker"]["command"].startswith("celery -A medcor_backend2 --skip-checks worker")
     # Neither start-up sync with other workers nor their events: the service uses neither (see README).
     assert {"--without-mingle", "--without-gossip"} <= set(services["worker"]["command"].split())
     assert services["beat"]["command"].startswith("celery -A medcor_backend2 beat")
