@@ -14,6 +14,7 @@ RUN DJANGO_SECRET_KEY=collectstatic-only AUDIT_HMAC_KEY=collectstatic-only \
     MEDCOR_ENCRYPTION_KEYS="$(python -c 'from medcor_backend2.keys import generate_key; print(generate_key())')" \
     MEDCOR_INDEX_KEY="$(python -c 'from medcor_backend2.keys import generate_key; print(generate_key())')" \
     python manage.py collectstatic --noinput \
+    && python -m compileall -q email_service medcor_backend2 \
     && useradd --create-home --uid 1000 medcor \
     && mkdir -p /app/media /app/var && chown -R medcor /app/media /app/var
 USER medcor
