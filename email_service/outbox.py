@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +29,13 @@ SEND_TASK = "email_service.tasks.send_email_task"
 DISPATCH_TASK = "email_service.tasks.dispatch_due_emails"
 # Set while a wake message of that slot waits on the broker; its task clears it, then claims.
 WAKE_KEY = "email-service:send-wake:{}"
+# For this long after a process found a slot taken, its new rows count on that slot's message
+# without asking the cache again: its task clears the slot, and claims on until at least this
+# long after (sending.send_due_emails), so each of them is committed before one of its claims.
+WAKE_SEEN_TAKEN_SECONDS = 0.25
+
+# When this process last found a wake slot taken (time.monotonic(), taken before it asked).
+_seen_taken_at = None
 
 _executor = None
 
@@ -97,7 +105,8 @@ def wake_or_publish(pk, task_id):
 
     A send task drains every due row, so a message still waiting on the broker will take this
     row too: its task clears its wake slot first and claims after, and this row was committed
-    before the slot was found taken. Up to EMAIL_DISPATCH_WAKE_SLOTS such messages wait at
+    before the slot was found taken (or at most WAKE_SEEN_TAKEN_SECONDS after this process last
+    found it so, a time the task goes on claiming for after its clear). Up to EMAIL_DISPATCH_WAKE_SLOTS such messages wait at
     once, so that as many workers drain side by side.
     """
     slot = _take_wake_slot()
@@ -107,10 +116,18 @@ def wake_or_publish(pk, task_id):
 
 
 def _take_wake_slot():
-    """Return a free wake slot, now taken; False if the one tried is taken; None: no slots."""
+    """Return a free wake slot, now taken; False if the one tried is taken; None: no slots.
+
+    Found taken, a slot is taken for the next WAKE_SEEN_TAKEN_SECONDS without asking: under load
+    most rows then cost no round trip to the cache (one per process and quarter second).
+    """
+    global _seen_taken_at
     slots = conf.dispatch_wake_slots()
     if not slots:
         return None
+    asked_at = time.monotonic()
+    if _seen_taken_at is not None and asked_at - _seen_taken_at < WAKE_SEEN_TAKEN_SECONDS:
+        return False
     slot = random.randrange(slots)
     try:
         # It expires when the relay would publish a dispatched row again: a lost message holds
@@ -119,11 +136,16 @@ def _take_wake_slot():
     except Exception as exc:
         logger.warning("Wake slots unavailable, publishing for every row: %s", exc)
         return None
-    return slot if taken else False
+    if taken:
+        return slot
+    _seen_taken_at = asked_at
+    return False
 
 
 def clear_wake(slot):
     """Free a wake slot, so that the next new row publishes again; called before claiming."""
+    global _seen_taken_at
+    _seen_taken_at = None  # what this process saw is over; other processes' sightings expire
     try:
         cache.delete(WAKE_KEY.format(slot))
     except Exception as exc:

@@ -86,9 +86,13 @@ def send_due_emails(
 
     A wake message (`wake`, see outbox.wake_or_publish) stands for every row committed while
     its slot was taken: its slot is cleared before the first claim, and it drains like `carry_on`.
+    Processes that saw the slot taken go on counting on it for WAKE_SEEN_TAKEN_SECONDS, so it
+    claims until at least that long after the clear, waiting out the rest if it runs dry sooner.
     """
+    claim_until = None
     if wake is not None:
         outbox.clear_wake(wake)
+        claim_until = time.monotonic() + outbox.WAKE_SEEN_TAKEN_SECONDS
         carry_on = True
     # Most messages of a backlog find their row already taken by another task's batch: one
     # indexed read, and they are done (their ack is all the broker still needs). Every other due
@@ -125,19 +129,32 @@ def send_due_emails(
         if not rows:
             if probe:
                 brake.drop_probe(probe)
+            elif _wait_to_claim_again(claim_until):
+                continue
             return statuses
         sent, gave_back = _send_batch(
             rows, token, worker, window_ends=window_ends, started=bool(statuses), probe=probe
         )
         statuses.update(sent)
         # Rows given back went with a task of their own: this one stops rather than take them again.
-        if gave_back or not more or len(rows) < limit:
+        if gave_back or not more:
+            return statuses
+        if len(rows) < limit and (probe or not _wait_to_claim_again(claim_until)):
             return statuses
         if time.monotonic() > window_ends:
             # Rows may still be due that have no message of their own (they found a wake slot
             # taken): a continuation drains them.
             outbox.publish_or_forget(rows[-1].pk, str(uuid.uuid4()), carry_on=True)
             return statuses
+
+
+def _wait_to_claim_again(claim_until):
+    """Sleep until `claim_until` (a time.monotonic() value) if it is still ahead; whether it was."""
+    remaining = claim_until - time.monotonic() if claim_until is not None else 0
+    if remaining <= 0:
+        return False
+    time.sleep(remaining)
+    return True
 
 
 def _wait_for_brake(first, *, carry_on=False):

@@ -68,6 +68,58 @@ def test_a_wake_message_frees_its_slot_and_sends_the_rows_that_did_not_publish(s
     assert one_slot[-1] == (late.pk, 0)  # the slot was freed
 
 
+def test_rows_that_count_on_a_slot_seen_taken_are_claimed_by_its_task_which_claims_for_that_long(
+    smtp, db, one_slot, monkeypatch
+):
+    asked = []  # the wake slots this process asked the cache for
+    real_add = outbox.cache.add
+
+    def add(key, *args, **kwargs):
+        if key.startswith(outbox.WAKE_KEY.format("")):
+            asked.append(key)
+        return real_add(key, *args, **kwargs)
+
+    monkeypatch.setattr(outbox.cache, "add", add)
+    first, second, third = make_rows(3)
+    outbox.wake_or_publish(first.pk, first.celery_task_id)  # takes the slot: its message waits
+    outbox.wake_or_publish(second.pk, second.celery_task_id)  # finds it taken
+    outbox.wake_or_publish(third.pk, third.celery_task_id)  # counts on it without asking
+    assert one_slot == [(first.pk, 0)]
+    assert len(asked) == 2
+    sending.send_pace.record(0.001)
+
+    # Another process saw the slot taken just before the task cleared it, and commits a row
+    # after the task's first claim: it does not ask, and the task's later claim takes it.
+    late = []
+    claim_batch = EmailRequest.objects.claim_batch
+
+    def claim_then_commit_one(**kwargs):
+        claimed = claim_batch(**kwargs)
+        if not late:
+            late.append(make_rows(1)[0])
+            outbox._seen_taken_at = time.monotonic()
+            outbox.wake_or_publish(late[0].pk, late[0].celery_task_id)
+        return claimed
+
+    monkeypatch.setattr(EmailRequest.objects, "claim_batch", claim_then_commit_one)
+    started = time.monotonic()
+    statuses = sending.send_due_emails(first.pk, worker="test", wake=0)
+
+    assert time.monotonic() - started >= outbox.WAKE_SEEN_TAKEN_SECONDS
+    assert one_slot == [(first.pk, 0)]  # the late row published nothing
+    assert len(asked) == 2
+    assert set(statuses) == {str(row.pk) for row in (first, second, third, late[0])}
+    assert set(statuses.values()) == {EmailStatus.SENT}
+    assert len(smtp.messages) == 4
+
+
+def test_a_task_without_a_wake_slot_stops_at_its_first_empty_claim(smtp, db, one_slot):
+    row = make_rows(1)[0]
+    started = time.monotonic()
+    assert sending.send_due_emails(row.pk, worker="test") == {str(row.pk): EmailStatus.SENT}
+    assert time.monotonic() - started < outbox.WAKE_SEEN_TAKEN_SECONDS
+
+
 def test_a_wake_message_that_cannot_be_published_leaves_every_row_counting_on_it_to_the_relay(
     db, one_slot, monkeypatch
 ):
