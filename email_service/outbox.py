@@ -106,8 +106,9 @@ def wake_or_publish(pk, task_id):
     A send task drains every due row, so a message still waiting on the broker will take this
     row too: its task clears its wake slot first and claims after, and this row was committed
     before the slot was found taken (or at most WAKE_SEEN_TAKEN_SECONDS after this process last
-    found it so, a time the task goes on claiming for after its clear). Up to EMAIL_DISPATCH_WAKE_SLOTS such messages wait at
-    once, so that as many workers drain side by side.
+    found it so, a time the task goes on claiming for after its clear). Up to
+    EMAIL_DISPATCH_WAKE_SLOTS such messages wait at once, so that as many workers drain side by
+    side.
     """
     slot = _take_wake_slot()
     if slot is False:
