@@ -98,9 +98,10 @@ def pdf_of(size):
 
     The random bytes are one stream's data, as an image's would be: in the PDF's syntax they would
     now and then spell the script key /JS, which the upload check refuses there (it looks in stream
-    data only for the long names: 2 of 40 random 3 MB files were refused that way, none of 40 like these).
+    data only for the long names): 2 of 40 random 3 MB files were refused that way, none of 40
+    like these.
     """
-    tail = b"\nendstream\nendobj\n%EOF\n"
+    tail = b"\nendstream\nendobj\n%%EOF\n"
     # The length's digits are part of the size; the file is far too small for a nine-digit one.
     data = size - len(b"%PDF-1.4\n1 0 obj\n<< /Length 123456789 >>\nstream\n") - len(tail)
     head = b"%PDF-1.4\n1 0 obj\n<< /Length " + str(data).rjust(9).encode() + b" >>\nstream\n"
