@@ -129,6 +129,16 @@ else:
     DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = env.int(
         "DATABASE_CONNECT_TIMEOUT", default=5
     )
+    # Parameters bound by the server and statements a connection runs again and again prepared
+    # (Django's own options for psycopg 3): the send loop runs the same few statements for every
+    # mail, and each then skips its parsing and planning. Django leaves both off for connection
+    # poolers in transaction mode that cannot keep a prepared statement: DATABASE_PREPARE_THRESHOLD
+    # empty turns them off (PgBouncer 1.21 and newer keeps them with max_prepared_statements).
+    _prepare_threshold = env("DATABASE_PREPARE_THRESHOLD", default="5").strip()
+    if _prepare_threshold and "postgresql" in DATABASES["default"]["ENGINE"]:
+        DATABASES["default"]["OPTIONS"].update(
+            server_side_binding=True, prepare_threshold=int(_prepare_threshold)
+        )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env("REDIS_URL", default="")

@@ -7,6 +7,7 @@ These run in-process against the real SMTP server of the test session and the co
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -317,6 +318,63 @@ def test_the_sent_outcome_is_one_write_even_when_the_claim_was_lost(smtp, db, qu
     attempt.refresh_from_db()
     assert (row.status, row.claim_token, row.lease_expires_at) == (EmailStatus.SENT, None, None)
     assert (attempt.outcome, attempt.smtp_code, attempt.duration_ms) == ("sent", 250, 5)
+
+
+def test_on_postgresql_the_send_loop_runs_its_statements_prepared(smtp, db, quiet):
+    require_postgresql()
+    rows = make_rows(8)
+    # One at a time, so the outcome's statement runs once per mail, as in a long batch.
+    for row in rows:
+        assert sending.send_email_request(row.pk, worker="test") == EmailStatus.SENT
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements WHERE from_sql = false")
+        prepared = [statement for (statement,) in cursor.fetchall()]
+    # The outcome's write (models._complete_with_attempt_sql) and the claim's UPDATE among them.
+    assert any(statement.startswith("WITH finished AS (UPDATE") for statement in prepared), prepared
+    assert any('UPDATE "email_service_emailrequest" SET "status"' in statement for statement in prepared)
+    assert set(
+        EmailRequest.objects.filter(pk__in=[row.pk for row in rows]).values_list("status", flat=True)
+    ) == {EmailStatus.SENT}
+
+
+@pytest.mark.parametrize(
+    ("threshold", "options"),
+    [
+        (None, {"server_side_binding": True, "prepare_threshold": 5}),
+        ("0", {"server_side_binding": True, "prepare_threshold": 0}),
+        ("", {}),  # off, for a pooler in transaction mode that cannot keep prepared statements
+    ],
+)
+def test_database_prepare_threshold_sets_djangos_psycopg_options(threshold, options):
+    from medcor_backend2.keys import generate_key
+
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "medcor_backend2.settings",
+        "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/test",
+        "DJANGO_DEBUG": "false",
+        "DJANGO_SECRET_KEY": "settings-test",
+        "AUDIT_HMAC_KEY": "settings-test",
+        "MEDCOR_ENCRYPTION_KEYS": generate_key(),
+        "MEDCOR_INDEX_KEY": generate_key(),
+    }
+    env.pop("DATABASE_PREPARE_THRESHOLD", None)
+    if threshold is not None:
+        env["DATABASE_PREPARE_THRESHOLD"] = threshold
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from django.conf import settings; o = settings.DATABASES['default']['OPTIONS']; "
+            "print({k: o[k] for k in ('server_side_binding', 'prepare_threshold') if k in o})",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert shown.strip() == repr(options)
 
 
 @pytest.mark.django_db(transaction=True)
