@@ -28,7 +28,7 @@ from django.core.mail import EmailMultiAlternatives
 from django.core.mail.backends.smtp import EmailBackend
 from django.core.mail.message import forbid_multi_line_headers, sanitize_address
 from django.core.mail.utils import DNS_NAME
-from django.template.loader import render_to_string
+from django.template.loader import get_template, render_to_string
 from django.urls import reverse
 from django.utils import dateformat
 from django.utils.timezone import template_localtime
@@ -120,6 +120,28 @@ def _build_minimal_support_message(email_request):
         render_to_string("email_service/support_email_minimal.html", context), "text/html"
     )
     return message
+
+
+# The templates of the mails a worker sends, loaded by load_ahead.
+MAIL_TEMPLATES = (
+    "email_service/support_email.txt",
+    "email_service/support_email.html",
+    "email_service/support_email_minimal.txt",
+    "email_service/support_email_minimal.html",
+    "email_service/reply_email.txt",
+    "email_service/confirmation_email.txt",
+)
+
+
+def load_ahead():
+    """Load the mail templates now, in a process about to fork the ones that send.
+
+    Django's cached template loader keeps each template compiled once it is first rendered; loaded
+    here, every forked process has them from the start instead of compiling its own copy while
+    its first mail waits.
+    """
+    for name in MAIL_TEMPLATES:
+        get_template(name)
 
 
 def _received(email_request):

@@ -425,3 +425,39 @@ def test_a_timeout_after_the_connection_opened_stays_this_mails(email_request, s
     smtp.script = [("hang", 1.5)]
     result = delivery.send(delivery.build_support_message(email_request))
     assert (result.outcome, result.brake) == (AttemptOutcome.TRANSIENT, "")
+
+
+def test_a_worker_loads_its_mail_templates_and_cache_backend_once_before_it_forks(monkeypatch, caplog):
+    import gc
+
+    from django.template import engines
+
+    from email_service import tasks
+
+    loader = engines["django"].engine.template_loaders[0]
+    loader.reset()
+    made = []
+    monkeypatch.setattr(tasks.caches, "create_connection", lambda alias: made.append(alias))
+    monkeypatch.setattr(tasks, "_loaded_ahead", False)
+    try:
+        tasks._freeze_before_fork()
+        # The pool's later forks (a replaced process) find it done.
+        tasks._freeze_before_fork()
+    finally:
+        gc.unfreeze()
+    assert made == ["default"]
+    # The cached loader holds each compiled mail template: a forked process renders without loading.
+    cached = {key.split("-")[0] for key in loader.get_template_cache}
+    assert set(delivery.MAIL_TEMPLATES) <= cached
+
+    def broken(alias):
+        raise RuntimeError("no such backend")
+
+    # A failure to load ahead leaves it to each process's first mail; the worker still starts.
+    monkeypatch.setattr(tasks.caches, "create_connection", broken)
+    monkeypatch.setattr(tasks, "_loaded_ahead", False)
+    try:
+        tasks._freeze_before_fork()
+    finally:
+        gc.unfreeze()
+    assert "Could not load the cache backend and mail templates ahead: no such backend" in caplog.text
