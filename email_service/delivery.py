@@ -40,6 +40,23 @@ from .outcomes import AttemptOutcome, BrakeKind
 logger = logging.getLogger(__name__)
 
 
+# The templates of the mails a worker sends; load_ahead compiles them all before it forks.
+SUPPORT_TEXT_TEMPLATE = "email_service/support_email.txt"
+SUPPORT_HTML_TEMPLATE = "email_service/support_email.html"
+MINIMAL_TEXT_TEMPLATE = "email_service/support_email_minimal.txt"
+MINIMAL_HTML_TEMPLATE = "email_service/support_email_minimal.html"
+REPLY_TEMPLATE = "email_service/reply_email.txt"
+CONFIRMATION_TEMPLATE = "email_service/confirmation_email.txt"
+MAIL_TEMPLATES = (
+    SUPPORT_TEXT_TEMPLATE,
+    SUPPORT_HTML_TEMPLATE,
+    MINIMAL_TEXT_TEMPLATE,
+    MINIMAL_HTML_TEMPLATE,
+    REPLY_TEMPLATE,
+    CONFIRMATION_TEMPLATE,
+)
+
+
 @dataclass(frozen=True)
 class DeliveryResult:
     """What became of one SMTP attempt."""
@@ -84,13 +101,13 @@ def build_support_message(email_request):
     subject = email_request.subject or f"Contact form from {email_request.full_name}"
     message = SupportMessage(
         subject=f"[MedCor contact] {subject}",
-        body=render_to_string("email_service/support_email.txt", context),
+        body=render_to_string(SUPPORT_TEXT_TEMPLATE, context),
         from_email=conf.from_email(),
         to=[conf.support_email()],
         reply_to=[email_request.email],
         headers=_support_headers(email_request),
     )
-    message.attach_alternative(render_to_string("email_service/support_email.html", context), "text/html")
+    message.attach_alternative(render_to_string(SUPPORT_HTML_TEMPLATE, context), "text/html")
     if email_request.file_attached:
         message.attach(_attachment_part(email_request))
         message.stored_attachment = email_request.file_attached.name
@@ -111,26 +128,13 @@ def _build_minimal_support_message(email_request):
     }
     message = SupportMessage(
         subject=f"New contact request {short_reference(email_request)}",
-        body=render_to_string("email_service/support_email_minimal.txt", context),
+        body=render_to_string(MINIMAL_TEXT_TEMPLATE, context),
         from_email=conf.from_email(),
         to=[conf.support_email()],
         headers=_support_headers(email_request),
     )
-    message.attach_alternative(
-        render_to_string("email_service/support_email_minimal.html", context), "text/html"
-    )
+    message.attach_alternative(render_to_string(MINIMAL_HTML_TEMPLATE, context), "text/html")
     return message
-
-
-# The templates of the mails a worker sends, loaded by load_ahead.
-MAIL_TEMPLATES = (
-    "email_service/support_email.txt",
-    "email_service/support_email.html",
-    "email_service/support_email_minimal.txt",
-    "email_service/support_email_minimal.html",
-    "email_service/reply_email.txt",
-    "email_service/confirmation_email.txt",
-)
 
 
 def load_ahead():
@@ -172,7 +176,7 @@ def build_reply_message(reply):
         headers.update({"In-Reply-To": thread, "References": thread})
     return EmailMultiAlternatives(
         subject=f"Re: your message to MedCor ({short_reference(request)})",
-        body=render_to_string("email_service/reply_email.txt", context),
+        body=render_to_string(REPLY_TEMPLATE, context),
         from_email=conf.from_email(),
         to=[request.email],
         reply_to=[conf.support_email()],
@@ -401,7 +405,7 @@ def build_confirmation_message(email_request):
     context = {"reference": email_request.id}
     return EmailMultiAlternatives(
         subject="We received your message",
-        body=render_to_string("email_service/confirmation_email.txt", context),
+        body=render_to_string(CONFIRMATION_TEMPLATE, context),
         from_email=conf.from_email(),
         to=[email_request.email],
         headers={"X-Email-Request-ID": str(email_request.id), "Auto-Submitted": "auto-replied"},

@@ -9,6 +9,7 @@ from celery import shared_task
 from celery.signals import (
     celeryd_init,
     worker_before_create_process,
+    worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -66,25 +67,23 @@ def _close_smtp_connection(**kwargs):
     delivery.close_connection()
 
 
-_loaded_ahead = False
+@worker_init.connect
+def _load_ahead(**kwargs):
+    # Once, in the main process before its pool forks: what each pool process would otherwise
+    # load on its first task, so that all of them start with it: the cache backend's modules
+    # (redis and django-redis, about 0.27 s of imports), the mail templates compiled. A backend
+    # made and dropped only to import them: it opens no connection until it is used.
+    try:
+        for alias in settings.CACHES:
+            caches.create_connection(alias)
+        delivery.load_ahead()
+    except Exception as exc:
+        # Each process loads them itself then, on its first mail, as it would have anyway.
+        logger.warning("Could not load the cache backend and mail templates ahead: %s", exc)
 
 
 @worker_before_create_process.connect
 def _freeze_before_fork(**kwargs):
-    # What each pool process would otherwise load on its first task, loaded once here so that all
-    # of them start with it: the cache backend's modules (redis and django-redis, about 0.27 s of
-    # imports), the mail templates compiled. A backend made and dropped only to import them: it
-    # opens no connection until it is used.
-    global _loaded_ahead
-    if not _loaded_ahead:
-        _loaded_ahead = True
-        try:
-            for alias in settings.CACHES:
-                caches.create_connection(alias)
-            delivery.load_ahead()
-        except Exception as exc:
-            # Each process loads them itself then, on its first mail, as it would have anyway.
-            logger.warning("Could not load the cache backend and mail templates ahead: %s", exc)
     # The prefork pool runs a full gc.collect() before it forks each process (celery#2927): over
     # the 100,000 objects Django's setup leaves that is about 50 ms per process, in the main
     # process, before the node can consume. Frozen, they are skipped by that collection and by the

@@ -428,8 +428,7 @@ def test_a_timeout_after_the_connection_opened_stays_this_mails(email_request, s
 
 
 def test_a_worker_loads_its_mail_templates_and_cache_backend_once_before_it_forks(monkeypatch, caplog):
-    import gc
-
+    from celery.signals import worker_init
     from django.template import engines
 
     from email_service import tasks
@@ -438,13 +437,9 @@ def test_a_worker_loads_its_mail_templates_and_cache_backend_once_before_it_fork
     loader.reset()
     made = []
     monkeypatch.setattr(tasks.caches, "create_connection", lambda alias: made.append(alias))
-    monkeypatch.setattr(tasks, "_loaded_ahead", False)
-    try:
-        tasks._freeze_before_fork()
-        # The pool's later forks (a replaced process) find it done.
-        tasks._freeze_before_fork()
-    finally:
-        gc.unfreeze()
+    # Sent once, by the worker's main process before its pool forks (and by no pool process).
+    assert tasks._load_ahead in [ref() for _, ref in worker_init.receivers]
+    tasks._load_ahead()
     assert made == ["default"]
     # The cached loader holds each compiled mail template: a forked process renders without loading.
     cached = {key.split("-")[0] for key in loader.get_template_cache}
@@ -455,9 +450,5 @@ def test_a_worker_loads_its_mail_templates_and_cache_backend_once_before_it_fork
 
     # A failure to load ahead leaves it to each process's first mail; the worker still starts.
     monkeypatch.setattr(tasks.caches, "create_connection", broken)
-    monkeypatch.setattr(tasks, "_loaded_ahead", False)
-    try:
-        tasks._freeze_before_fork()
-    finally:
-        gc.unfreeze()
+    tasks._load_ahead()
     assert "Could not load the cache backend and mail templates ahead: no such backend" in caplog.text
