@@ -1,10 +1,12 @@
 """Celery tasks: each fetches by id or runs one service function."""
 
+import contextlib
 import gc
 import logging
 import os
 import threading
 
+import billiard.util
 from celery import shared_task
 from celery.signals import (
     celeryd_init,
@@ -80,6 +82,11 @@ def _load_ahead(**kwargs):
     except Exception as exc:
         # Each process loads them itself then, on its first mail, as it would have anyway.
         logger.warning("Could not load the cache backend and mail templates ahead: %s", exc)
+    # Each pool process sets its parent-death signal through billiard, which uses cffi when it is
+    # installed (cryptography brings it): cffi parses the C declaration with pycparser, whose
+    # import and parser tables cost each process about 25 ms; made once here, they are shared.
+    with contextlib.suppress(OSError):
+        billiard.util.get_pdeathsig()
 
 
 @worker_before_create_process.connect

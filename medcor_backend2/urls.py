@@ -4,7 +4,11 @@ from drf_spectacular.views import SpectacularAPIView
 
 from email_service import contact
 from email_service.health import healthz
-from medcor_backend2 import docs
+from medcor_backend2 import apps, docs
+
+# Before admin.site.urls below, which lists the pages of what is registered by then: a Celery
+# process loads the admin's modules only here (medcor_backend2/apps.py); elsewhere they are loaded.
+apps.discover()
 
 # No route serves MEDIA_URL: attachments are private and reached only through the staff API.
 # admin.site is the staff admin site (medcor_backend2/admin_site.py: TOTP, lockout).

@@ -1,10 +1,13 @@
 """Building the mails and classifying what an SMTP server answers."""
 
 import errno
+import os
 import re
 import smtplib
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from email import message_from_bytes
 from email.policy import default as default_policy
@@ -429,11 +432,10 @@ def test_a_timeout_after_the_connection_opened_stays_this_mails(email_request, s
 
 def test_a_worker_loads_its_mail_templates_and_cache_backend_once_before_it_forks(monkeypatch, caplog):
     from celery.signals import worker_init
-    from django.template import engines
 
     from email_service import tasks
 
-    loader = engines["django"].engine.template_loaders[0]
+    loader = delivery.mail_engine().template_loaders[0]
     loader.reset()
     made = []
     monkeypatch.setattr(tasks.caches, "create_connection", lambda alias: made.append(alias))
@@ -452,3 +454,84 @@ def test_a_worker_loads_its_mail_templates_and_cache_backend_once_before_it_fork
     monkeypatch.setattr(tasks.caches, "create_connection", broken)
     tasks._load_ahead()
     assert "Could not load the cache backend and mail templates ahead: no such backend" in caplog.text
+
+
+def test_a_worker_parses_cffi_declarations_once_before_it_forks():
+    from email_service import tasks
+
+    if "cffi" not in sys.modules:
+        pytest.skip("cffi is not installed: billiard sets the parent-death signal through ctypes")
+    tasks._load_ahead()
+    # What each pool process's parent-death signal needs (billiard.util.set_pdeathsig) is loaded.
+    assert "pycparser" in sys.modules
+
+
+WORKER_SETUP = """
+import json, sys
+from medcor_backend2.celery import app
+app.loader.import_default_modules()  # what `celery worker` and `celery beat` do before anything else
+loaded = {name: name in sys.modules for name in ("email_service.admin", "rest_framework.serializers", "requests")}
+from django.contrib import admin
+from django.template import engines
+from email_service import delivery, tasks
+from email_service.models import EmailRequest
+tasks._load_ahead()
+loaded["all template engines"] = bool(engines._engines)
+row = EmailRequest(pk="6a2d6e1f-6266-47b7-89bd-21430e5f1a5b")
+url = delivery.admin_change_url(row)
+registered = sorted(type(model_admin).__name__ for model_admin in admin.site._registry.values())
+print(json.dumps({"loaded": loaded, "url": url, "registered": registered}))
+"""
+
+
+@pytest.mark.parametrize("skip_checks", [True, False])
+def test_a_celery_process_loads_the_admin_only_when_it_links_to_it(skip_checks):
+    """The admin's modules (and REST framework's serializers, requests) are no part of a worker's
+    start: a link to the admin loads them, with every admin registered as in the web process."""
+    import json
+
+    from django.contrib import admin
+
+    env = {key: value for key, value in os.environ.items() if key != "CELERY_SKIP_CHECKS"}
+    if skip_checks:
+        env["CELERY_SKIP_CHECKS"] = "1"  # what `celery --skip-checks` sets
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER_SETUP],
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(delivery.__file__))),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # Django's checks read the URLconf, and with it the admin: without them nothing loads it.
+    assert result["loaded"] == {
+        "email_service.admin": not skip_checks,
+        "rest_framework.serializers": not skip_checks,
+        "requests": not skip_checks,
+        "all template engines": not skip_checks,
+    }
+    assert result["url"].endswith(
+        "/admin/email_service/emailrequest/6a2d6e1f-6266-47b7-89bd-21430e5f1a5b/change/"
+    )
+    # The same admins as this (web-like) process, the staff site's own TOTP device admin among them.
+    assert result["registered"] == sorted(
+        type(model_admin).__name__ for model_admin in admin.site._registry.values()
+    )
+    assert "OwnTOTPDeviceAdmin" in result["registered"]
+
+
+def test_mail_templates_are_found_where_the_projects_templates_are(email_request, settings, tmp_path):
+    (tmp_path / "email_service").mkdir()
+    (tmp_path / "email_service" / "support_email.txt").write_text(
+        "{% load i18n %}{% translate 'Overridden' %} for {{ request.full_name }}\n"
+    )
+    settings.TEMPLATES = [{**settings.TEMPLATES[0], "DIRS": [tmp_path]}]
+    message = delivery.build_support_message(email_request)
+    assert message.body == f"Overridden for {email_request.full_name}\n"
+    # The HTML part is not overridden: the app's own template, found after the project's.
+    assert "New contact form submission" in message.alternatives[0][0]
+    # A change of the setting reaches the mail engine (as Django's own engines are made again).
+    settings.TEMPLATES = [{**settings.TEMPLATES[0], "DIRS": []}]
+    assert delivery.build_support_message(email_request).body.startswith("New contact form submission")
