@@ -304,6 +304,23 @@ def test_the_admin_login_page_has_a_policy_without_inline_allowances(client):
 
 
 @pytest.mark.django_db
+def test_an_api_answer_carries_the_policy_django_csp_builds_from_the_settings(client, settings):
+    from csp.utils import build_policy
+
+    assert client.get("/api/email/emails/statistics/")["Content-Security-Policy"] == build_policy()
+    # Built once and kept (medcor_backend2/middleware.py), but built again when the settings change.
+    settings.CONTENT_SECURITY_POLICY = {"DIRECTIVES": {"default-src": ["'self'"]}}
+    settings.CONTENT_SECURITY_POLICY_REPORT_ONLY = {
+        "EXCLUDE_URL_PREFIXES": ["/admin/"],
+        "DIRECTIVES": {"default-src": ["'none'"], "report-uri": "/csp-report/"},
+    }
+    response = client.get("/api/email/emails/statistics/")
+    assert response["Content-Security-Policy"] == "default-src 'self'"
+    assert response["Content-Security-Policy-Report-Only"] == build_policy(report_only=True)
+    assert "Content-Security-Policy-Report-Only" not in client.get("/admin/login/")
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize("page", ["/api/docs/", "/api/redoc/"])
 def test_the_docs_load_nothing_from_elsewhere_and_their_inline_code_carries_the_nonce(client, page):
     response = client.get(page)
