@@ -48,3 +48,20 @@ errorlog = "-"
 # The path without the query string (staff filters such as ?email= carry personal data), and
 # neither the client's address nor the Referer (which carries a full URL with its query).
 access_log_format = '%(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s"'
+
+
+def post_worker_init(worker):
+    """Load the URLconf's modules, then freeze what the worker holds out of the garbage collector.
+
+    Left in the collector, the objects Django and the app leave after start-up are walked by every
+    full collection: 40-48 ms each here, during which the worker answers no request (about one
+    per 3,000 POSTs). Frozen (the gc module's advice for a long-lived process), a full collection
+    walks only what was made since: 0.5-7 ms.
+    """
+    import gc
+
+    from django.urls import get_resolver
+
+    get_resolver().url_patterns  # noqa: B018 - imports the URLconf, the views and what they import
+    gc.collect()
+    gc.freeze()
