@@ -94,6 +94,10 @@ def create_email_request(*, data, upload=None, content_type="", client_ip=None, 
 
 def dispatch(email_request):
     """Publish the send task without ever making the caller wait for the broker."""
+    if counts_on_a_taken_slot():
+        # Decided here, in memory: under load most rows need neither the cache nor the broker, and
+        # handing them to the publishing thread only to learn that cost each a thread switch.
+        return
     if conf.dispatch_async():
         dispatch_executor().submit(wake_or_publish, email_request.pk, email_request.celery_task_id)
     else:
@@ -127,7 +131,7 @@ def _take_wake_slot():
     if not slots:
         return None
     asked_at = time.monotonic()
-    if _seen_taken_at is not None and asked_at - _seen_taken_at < WAKE_SEEN_TAKEN_SECONDS:
+    if counts_on_a_taken_slot(asked_at):
         return False
     slot = random.randrange(slots)
     try:
@@ -141,6 +145,18 @@ def _take_wake_slot():
         return slot
     _seen_taken_at = asked_at
     return False
+
+
+def counts_on_a_taken_slot(now=None):
+    """Whether this process found a wake slot taken less than WAKE_SEEN_TAKEN_SECONDS ago.
+
+    A row committed by then is taken by that slot's task, which claims until at least that long
+    after it cleared the slot, and it cleared the slot after this process found it taken.
+    """
+    seen = _seen_taken_at
+    return (
+        seen is not None and (now if now is not None else time.monotonic()) - seen < WAKE_SEEN_TAKEN_SECONDS
+    )
 
 
 def clear_wake(slot):

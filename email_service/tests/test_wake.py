@@ -113,6 +113,35 @@ def test_rows_that_count_on_a_slot_seen_taken_are_claimed_by_its_task_which_clai
     assert len(smtp.messages) == 4
 
 
+def test_a_row_committed_while_its_process_counts_on_a_taken_slot_wakes_no_thread(
+    smtp, db, one_slot, settings, monkeypatch
+):
+    settings.EMAIL_DISPATCH_ASYNC = True
+    handed = []  # the rows handed to the publishing thread
+
+    class Executor:
+        def submit(self, function, pk, task_id):
+            handed.append(pk)
+
+    monkeypatch.setattr(outbox, "dispatch_executor", Executor)
+    first, second = make_rows(2)
+    outbox.wake_or_publish(first.pk, first.celery_task_id)  # takes the slot: its message waits
+    outbox.wake_or_publish(second.pk, second.celery_task_id)  # finds it taken
+
+    third = make_rows(1)[0]
+    outbox.dispatch(third)  # what the POST's on_commit calls: decided in the request's thread
+    assert handed == []
+    assert one_slot == [(first.pk, 0)]
+    sending.send_pace.record(0.001)
+    statuses = sending.send_due_emails(first.pk, worker="test", wake=0)
+    assert statuses == {str(row.pk): EmailStatus.SENT for row in (first, second, third)}
+
+    # Once its task cleared the slot, the next row goes to the publishing thread again.
+    fourth = make_rows(1)[0]
+    outbox.dispatch(fourth)
+    assert handed == [fourth.pk]
+
+
 def test_a_task_without_a_wake_slot_stops_at_its_first_empty_claim(smtp, db, one_slot):
     row = make_rows(1)[0]
     started = time.monotonic()
