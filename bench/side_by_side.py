@@ -138,6 +138,10 @@ class System:
     def is_drained(self, sender):
         return self.queued() == 0 and (not sender.one_shot or sender.exited())
 
+    def left(self):
+        """What queued() counts, where the system can say more than a number."""
+        return None
+
     def discard(self):
         """Drop everything queued, so the next phase starts from an empty queue."""
         raise NotImplementedError
@@ -169,6 +173,22 @@ class Service(System):
             (self.posted_since,),
         )
         return count + self.bench._queue_depth()[0]
+
+    def left(self):
+        """What queued() counts, described: the rows (state, claimer, attempts) and the ready messages."""
+        rows = self.bench._sql(
+            "SELECT r.status, r.claimed_by, r.retry_count, extract(epoch FROM r.next_attempt_at - now()), "
+            "r.dispatched_at IS NOT NULL, array_agg(a.outcome ORDER BY a.number) FILTER (WHERE a.id IS NOT NULL) "
+            "FROM email_service_emailrequest r LEFT JOIN email_service_emailattempt a ON a.request_id = r.id "
+            "WHERE r.status IN ('PENDING', 'PROCESSING') AND r.created_at >= coalesce(%s, '-infinity'::timestamptz) "
+            "GROUP BY r.id LIMIT 10",
+            (self.posted_since,),
+        )
+        keys = ("status", "claimed_by", "retry_count", "due_in_s", "dispatched", "attempts")
+        return {
+            "rows": [dict(zip(keys, row, strict=True)) for row in rows],
+            "ready": self.bench._queue_depth()[0],
+        }
 
     def discard(self):
         self.bench._sql(
@@ -620,6 +640,7 @@ class SideBySide:
             "lost": len(tokens) - len(got["distinct"]),
             "recovered_s": got["last"] - restarted_at,
             "still_queued": system.queued(),
+            "left": system.left(),
             "restart_stopped_by_lock": bool(refused),
         }
 
