@@ -18,7 +18,7 @@ from django.core.files.storage import default_storage
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import brake, conf, delivery
+from . import brake, conf, delivery, journal
 from .models import EmailRequest
 from .outcomes import AttemptOutcome
 from .storage import clean_filename
@@ -259,11 +259,14 @@ def reclaim_stale_claims(now=None):
     return _reclaim(EmailRequest.objects.stale_claims(now), now=now)
 
 
-def _reclaim(claims, *, now, lost=False, keep=lambda row: False):
+def _reclaim(claims, *, now, lost=False, keep=lambda row: False, accepted=lambda row: False):
     count = 0
     # Only the columns reclaiming needs: none is encrypted, so an unreadable row cannot stop it.
     for row in claims.only("pk", "claim_token", "claimed_by", "retry_count", "max_retries"):
         if keep(row):
+            continue
+        if accepted(row):
+            _record_accepted(row, now=now)
             continue
         if EmailRequest.objects.reclaim(row, now=now, lost=lost):
             count += 1
@@ -273,6 +276,21 @@ def _reclaim(claims, *, now, lost=False, keep=lambda row: False):
                 error_text="Worker lost before the send finished.",
             )
     return count
+
+
+def _record_accepted(row, *, now):
+    """Mark SENT a row whose mail the server accepted before its worker stopped (journal.py)."""
+    note = f"accepted by the server before {row.claimed_by} stopped (its delivery journal)"
+    if EmailRequest.objects.complete(row.pk, row.claim_token, now=now, note=note):
+        row.attempts.filter(finished_at__isnull=True).update(
+            finished_at=now, outcome=AttemptOutcome.SENT, smtp_code=250
+        )
+        # Its acknowledgement to the submitter, if one was due, is not sent: it is best effort.
+        logger.warning(
+            "Email request %s was accepted before its worker stopped: recorded SENT, not sent again",
+            row.pk,
+            extra={"email_request_id": str(row.pk)},
+        )
 
 
 def _process_runs(pid):
@@ -319,7 +337,24 @@ def reclaim_from_gone_processes(node, *, now=None):
         pid = row.claimed_by[len(prefix) :]
         return not pid.isdigit() or _process_runs(int(pid))
 
-    count = _reclaim(EmailRequest.objects.claims_of(prefix), now=now or timezone.now(), lost=True, keep=alive)
+    journals = {}
+
+    def accepted(row):
+        if row.claimed_by not in journals:
+            journals[row.claimed_by] = journal.accepted(row.claimed_by)
+        return (str(row.pk), str(row.claim_token)) in journals[row.claimed_by]
+
+    count = _reclaim(
+        EmailRequest.objects.claims_of(prefix),
+        now=now or timezone.now(),
+        lost=True,
+        keep=alive,
+        accepted=accepted,
+    )
+    # The journals of this node's gone processes have served: their rows are settled now.
+    for claimer in journal.claimers_with_journals(node):
+        if not _process_runs(int(claimer.rpartition(":")[2])):
+            journal.forget(claimer)
     if count:
         logger.warning("Reclaimed %d rows from gone processes of %s", count, node)
         # Called from a thread of its own already (see tasks.py): published from here, not from

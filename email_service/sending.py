@@ -18,7 +18,7 @@ from django.db import OperationalError, transaction
 from django.db.models import Count
 from django.utils import timezone
 
-from . import audit, brake, conf, delivery, outbox, quotas
+from . import audit, brake, conf, delivery, journal, outbox, quotas
 from .acknowledgements import send_confirmation
 from .models import ATTEMPT_RESULT_FIELDS, EmailAttempt, EmailRequest, EmailStatus
 from .outcomes import AttemptOutcome, BrakeKind
@@ -295,6 +295,10 @@ def _send_claimed(email_request, attempt, token, *, reservation=None, probe=None
         result = delivery.send(delivery.build_message(email_request))
     except Exception as exc:
         result = delivery.classify(exc)
+    if result.outcome == AttemptOutcome.SENT:
+        # First thing after the server's 250: a crash from here until the outcome's commit must
+        # not send it again (journal.py).
+        journal.record(attempt.worker, email_request.pk, token)
     send_pace.record(time.monotonic() - started)
     if result.outcome != AttemptOutcome.SENT and reservation is not None:
         quotas.give_back(reservation)
@@ -309,6 +313,7 @@ def _send_claimed(email_request, attempt, token, *, reservation=None, probe=None
     # The outcome is written first and insistently: once SMTP has accepted the mail, a row left
     # PROCESSING would be reclaimed and sent again when its lease runs out.
     status = _insist(lambda: _record_outcome(email_request, attempt, token, result, hold_until=hold_until))
+    journal.settle()
     if status == EmailStatus.SENT:
         send_confirmation(email_request)
     return status, result

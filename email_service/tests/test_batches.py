@@ -17,7 +17,7 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
-from email_service import actions, outbox, sending
+from email_service import actions, journal, outbox, sending
 from email_service.models import EmailAttempt, EmailRequest, EmailStatus
 
 from .conftest import require_postgresql
@@ -298,6 +298,60 @@ def test_a_restarted_node_takes_back_at_once_what_its_gone_processes_held(db, qu
     assert state("zombie") == (EmailStatus.PENDING, 1, ["crashed"])
     for name in ("alive", "another node", "unparsable"):
         assert state(name) == (EmailStatus.PROCESSING, 0, [""]), name
+
+
+def test_a_mail_the_server_accepted_before_its_worker_died_is_recorded_sent_not_sent_again(
+    smtp, db, quiet, settings, tmp_path, monkeypatch
+):
+    settings.VAR_DIR = tmp_path
+    monkeypatch.setattr(outbox, "publish_relay", lambda: None)
+    node = f"phoenix@{socket.gethostname()}"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    worker = f"{node}:{gone.pid}"
+    accepted, unsent = make_rows(2)
+
+    # The worker dies right after the server's 250: the outcome never reaches the database.
+    def killed(*args, **kwargs):
+        raise SystemExit("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sending, "_record_outcome", killed)
+        with pytest.raises(SystemExit):
+            sending.send_due_emails(accepted.pk, worker=worker, batch_size=1, more=False)
+    assert len(smtp.messages) == 1
+    assert journal.accepted(worker) == {
+        (str(accepted.pk), str(EmailRequest.objects.get(pk=accepted.pk).claim_token))
+    }
+    # Another row it had claimed but not sent yet.
+    EmailRequest.objects.claim_batch(worker=worker, first=unsent.pk, limit=1, lease=3600)
+    EmailAttempt.objects.create(request=unsent, number=1, started_at=timezone.now(), worker=worker)
+
+    assert outbox.reclaim_from_gone_processes(node) == 1  # the unsent row; the other is settled
+
+    accepted_row = EmailRequest.objects.get(pk=accepted.pk)
+    assert (accepted_row.status, accepted_row.retry_count) == (EmailStatus.SENT, 0)
+    assert [(a.outcome, a.smtp_code) for a in accepted_row.attempts.all()] == [("sent", 250)]
+    unsent_row = EmailRequest.objects.get(pk=unsent.pk)
+    assert (unsent_row.status, [a.outcome for a in unsent_row.attempts.all()]) == (
+        EmailStatus.PENDING,
+        ["crashed"],
+    )
+    assert not journal.journal_path(worker).exists()
+
+    sending.send_due_emails(worker="relay", carry_on=True)
+    assert len(smtp.messages) == 2  # the unsent row once; the accepted one not again
+    assert EmailRequest.objects.get(pk=unsent.pk).status == EmailStatus.SENT
+
+
+def test_the_delivery_journal_is_blank_once_each_outcome_is_committed(smtp, db, quiet, settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    rows = make_rows(3)
+    assert sending.send_due_emails(rows[0].pk, worker="steady:1", batch_size=3) == {
+        str(row.pk): EmailStatus.SENT for row in rows
+    }
+    assert journal.journal_path("steady:1").read_text().strip() == ""
+    assert journal.accepted("steady:1") == set()
 
 
 def test_the_sent_outcome_is_one_write_even_when_the_claim_was_lost(smtp, db, quiet):
