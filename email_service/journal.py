@@ -3,11 +3,12 @@
 A worker killed between the server's 250 to DATA and the commit of its row's SENT leaves the row
 PROCESSING, and reclaimed it would be sent again. So right after the 250 the sending process
 writes the row's id and claim to its journal, and blanks it once the outcome is committed (one
-record, written in place: no block of the file is allocated or freed per mail). The write goes to the page cache: it outlives the process (kill -9, the OOM killer),
-not the machine. A worker node started again on the same host, reclaiming the rows of its gone
-processes (outbox.reclaim_from_gone_processes), records as SENT the rows their journals name
-instead of sending them twice. What remains is the server's own time between the final dot and
-its reply, and a crash of the machine itself: a mail caught there still goes twice (RFC 1047).
+record, written in place: no block of the file is allocated or freed per mail). The write goes
+to the page cache: it outlives the process (kill -9, the OOM killer), not the machine. A worker
+node started again on the same host, reclaiming the rows of its gone processes
+(outbox.reclaim_from_gone_processes), records as SENT the rows their journals name instead of
+sending them twice. What remains is the server's own time between the final dot and its reply
+(RFC 1047), and a crash of the machine itself: a mail caught in either still goes twice.
 """
 
 import logging
