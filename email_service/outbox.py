@@ -4,6 +4,7 @@ Tasks are published by name, so this module never imports `tasks` (which imports
 """
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -333,27 +334,22 @@ def reclaim_from_gone_processes(node, *, now=None):
         return 0
     prefix = f"{node}:"
 
-    def alive(row):
-        pid = row.claimed_by[len(prefix) :]
+    def runs(claimer):
+        pid = claimer[len(prefix) :]
         return not pid.isdigit() or _process_runs(int(pid))
 
-    journals = {}
-
-    def accepted(row):
-        if row.claimed_by not in journals:
-            journals[row.claimed_by] = journal.accepted(row.claimed_by)
-        return (str(row.pk), str(row.claim_token)) in journals[row.claimed_by]
-
+    # Each gone claimer's journal is read once, for all of its rows.
+    journal_of = functools.cache(journal.accepted)
     count = _reclaim(
         EmailRequest.objects.claims_of(prefix),
         now=now or timezone.now(),
         lost=True,
-        keep=alive,
-        accepted=accepted,
+        keep=lambda row: runs(row.claimed_by),
+        accepted=lambda row: (str(row.pk), str(row.claim_token)) in journal_of(row.claimed_by),
     )
     # The journals of this node's gone processes have served: their rows are settled now.
     for claimer in journal.claimers_with_journals(node):
-        if not _process_runs(int(claimer.rpartition(":")[2])):
+        if not runs(claimer):
             journal.forget(claimer)
     if count:
         logger.warning("Reclaimed %d rows from gone processes of %s", count, node)
