@@ -37,6 +37,12 @@ PEER_PYTHON = VENV / "bin" / "python"
 RECOVERY_SECONDS = 180
 # Accept runs per system, taken in turns (the median counts): see SideBySide.accept_rounds.
 ACCEPT_ROUNDS = 3
+# The service's rows (as `r`) of the current phase's forms still to send, the phase's start as the
+# one parameter. Told by their creation time: other measurements leave rows parked a day ahead, and
+# the subject that carries each form's marker is encrypted in its column, where no LIKE finds it.
+PHASE_ROWS_LEFT = (
+    "r.status IN ('PENDING', 'PROCESSING') AND r.created_at >= coalesce(%s, '-infinity'::timestamptz)"
+)
 
 
 def ensure_venv():
@@ -165,12 +171,8 @@ class Service(System):
         _wait_consumer(self.bench, self.bench.queue, sender)
 
     def queued(self):
-        # Rows of this phase's forms (other measurements leave rows parked a day ahead): the subject
-        # that carries the marker is encrypted in the column, so no LIKE can find it there.
         [(count,)] = self.bench._sql(
-            "SELECT count(*) FROM email_service_emailrequest WHERE status IN ('PENDING', 'PROCESSING') "
-            "AND created_at >= coalesce(%s, '-infinity'::timestamptz)",
-            (self.posted_since,),
+            f"SELECT count(*) FROM email_service_emailrequest r WHERE {PHASE_ROWS_LEFT}", (self.posted_since,)
         )
         return count + self.bench._queue_depth()[0]
 
@@ -180,8 +182,7 @@ class Service(System):
             "SELECT r.status, r.claimed_by, r.retry_count, extract(epoch FROM r.next_attempt_at - now()), "
             "r.dispatched_at IS NOT NULL, array_agg(a.outcome ORDER BY a.number) FILTER (WHERE a.id IS NOT NULL) "
             "FROM email_service_emailrequest r LEFT JOIN email_service_emailattempt a ON a.request_id = r.id "
-            "WHERE r.status IN ('PENDING', 'PROCESSING') AND r.created_at >= coalesce(%s, '-infinity'::timestamptz) "
-            "GROUP BY r.id LIMIT 10",
+            f"WHERE {PHASE_ROWS_LEFT} GROUP BY r.id LIMIT 10",
             (self.posted_since,),
         )
         keys = ("status", "claimed_by", "retry_count", "due_in_s", "dispatched", "attempts")
