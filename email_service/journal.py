@@ -40,18 +40,21 @@ class _Journal:
         self.fd = None
         self.pid = None
         self.path = None
+        self.key = None
         self.failed = False
 
     def _file(self, claimer):
-        path = journal_path(claimer)
-        if self.fd is not None and self.pid == os.getpid() and self.path == path:
+        # Known by the claimer's name and the directory: building the path costs more than the write.
+        key = (claimer, settings.VAR_DIR)
+        if self.fd is not None and self.pid == os.getpid() and self.key == key:
             return self.fd
+        path = journal_path(claimer)
         if self.fd is not None and self.pid == os.getpid():
             os.close(self.fd)  # this process now claims under another name
         # A forked process's copy of its parent's descriptor is left open: it is the parent's too.
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.pid, self.path = os.getpid(), path
+        self.pid, self.path, self.key = os.getpid(), path, key
         return self.fd
 
     def record(self, claimer, pk, token):

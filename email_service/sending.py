@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from celery.exceptions import SoftTimeLimitExceeded
 from django.core.cache import cache
 from django.db import OperationalError, transaction
-from django.db.models import Count
 from django.utils import timezone
 
 from . import audit, brake, conf, delivery, journal, outbox, quotas
@@ -116,7 +115,12 @@ def send_due_emails(
         limit = 1 if probe else batch_size or send_pace.batch_size(conf.send_batch_size())
         token, rows = _insist(
             functools.partial(
-                EmailRequest.objects.claim_batch, worker=worker, first=first, limit=limit, lease=lease
+                EmailRequest.objects.claim_batch,
+                worker=worker,
+                first=first,
+                limit=limit,
+                lease=lease,
+                start_attempts=True,
             )
         )
         if first is not None and str(first) not in {str(row.pk) for row in rows}:
@@ -175,17 +179,9 @@ def _send_batch(rows, token, worker, *, window_ends, started, probe=None):
     When sending stops as a whole (the brake engaged, a quota reached), the untried rows are
     held instead, due when it may start again and with no task published for them.
     """
-    numbers = dict(
-        EmailAttempt.objects.filter(request__in=rows)
-        .values_list("request")
-        .annotate(n=Count("id"))
-        .order_by()
-    )
-    now = timezone.now()
-    attempts = EmailAttempt.objects.bulk_create(
-        EmailAttempt(request=row, number=numbers.get(row.pk, 0) + 1, started_at=now, worker=worker)
-        for row in rows
-    )
+    # Started with the claim (EmailRequestQuerySet.claim_batch): a crash from here on leaves each
+    # row's attempt unfinished, and the reclaim records it CRASHED.
+    attempts = [row.started_attempt for row in rows]
     statuses = {}
     tried = 0
     # Once sending stopped as a whole: (when the untried rows may go, None for "when resumed").

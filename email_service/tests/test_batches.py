@@ -384,9 +384,9 @@ def test_on_postgresql_the_send_loop_runs_its_statements_prepared(smtp, db, quie
     with connection.cursor() as cursor:
         cursor.execute("SELECT statement FROM pg_prepared_statements WHERE from_sql = false")
         prepared = [statement for (statement,) in cursor.fetchall()]
-    # The outcome's write (models._complete_with_attempt_sql) and the claim's UPDATE among them.
+    # The outcome's write (models._complete_with_attempt_sql) and the claim (_claim_batch_sql) among them.
     assert any(statement.startswith("WITH finished AS (UPDATE") for statement in prepared), prepared
-    assert any('UPDATE "email_service_emailrequest" SET "status"' in statement for statement in prepared)
+    assert any(statement.startswith("WITH first_row AS (SELECT") for statement in prepared), prepared
     assert set(
         EmailRequest.objects.filter(pk__in=[row.pk for row in rows]).values_list("status", flat=True)
     ) == {EmailStatus.SENT}

@@ -585,7 +585,9 @@ def test_a_probe_whose_batch_stops_before_any_send_is_dropped_at_once(smtp, loop
     brake.engage(BrakeKind.THROTTLE, "421 4.7.0")
     _expire_wait()
     probe = brake.take_probe("test")
-    token, claimed = EmailRequest.objects.claim_batch(worker="test", first=row.pk, limit=1)
+    token, claimed = EmailRequest.objects.claim_batch(
+        worker="test", first=row.pk, limit=1, start_attempts=True
+    )
     assert claimed
 
     # The send window closed before the first mail of a later round: nothing is tried.
@@ -597,6 +599,7 @@ def test_a_probe_whose_batch_stops_before_any_send_is_dropped_at_once(smtp, loop
     assert _row().probe_token is None
     assert brake.take_probe("another worker") is not None  # no wait for the lease to run out
     assert smtp.data_commands == 0
+    assert not EmailAttempt.objects.filter(request=row).exists()  # the untried attempt went with the row
 
 
 def test_resume_wakes_the_held_rows_but_not_an_ordinary_retry(smtp, loop, settings):

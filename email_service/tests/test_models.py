@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from email_service.models import CLAIM_CLOCK_TOLERANCE, EmailAttempt, EmailRequest, EmailStatus
+from email_service.models import CLAIM_CLOCK_TOLERANCE, EmailAttempt, EmailRequest, EmailStatus, RowKind
 
 pytestmark = pytest.mark.django_db
 
@@ -349,6 +349,105 @@ def test_a_claimed_row_that_cannot_be_decrypted_fails_alone_and_the_others_are_c
     assert broken == {"status": EmailStatus.FAILED, "claim_token": None, "retry_count": 0}
     error = EmailRequest.objects.filter(pk=rows[1].pk).only("error_message").get().error_message
     assert error == UNREADABLE_ERROR and "Under a lost key" not in error
+
+
+# The send loop's claim: in one statement on PostgreSQL (an unfiltered queryset), with the ORM's
+# statements elsewhere and for a filtered queryset, whose filter the one statement would not apply.
+CLAIMERS = {
+    "one statement": lambda: EmailRequest.objects,
+    "orm": lambda: EmailRequest.objects.filter(kind=RowKind.REQUEST),
+}
+
+
+@pytest.mark.parametrize("claimer", CLAIMERS)
+def test_a_claim_with_attempts_takes_first_then_the_oldest_and_numbers_each_attempt(claimer):
+    now = timezone.now()
+    oldest, older, first = (
+        make_row(
+            EmailStatus.PENDING, claim_token=None, retry_count=0, next_attempt_at=now - timedelta(minutes=m)
+        )
+        for m in (30, 20, 1)
+    )
+    make_row(EmailStatus.PENDING, claim_token=None, retry_count=1, next_attempt_at=now + timedelta(minutes=5))
+    make_row(EmailStatus.SENT, claim_token=None)
+    for number in (1, 2):
+        EmailAttempt.objects.create(
+            request=older, number=number, started_at=now, worker="earlier", outcome="transient"
+        )
+
+    token, claimed = CLAIMERS[claimer]().claim_batch(
+        worker="w:1", first=first.pk, limit=5, start_attempts=True
+    )
+
+    assert [row.pk for row in claimed] == [first.pk, oldest.pk, older.pk]
+    assert all(row.status == EmailStatus.PROCESSING and row.claim_token == token for row in claimed)
+    assert [row.started_attempt.number for row in claimed] == [1, 1, 3]
+    for row in claimed:
+        stored = EmailAttempt.objects.get(pk=row.started_attempt.pk)
+        assert (stored.request_id, stored.number, stored.worker) == (
+            row.pk,
+            row.started_attempt.number,
+            "w:1",
+        )
+        assert stored.finished_at is None and stored.outcome == "" and not row.started_attempt._state.adding
+    stored = EmailRequest.objects.filter(pk__in=[row.pk for row in claimed]).values_list(
+        "status", "claim_token", "claimed_by"
+    )
+    assert set(stored) == {(EmailStatus.PROCESSING, token, "w:1")}
+    # Nothing is left due: the next claim takes nothing and starts no attempt.
+    attempts = EmailAttempt.objects.count()
+    assert CLAIMERS[claimer]().claim_batch(worker="w:2", limit=5, start_attempts=True) == (None, [])
+    assert EmailAttempt.objects.count() == attempts
+
+
+@pytest.mark.parametrize("claimer", CLAIMERS)
+def test_a_claim_without_first_takes_the_oldest_up_to_its_limit(claimer):
+    now = timezone.now()
+    rows = [
+        make_row(
+            EmailStatus.PENDING, claim_token=None, retry_count=0, next_attempt_at=now - timedelta(minutes=m)
+        )
+        for m in (3, 9, 6)
+    ]
+    token, claimed = CLAIMERS[claimer]().claim_batch(worker="w", limit=2)
+    assert [row.pk for row in claimed] == [rows[1].pk, rows[2].pk]
+    assert not hasattr(claimed[0], "started_attempt") and not EmailAttempt.objects.exists()
+    assert EmailRequest.objects.get(pk=rows[0].pk).status == EmailStatus.PENDING
+
+
+def test_a_filtered_claim_keeps_to_its_filter():
+    row = make_row(EmailStatus.PENDING, claim_token=None, retry_count=0)
+    assert EmailRequest.objects.filter(kind=RowKind.REPLY).claim_batch(worker="w", first=row.pk, limit=3) == (
+        None,
+        [],
+    )
+    assert EmailRequest.objects.get(pk=row.pk).status == EmailStatus.PENDING
+
+
+def test_a_claim_refuses_a_malformed_first_id():
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError):
+        EmailRequest.objects.claim_batch(worker="w", first="not-a-uuid", limit=2)
+
+
+@pytest.mark.parametrize("claimer", CLAIMERS)
+def test_an_unreadable_row_in_a_claim_with_attempts_fails_alone_and_keeps_no_attempt(claimer):
+    from email_service.models import UNREADABLE_ERROR
+
+    rows = [make_row(EmailStatus.PENDING, claim_token=None, retry_count=0) for _ in range(3)]
+    _seal_message_under_an_unknown_key(rows[1])
+    token, claimed = CLAIMERS[claimer]().claim_batch(
+        worker="w", first=rows[0].pk, limit=3, start_attempts=True
+    )
+    assert [row.pk for row in claimed][:1] == [rows[0].pk] and {row.pk for row in claimed} == {
+        rows[0].pk,
+        rows[2].pk,
+    }
+    assert {row.started_attempt.request_id for row in claimed} == {rows[0].pk, rows[2].pk}
+    assert set(EmailAttempt.objects.values_list("request", flat=True)) == {rows[0].pk, rows[2].pk}
+    broken = EmailRequest.objects.filter(pk=rows[1].pk).only("status", "error_message").get()
+    assert (broken.status, broken.error_message) == (EmailStatus.FAILED, UNREADABLE_ERROR)
 
 
 def test_reclaiming_stale_claims_passes_over_values_it_cannot_decrypt():
