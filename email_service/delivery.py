@@ -33,7 +33,6 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.template import Context, Engine
 from django.urls import reverse
-from django.utils import dateformat
 from django.utils.timezone import template_localtime
 
 from . import conf, oauth
@@ -192,8 +191,15 @@ def load_ahead():
 
 
 def _received(email_request):
-    """When the request came, as both parts of its mail show it: formatted once, not per part."""
-    return dateformat.format(template_localtime(email_request.created_at), "Y-m-d H:i:s e")
+    """When the request came, as both parts of its mail show it: formatted once, not per part.
+
+    Django's date format "Y-m-d H:i:s e" written directly, which costs a tenth of it (e: the time
+    zone's name, blank for a naive time). Unlike Django's, it names the zone in the hour that a
+    change of clocks repeats too, where the name is what tells the two readings apart.
+    """
+    at = template_localtime(email_request.created_at)
+    zone = (at.tzname() or "") if at.tzinfo else ""
+    return f"{at.year:04d}-{at.month:02d}-{at.day:02d} {at.hour:02d}:{at.minute:02d}:{at.second:02d} {zone}"
 
 
 def build_message(row):
@@ -423,8 +429,23 @@ def _direct_wire_bytes(message):
     top += [
         (name, value) for name, value in extra.items() if name.lower() not in {"from", "to", "cc", "reply-to"}
     ]
-    headers += [forbid_multi_line_headers(name, value, encoding) for name, value in top]
+    headers += [_checked_header(name, value, encoding) for name, value in top]
     return _mime_bytes(headers, body)
+
+
+def _checked_header(name, value, encoding):
+    """Django's forbid_multi_line_headers, without its cost where it changes nothing: an ASCII value
+    on one line is kept as it is, a Subject too when its 76 characters or fewer fit on one line
+    (email.header.Header, which Django passes a Subject through, returns those unchanged)."""
+    if (
+        isinstance(value, str)
+        and value.isascii()
+        and "\n" not in value
+        and "\r" not in value
+        and (len(value) <= 76 or name.lower() != "subject")
+    ):
+        return name, value
+    return forbid_multi_line_headers(name, value, encoding)
 
 
 def _framing(message):
@@ -665,8 +686,13 @@ def _dot_stuffed(data):
 
 @functools.lru_cache(maxsize=64)
 def _envelope_address(address, encoding):
-    """The SMTP envelope form of an address; sender and support address repeat on every mail."""
-    return sanitize_address(address, encoding)
+    """An address as the envelope names it, and quoted as MAIL FROM and RCPT TO write it.
+
+    smtplib's mail() and rcpt() parse the address again on every call (quoteaddr); the sender and
+    the support address repeat on every mail, so both forms are worked out once.
+    """
+    sanitized = sanitize_address(address, encoding)
+    return sanitized, smtplib.quoteaddr(sanitized)
 
 
 def _transmit(smtp, message):
@@ -676,7 +702,7 @@ def _transmit(smtp, message):
     pieces: the headers and text parts, the attachment's lines straight from storage, the rest.
     """
     encoding = message.encoding or settings.DEFAULT_CHARSET
-    sender = _envelope_address(message.from_email, encoding)
+    sender, quoted_sender = _envelope_address(message.from_email, encoding)
     recipients = [_envelope_address(address, encoding) for address in message.recipients()]
     head, tail, name = _framing(message)
     if not tail.endswith(CRLF):
@@ -690,7 +716,8 @@ def _transmit(smtp, message):
     if smtp.does_esmtp and smtp.has_extn("8bitmime") and not (head + tail).isascii():
         options.append("BODY=8BITMIME")
     try:
-        code, reply = smtp.mail(sender, options)
+        # smtplib's mail() and rcpt(), with the address quoted already.
+        code, reply = smtp.docmd("mail", f"FROM:{quoted_sender}{''.join(' ' + option for option in options)}")
     except (smtplib.SMTPServerDisconnected, OSError) as exc:
         raise _NotStarted(exc) from exc
     if code == 421:
@@ -700,8 +727,8 @@ def _transmit(smtp, message):
         _reset(smtp)
         raise smtplib.SMTPSenderRefused(code, reply, sender)
     refused = {}
-    for recipient in recipients:
-        code, reply = smtp.rcpt(recipient)
+    for recipient, quoted_recipient in recipients:
+        code, reply = smtp.docmd("rcpt", f"TO:{quoted_recipient}")
         if code not in (250, 251):
             refused[recipient] = (code, reply)
     if len(refused) == len(recipients):
@@ -839,7 +866,7 @@ def _is_about_the_mailbox(code, enhanced):
 
 def _is_support_address(address):
     # Both in envelope form (IDNA domain), compared as bare addresses: a display name is no part.
-    support = _envelope_address(conf.support_email(), settings.DEFAULT_CHARSET)
+    support = _envelope_address(conf.support_email(), settings.DEFAULT_CHARSET)[0]
     return parseaddr(address)[1].lower() == parseaddr(support)[1].lower()
 
 

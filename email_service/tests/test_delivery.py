@@ -161,7 +161,10 @@ def test_the_direct_writer_gives_the_bytes_django_and_the_stdlib_would(
     row = EmailRequest.objects.create(
         full_name=rng.choice(["Ana Lima", "Zoë Ångström 中文", "A" * 120, 'O\'Brien, "Q"']),
         email=rng.choice(["ana@example.com", "zoe@exämple.com", "x@[127.0.0.1]"]),
-        subject=rng.choice(["", "Lab results", "Ünïcödé " * 12, "x " * 60]),
+        # With the support mail's "[MedCor contact] " prefix: 76 characters fit one line, 77 do not.
+        subject=rng.choice(
+            ["", "Lab results", "Ünïcödé " * 12, "x " * 60, "s" * 59, "s" * 60, "Tab\there  two "]
+        ),
         message=text(rng.randint(0, 12)),
         message_id="<request@example.com>",
     )
@@ -187,6 +190,27 @@ def test_the_direct_writer_gives_the_bytes_django_and_the_stdlib_would(
         assert _numbered_boundaries(direct) == _numbered_boundaries(general)
     # The acknowledgement and the minimal notice quote nothing: they always take the direct path.
     assert direct_count >= 2
+
+
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe"])
+def test_the_received_time_is_what_djangos_date_format_writes(settings, zone):
+    from datetime import UTC, datetime, timedelta
+
+    from django.utils import dateformat
+    from django.utils.timezone import template_localtime
+
+    settings.TIME_ZONE = zone
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    for hours in range(0, 24 * 366, 7):
+        row = EmailRequest(created_at=start + timedelta(hours=hours, seconds=hours % 60))
+        local = template_localtime(row.created_at)
+        expected = dateformat.format(local, "Y-m-d H:i:s e")
+        if expected.endswith(" "):
+            # Django leaves the zone out in the hour that a change of clocks repeats or skips;
+            # the mail names it there too, where it tells the two readings apart.
+            assert local.fold or local.replace(fold=1).utcoffset() != local.utcoffset()
+            expected += local.tzname()
+        assert delivery._received(row) == expected
 
 
 def test_each_multipart_boundary_is_new_and_random(email_request):
