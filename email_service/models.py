@@ -306,15 +306,18 @@ class EmailRequestQuerySet(models.QuerySet):
             rows = list(claimed)
         except DecryptionError:
             # The claim is committed: the readable rows are sent, each unreadable one fails alone.
-            return self._readable_after_commit(token, start_attempts)
+            return self._readable_after_commit(token, first, start_attempts)
         if start_attempts:
             for row in rows:
                 _attach_started_attempt(row, row.attempt_id, row.attempt_number, worker=worker, now=now)
         return rows
 
-    def _readable_after_commit(self, token, start_attempts):
+    def _readable_after_commit(self, token, first, start_attempts):
         ours = self.filter(claim_token=token)
-        pks = list(ours.order_by("next_attempt_at").values_list("pk", flat=True))
+        # In claim order: `first` first (a stable sort keeps the others' due order).
+        pks = sorted(
+            ours.order_by("next_attempt_at").values_list("pk", flat=True), key=lambda pk: pk != first
+        )
         started = (
             {
                 attempt.request_id: attempt

@@ -437,14 +437,12 @@ def test_an_unreadable_row_in_a_claim_with_attempts_fails_alone_and_keeps_no_att
 
     rows = [make_row(EmailStatus.PENDING, claim_token=None, retry_count=0) for _ in range(3)]
     _seal_message_under_an_unknown_key(rows[1])
+    # `first` is the newest: the readable rows still come in claim order, `first` first.
     token, claimed = CLAIMERS[claimer]().claim_batch(
-        worker="w", first=rows[0].pk, limit=3, start_attempts=True
+        worker="w", first=rows[2].pk, limit=3, start_attempts=True
     )
-    assert [row.pk for row in claimed][:1] == [rows[0].pk] and {row.pk for row in claimed} == {
-        rows[0].pk,
-        rows[2].pk,
-    }
-    assert {row.started_attempt.request_id for row in claimed} == {rows[0].pk, rows[2].pk}
+    assert [row.pk for row in claimed] == [rows[2].pk, rows[0].pk]
+    assert [row.started_attempt.request_id for row in claimed] == [rows[2].pk, rows[0].pk]
     assert set(EmailAttempt.objects.values_list("request", flat=True)) == {rows[0].pk, rows[2].pk}
     broken = EmailRequest.objects.filter(pk=rows[1].pk).only("status", "error_message").get()
     assert (broken.status, broken.error_message) == (EmailStatus.FAILED, UNREADABLE_ERROR)
