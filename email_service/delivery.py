@@ -311,16 +311,15 @@ NEWLINES = re.compile(rb"\r\n|\r|\n")
 _COMPAT32 = email.policy.compat32.clone(linesep="\r\n")
 
 
+def _is_plain_line(value):
+    """Whether a header value is an ASCII string without a line break: the headers' fast paths."""
+    return isinstance(value, str) and value.isascii() and "\n" not in value and "\r" not in value
+
+
 def _header_line(name, value, fold=_COMPAT32.fold_binary, linesep=CRLF):
     """One header line: as it is when it fits on one (ASCII, no line break, at most 78
     characters with its name, which is what folding it would give), else folded by `fold`."""
-    if (
-        isinstance(value, str)
-        and len(name) + len(value) <= 76
-        and value.isascii()
-        and "\n" not in value
-        and "\r" not in value
-    ):
+    if _is_plain_line(value) and len(name) + len(value) <= 76:
         return f"{name}: {value}".encode("ascii") + linesep
     return fold(name, value)
 
@@ -437,13 +436,7 @@ def _checked_header(name, value, encoding):
     """Django's forbid_multi_line_headers, without its cost where it changes nothing: an ASCII value
     on one line is kept as it is, a Subject too when its 76 characters or fewer fit on one line
     (email.header.Header, which Django passes a Subject through, returns those unchanged)."""
-    if (
-        isinstance(value, str)
-        and value.isascii()
-        and "\n" not in value
-        and "\r" not in value
-        and (len(value) <= 76 or name.lower() != "subject")
-    ):
+    if _is_plain_line(value) and (len(value) <= 76 or name.lower() != "subject"):
         return name, value
     return forbid_multi_line_headers(name, value, encoding)
 

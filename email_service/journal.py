@@ -39,7 +39,6 @@ class _Journal:
     def __init__(self):
         self.fd = None
         self.pid = None
-        self.path = None
         self.key = None
         self.failed = False
 
@@ -54,7 +53,7 @@ class _Journal:
         # A forked process's copy of its parent's descriptor is left open: it is the parent's too.
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.pid, self.path, self.key = os.getpid(), path, key
+        self.pid, self.key = os.getpid(), key
         return self.fd
 
     def record(self, claimer, pk, token):
