@@ -35,8 +35,9 @@ PEER_PYTHON = VENV / "bin" / "python"
 # lease (EMAIL_TIMEOUT 10 s in the bench: lease 140 s) plus a relay interval. A one-shot sender
 # that has exited will send nothing more, so its wait ends there.
 RECOVERY_SECONDS = 180
-# Accept runs per system, taken in turns (the median counts): see SideBySide.accept_rounds.
-ACCEPT_ROUNDS = 3
+# Accept runs per system, taken in turns (the median counts): see SideBySide.accept_rounds. Five:
+# with three, one machine's slow spells (about 10 s each) fell on two of one system's rounds.
+ACCEPT_ROUNDS = 5
 # The service's rows (as `r`) of the current phase's forms still to send, the phase's start as the
 # one parameter. Told by their creation time: other measurements leave rows parked a day ahead, and
 # the subject that carries each form's marker is encrypted in its column, where no LIKE finds it.
