@@ -432,7 +432,8 @@ class EmailRequestQuerySet(models.QuerySet):
         `note` and `log_fields` go on the transition's log line (here and in `defer` and `fail`).
 
         This runs once per mail sent, so on PostgreSQL both writes go in one statement: the ORM's
-        two updates cost five times its CPU, and the worker's CPU is what bounds delivery.
+        two updates cost five times its CPU, and the worker's CPU is what bounds delivery. Its
+        commit does not wait for the disk unless EMAIL_SYNCHRONOUS_OUTCOMES (conf.py says why).
         """
         now = now or timezone.now()
         fields = {"status": EmailStatus.SENT, "sent_at": now, "error_message": "", "updated_at": now}
@@ -445,7 +446,11 @@ class EmailRequestQuerySet(models.QuerySet):
         fields.update(claim_token=None, lease_expires_at=None)
         with connections[self.db].cursor() as cursor:
             cursor.execute(
-                _complete_with_attempt_sql(tuple(fields)),
+                _complete_with_attempt_sql(
+                    tuple(fields),
+                    # Within a caller's transaction the relaxed setting would last to its commit.
+                    conf.synchronous_outcomes() or connections[self.db].in_atomic_block,
+                ),
                 [
                     # Prepared as the ORM would: error_text is stored encrypted.
                     *(
@@ -600,16 +605,24 @@ def _log_transition(pk, source, target, note="", *, level=logging.INFO, **extra)
 
 
 @functools.cache
-def _complete_with_attempt_sql(request_fields):
-    """PostgreSQL: finish an attempt and set `request_fields` on its claimed row, in one statement."""
+def _complete_with_attempt_sql(request_fields, synchronous=True):
+    """PostgreSQL: finish an attempt and set `request_fields` on its claimed row, in one statement.
+
+    Not `synchronous`: the statement's own transaction commits without waiting for its WAL to be
+    flushed (synchronous_commit off for it alone, as set_config(..., true) sets it: the session
+    keeps its setting).
+    """
     attempt_meta, request_meta = EmailAttempt._meta, EmailRequest._meta
     attempt_columns = ", ".join(
         f"{attempt_meta.get_field(name).column} = %s" for name in ATTEMPT_RESULT_FIELDS
     )
     request_columns = ", ".join(f"{request_meta.get_field(name).column} = %s" for name in request_fields)
+    # Joined below, so that PostgreSQL evaluates it: a CTE that nothing reads is not run.
+    relaxed = "" if synchronous else "relaxed AS (SELECT set_config('synchronous_commit', 'off', true)), "
     return (
-        f"WITH finished AS (UPDATE {attempt_meta.db_table} SET {attempt_columns} WHERE id = %s) "
+        f"WITH {relaxed}finished AS (UPDATE {attempt_meta.db_table} SET {attempt_columns} WHERE id = %s) "
         f"UPDATE {request_meta.db_table} SET {request_columns} "
+        f"{'' if synchronous else 'FROM relaxed '}"
         f"WHERE id = %s AND status = %s AND claim_token = %s"
     )
 

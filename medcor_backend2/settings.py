@@ -298,6 +298,8 @@ EMAIL_CONFIRMATION_DOMAIN_DAILY_LIMIT = env.int("EMAIL_CONFIRMATION_DOMAIN_DAILY
 EMAIL_DISPATCH_ASYNC = env.bool("EMAIL_DISPATCH_ASYNC", default=True)
 # perf: new rows share at most this many waiting send messages (a sender drains every due row).
 EMAIL_DISPATCH_WAKE_SLOTS = env.int("EMAIL_DISPATCH_WAKE_SLOTS", default=4)
+# perf: a SENT outcome's commit does not wait for the disk unless true (email_service/conf.py).
+EMAIL_SYNCHRONOUS_OUTCOMES = env.bool("EMAIL_SYNCHRONOUS_OUTCOMES", default=False)
 EMAIL_STATISTICS_CACHE_SECONDS = env.float("EMAIL_STATISTICS_CACHE_SECONDS", default=10)
 EMAIL_LIST_COUNT_CACHE_SECONDS = env.float("EMAIL_LIST_COUNT_CACHE_SECONDS", default=10)
 # The sender-wide brake and the quotas (email_service/brake.py, quotas.py).

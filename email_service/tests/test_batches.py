@@ -374,6 +374,90 @@ def test_the_sent_outcome_is_one_write_even_when_the_claim_was_lost(smtp, db, qu
     assert (attempt.outcome, attempt.smtp_code, attempt.duration_ms) == ("sent", 250, 5)
 
 
+@pytest.mark.parametrize("synchronous", [False, True])
+def test_on_postgresql_the_send_loops_outcome_relaxes_only_its_own_commit(
+    transactional_db, settings, synchronous
+):
+    from django.test.utils import CaptureQueriesContext
+
+    require_postgresql()
+    settings.EMAIL_SYNCHRONOUS_OUTCOMES = synchronous
+    [row] = make_rows(1)
+    token, _ = EmailRequest.objects.claim_batch(worker="test", first=row.pk, limit=1)
+    attempt = EmailAttempt.objects.create(request=row, number=1, started_at=timezone.now(), worker="test")
+    attempt.finished_at, attempt.outcome, attempt.smtp_code, attempt.duration_ms = (
+        timezone.now(),
+        "sent",
+        250,
+        5,
+    )
+    # As the send loop runs it, in autocommit: the statement is a transaction of its own.
+    with CaptureQueriesContext(connection) as queries:
+        assert EmailRequest.objects.complete(row.pk, token, attempt=attempt) is True
+    assert ("set_config('synchronous_commit'" in queries[-1]["sql"]) is not synchronous
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone() == ("on",)  # the session keeps its setting
+    with transaction.atomic():
+        # Inside someone's transaction the setting would last to that one's commit: not relaxed.
+        token, _ = EmailRequest.objects.claim_batch(worker="test", first=make_rows(1)[0].pk, limit=1)
+        [claimed] = EmailRequest.objects.filter(claim_token=token)
+        other = EmailAttempt.objects.create(
+            request=claimed, number=1, started_at=timezone.now(), worker="test"
+        )
+        other.finished_at, other.outcome = timezone.now(), "sent"
+        with CaptureQueriesContext(connection) as queries:
+            assert EmailRequest.objects.complete(claimed.pk, token, attempt=other) is True
+        assert "set_config" not in queries[-1]["sql"]
+    row.refresh_from_db()
+    attempt.refresh_from_db()
+    assert (row.status, attempt.outcome) == (EmailStatus.SENT, "sent")
+
+
+def test_on_postgresql_a_sent_outcome_commits_without_waiting_for_the_disk_unless_set_to(db, settings):
+    require_postgresql()
+    from email_service.models import ATTEMPT_RESULT_FIELDS, _complete_with_attempt_sql
+
+    [row] = make_rows(1)
+    token, _ = EmailRequest.objects.claim_batch(worker="test", first=row.pk, limit=1)
+    attempt = EmailAttempt.objects.create(request=row, number=1, started_at=timezone.now(), worker="test")
+    attempt.finished_at, attempt.outcome, attempt.smtp_code, attempt.duration_ms = (
+        timezone.now(),
+        "sent",
+        250,
+        5,
+    )
+    fields = ("status", "updated_at")
+    values = [
+        *(
+            EmailAttempt._meta.get_field(name).get_db_prep_save(getattr(attempt, name), connection)
+            for name in ATTEMPT_RESULT_FIELDS
+        ),
+        attempt.pk,
+        EmailStatus.SENT,
+        timezone.now(),
+        row.pk,
+        EmailStatus.PROCESSING,
+        token,
+    ]
+    seen = {}
+    for synchronous in (True, False):
+        statement = _complete_with_attempt_sql(fields, synchronous)
+        assert statement.count("%s") == len(values)
+        # What the row's own commit runs under, read by the statement itself; rolled back after.
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(statement + " RETURNING current_setting('synchronous_commit')", values)
+            [(seen[synchronous],)] = cursor.fetchall()
+            transaction.set_rollback(True)
+    assert seen == {True: "on", False: "off"}
+    # The service's setting picks the statement.
+    assert "set_config" not in _complete_with_attempt_sql(fields, True)
+    settings.EMAIL_SYNCHRONOUS_OUTCOMES = False
+    from email_service import conf
+
+    assert conf.synchronous_outcomes() is False
+
+
 def test_on_postgresql_the_send_loop_runs_its_statements_prepared(smtp, db, quiet):
     require_postgresql()
     rows = make_rows(8)
