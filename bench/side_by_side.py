@@ -266,6 +266,8 @@ class Peer(System):
             str(args.web_workers),
             "--threads",
             str(args.web_threads),
+            # As deploy/gunicorn.conf.py runs the service: a listening socket per worker.
+            "--reuse-port",
             env=self.env(),
         )
         self.db = psycopg.connect(f"{PG}/{self.database}", autocommit=True)
