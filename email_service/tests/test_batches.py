@@ -374,14 +374,8 @@ def test_the_sent_outcome_is_one_write_even_when_the_claim_was_lost(smtp, db, qu
     assert (attempt.outcome, attempt.smtp_code, attempt.duration_ms) == ("sent", 250, 5)
 
 
-@pytest.mark.parametrize("synchronous", [False, True])
-def test_on_postgresql_the_send_loops_outcome_relaxes_only_its_own_commit(
-    transactional_db, settings, synchronous
-):
-    from django.test.utils import CaptureQueriesContext
-
-    require_postgresql()
-    settings.EMAIL_SYNCHRONOUS_OUTCOMES = synchronous
+def claimed_with_a_sent_attempt():
+    """A claimed row and its attempt filled in as the server's 250 leaves it, not yet saved."""
     [row] = make_rows(1)
     token, _ = EmailRequest.objects.claim_batch(worker="test", first=row.pk, limit=1)
     attempt = EmailAttempt.objects.create(request=row, number=1, started_at=timezone.now(), worker="test")
@@ -391,6 +385,18 @@ def test_on_postgresql_the_send_loops_outcome_relaxes_only_its_own_commit(
         250,
         5,
     )
+    return row, token, attempt
+
+
+@pytest.mark.parametrize("synchronous", [False, True])
+def test_on_postgresql_the_send_loops_outcome_relaxes_only_its_own_commit(
+    transactional_db, settings, synchronous
+):
+    from django.test.utils import CaptureQueriesContext
+
+    require_postgresql()
+    settings.EMAIL_SYNCHRONOUS_OUTCOMES = synchronous
+    row, token, attempt = claimed_with_a_sent_attempt()
     # As the send loop runs it, in autocommit: the statement is a transaction of its own.
     with CaptureQueriesContext(connection) as queries:
         assert EmailRequest.objects.complete(row.pk, token, attempt=attempt) is True
@@ -418,15 +424,7 @@ def test_on_postgresql_a_sent_outcome_commits_without_waiting_for_the_disk_unles
     require_postgresql()
     from email_service.models import ATTEMPT_RESULT_FIELDS, _complete_with_attempt_sql
 
-    [row] = make_rows(1)
-    token, _ = EmailRequest.objects.claim_batch(worker="test", first=row.pk, limit=1)
-    attempt = EmailAttempt.objects.create(request=row, number=1, started_at=timezone.now(), worker="test")
-    attempt.finished_at, attempt.outcome, attempt.smtp_code, attempt.duration_ms = (
-        timezone.now(),
-        "sent",
-        250,
-        5,
-    )
+    row, token, attempt = claimed_with_a_sent_attempt()
     fields = ("status", "updated_at")
     values = [
         *(
