@@ -7,6 +7,7 @@ for every setting of a config file.
 """
 
 import os
+import socket
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
 
@@ -28,7 +29,34 @@ keepalive = 5
 # requests (16 connections on one of 3 workers: 467 req/s; spread over two or three: 816-905).
 # On Linux, net.ipv4.tcp_migrate_req=1 hands connections still queued on a worker that stops
 # (max_requests below) to the others instead of resetting them.
+# The master then binds nothing itself: on_starting below checks the address first.
 reuse_port = os.environ.get("GUNICORN_REUSE_PORT", "true").lower() in ("1", "true", "yes")
+
+
+def on_starting(server):
+    """Before any worker binds: keep reuse_port only where it spreads connections, and refuse to
+    start on an address already in use.
+
+    With reuse_port each worker binds the address after its fork, so a port in use would not stop
+    the start (its workers would fail and be started again, over and over), and a second instance
+    would share the port with the first without a word. One worker has nothing to spread and, with
+    no listener in the master, none while it is replaced; a unix socket is a file each worker would
+    replace; port 0 would give each worker a port of its own. Those listen as gunicorn does without
+    it.
+    """
+    addresses = server.cfg.address
+    if not server.cfg.reuse_port:
+        return
+    if server.cfg.workers < 2 or any(not isinstance(a, tuple) or not a[1] for a in addresses):
+        server.cfg.set("reuse_port", False)
+        return
+    for host, port in addresses:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise SystemExit(f"gunicorn: cannot listen on {host}:{port}: {exc.strerror}") from None
+
 
 # The request line, the number of header fields and the size of each, as nginx's
 # large_client_header_buffers allows (4 x 8k): anything longer is refused with 400.

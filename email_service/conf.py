@@ -88,8 +88,9 @@ def synchronous_outcomes():
     By default it does not (synchronous_commit off for that one statement): the commit's wait for
     the disk was 130 of the statement's 220 us, and without it a worker sent a fifth more mail a
     second (bench/README.md, stop 25). What the setting trades is narrow:
-    a crash of PostgreSQL itself (or of its machine, or a failover) can forget the SENT outcomes
-    of its last moments (up to three times its wal_writer_delay, 0.6 s by default). Those rows are
+    a crash of PostgreSQL itself (or of its machine) can forget the SENT outcomes of its last
+    moments (up to three times its wal_writer_delay, 0.6 s by default; a failover, whatever its
+    standby had not received, as for any write a standby lags behind). Those rows are
     then PROCESSING under a claim whose lease runs out, and are sent again under their first
     Message-ID: a duplicate, never a loss. The 201 answer's row, the claims and every other
     outcome keep waiting for the disk.

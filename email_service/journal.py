@@ -8,7 +8,9 @@ to the page cache: it outlives the process (kill -9, the OOM killer), not the ma
 node started again on the same host, reclaiming the rows of its gone processes
 (outbox.reclaim_from_gone_processes), records as SENT the rows their journals name instead of
 sending them twice. What remains is the server's own time between the final dot and its reply
-(RFC 1047), and a crash of the machine itself: a mail caught in either still goes twice.
+(RFC 1047), a crash of the machine itself, and a crash or failover of PostgreSQL that forgets a
+SENT committed without waiting for its disk (conf.synchronous_outcomes), the journal blanked by
+then: a mail caught in any of them still goes twice.
 """
 
 import logging

@@ -449,7 +449,7 @@ class EmailRequestQuerySet(models.QuerySet):
                 _complete_with_attempt_sql(
                     tuple(fields),
                     # Within a caller's transaction the relaxed setting would last to its commit.
-                    conf.synchronous_outcomes() or connections[self.db].in_atomic_block,
+                    conf.synchronous_outcomes() or not connections[self.db].get_autocommit(),
                 ),
                 [
                     # Prepared as the ORM would: error_text is stored encrypted.

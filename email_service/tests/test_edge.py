@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -368,3 +369,35 @@ def test_the_middleware_lets_a_body_at_the_limit_through(client, settings, dispa
     body += b" " * (LIMIT - len(body))  # whitespace after the JSON: exactly the limit
     answer = client.post(URL, data=body, content_type="application/json")
     assert answer.status_code == 201, answer.content
+
+
+def _listening_sockets(port):
+    """Listening TCP sockets on `port` (IPv4), read from /proc/net/tcp: one per worker with reuse_port."""
+    lines = (Path("/proc/net/tcp").read_text().splitlines())[1:]
+    return sum(1 for line in lines if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A")
+
+
+def test_gunicorn_gives_each_worker_its_listening_socket_and_refuses_a_port_in_use(
+    smtp_server, tmp_path, transactional_db
+):
+    if not Path("/proc/net/tcp").exists():
+        skip_or_fail("no /proc/net/tcp to count listening sockets on")
+    port = free_port()
+    env = service_env(smtp_server.port, DJANGO_ALLOWED_HOSTS="127.0.0.1", WEB_CONCURRENCY="2")
+    command = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "-b", f"127.0.0.1:{port}"]
+    first = Server([*command, "medcor_backend2.wsgi"], tmp_path / "first.log", env)
+    try:
+        wait_for(
+            lambda: answers(f"http://127.0.0.1:{port}/healthz"), timeout=60, message="gunicorn's /healthz"
+        )
+        # Two workers, two sockets the kernel spreads connections over (the master holds none).
+        wait_for(lambda: _listening_sockets(port) == 2, timeout=10, message="a socket per worker")
+        # A second server on the same address stops at once, as gunicorn does without reuse_port.
+        second = subprocess.run(
+            [*command, "medcor_backend2.wsgi"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode == 1
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in second.stderr
+        assert answers(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        first.stop()
