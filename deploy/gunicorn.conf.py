@@ -44,9 +44,9 @@ def on_starting(server):
     replace; port 0 would give each worker a port of its own. Those listen as gunicorn does without
     it.
     """
-    addresses = server.cfg.address
     if not server.cfg.reuse_port:
         return
+    addresses = server.cfg.address
     if server.cfg.workers < 2 or any(not isinstance(a, tuple) or not a[1] for a in addresses):
         server.cfg.set("reuse_port", False)
         return

@@ -451,20 +451,7 @@ class EmailRequestQuerySet(models.QuerySet):
                     # Within a caller's transaction the relaxed setting would last to its commit.
                     conf.synchronous_outcomes() or not connections[self.db].get_autocommit(),
                 ),
-                [
-                    # Prepared as the ORM would: error_text is stored encrypted.
-                    *(
-                        EmailAttempt._meta.get_field(name).get_db_prep_save(
-                            getattr(attempt, name), connections[self.db]
-                        )
-                        for name in ATTEMPT_RESULT_FIELDS
-                    ),
-                    attempt.pk,
-                    *fields.values(),
-                    pk,
-                    EmailStatus.PROCESSING,
-                    token,
-                ],
+                _complete_with_attempt_params(attempt, fields, pk, token, connections[self.db]),
             )
             completed = cursor.rowcount == 1
         if completed:
@@ -617,14 +604,33 @@ def _complete_with_attempt_sql(request_fields, synchronous=True):
         f"{attempt_meta.get_field(name).column} = %s" for name in ATTEMPT_RESULT_FIELDS
     )
     request_columns = ", ".join(f"{request_meta.get_field(name).column} = %s" for name in request_fields)
-    # Joined below, so that PostgreSQL evaluates it: a CTE that nothing reads is not run.
-    relaxed = "" if synchronous else "relaxed AS (SELECT set_config('synchronous_commit', 'off', true)), "
+    # Joined by the UPDATE, so that PostgreSQL evaluates it: a CTE that nothing reads is not run.
+    relaxed, joined = (
+        ("", "")
+        if synchronous
+        else ("relaxed AS (SELECT set_config('synchronous_commit', 'off', true)), ", "FROM relaxed ")
+    )
     return (
         f"WITH {relaxed}finished AS (UPDATE {attempt_meta.db_table} SET {attempt_columns} WHERE id = %s) "
-        f"UPDATE {request_meta.db_table} SET {request_columns} "
-        f"{'' if synchronous else 'FROM relaxed '}"
+        f"UPDATE {request_meta.db_table} SET {request_columns} {joined}"
         f"WHERE id = %s AND status = %s AND claim_token = %s"
     )
+
+
+def _complete_with_attempt_params(attempt, fields, pk, token, connection):
+    """The parameters of _complete_with_attempt_sql(tuple(fields), ...), in its order."""
+    return [
+        # Prepared as the ORM would: error_text is stored encrypted.
+        *(
+            EmailAttempt._meta.get_field(name).get_db_prep_save(getattr(attempt, name), connection)
+            for name in ATTEMPT_RESULT_FIELDS
+        ),
+        attempt.pk,
+        *fields.values(),
+        pk,
+        EmailStatus.PROCESSING,
+        token,
+    ]
 
 
 class EmailRequest(models.Model):

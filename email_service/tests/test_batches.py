@@ -406,14 +406,9 @@ def test_on_postgresql_the_send_loops_outcome_relaxes_only_its_own_commit(
         assert cursor.fetchone() == ("on",)  # the session keeps its setting
     with transaction.atomic():
         # Inside someone's transaction the setting would last to that one's commit: not relaxed.
-        token, _ = EmailRequest.objects.claim_batch(worker="test", first=make_rows(1)[0].pk, limit=1)
-        [claimed] = EmailRequest.objects.filter(claim_token=token)
-        other = EmailAttempt.objects.create(
-            request=claimed, number=1, started_at=timezone.now(), worker="test"
-        )
-        other.finished_at, other.outcome = timezone.now(), "sent"
+        claimed, other_token, other = claimed_with_a_sent_attempt()
         with CaptureQueriesContext(connection) as queries:
-            assert EmailRequest.objects.complete(claimed.pk, token, attempt=other) is True
+            assert EmailRequest.objects.complete(claimed.pk, other_token, attempt=other) is True
         assert "set_config" not in queries[-1]["sql"]
     row.refresh_from_db()
     attempt.refresh_from_db()
@@ -422,25 +417,14 @@ def test_on_postgresql_the_send_loops_outcome_relaxes_only_its_own_commit(
 
 def test_on_postgresql_a_sent_outcome_commits_without_waiting_for_the_disk_unless_set_to(db, settings):
     require_postgresql()
-    from email_service.models import ATTEMPT_RESULT_FIELDS, _complete_with_attempt_sql
+    from email_service.models import _complete_with_attempt_params, _complete_with_attempt_sql
 
     row, token, attempt = claimed_with_a_sent_attempt()
-    fields = ("status", "updated_at")
-    values = [
-        *(
-            EmailAttempt._meta.get_field(name).get_db_prep_save(getattr(attempt, name), connection)
-            for name in ATTEMPT_RESULT_FIELDS
-        ),
-        attempt.pk,
-        EmailStatus.SENT,
-        timezone.now(),
-        row.pk,
-        EmailStatus.PROCESSING,
-        token,
-    ]
+    fields = {"status": EmailStatus.SENT, "updated_at": timezone.now()}
+    values = _complete_with_attempt_params(attempt, fields, row.pk, token, connection)
     seen = {}
     for synchronous in (True, False):
-        statement = _complete_with_attempt_sql(fields, synchronous)
+        statement = _complete_with_attempt_sql(tuple(fields), synchronous)
         assert statement.count("%s") == len(values)
         # What the row's own commit runs under, read by the statement itself; rolled back after.
         with transaction.atomic(), connection.cursor() as cursor:
@@ -449,7 +433,7 @@ def test_on_postgresql_a_sent_outcome_commits_without_waiting_for_the_disk_unles
             transaction.set_rollback(True)
     assert seen == {True: "on", False: "off"}
     # The service's setting picks the statement.
-    assert "set_config" not in _complete_with_attempt_sql(fields, True)
+    assert "set_config" not in _complete_with_attempt_sql(tuple(fields), True)
     settings.EMAIL_SYNCHRONOUS_OUTCOMES = False
     from email_service import conf
 
